@@ -1,0 +1,5 @@
+import sys
+
+from qvl.cli import main
+
+sys.exit(main())
