@@ -34,9 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if getattr(args, "zero_delay", False):
         settings = settings.model_copy(update={"sim": settings.sim.zero_delay()})
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Handler = args.handler
     return handler(settings)
 
@@ -74,10 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     router.add_argument("--host", dest="set:router.host")
     router.add_argument("--port", dest="set:router.port", type=int)
     router.add_argument(
-        "--replica", dest="set:router.replicas", action="append", metavar="URL", help="replica base URL (repeat)"
+        "--replica",
+        dest="set:router.replicas",
+        action="append",
+        metavar="URL",
+        help="replica base URL (repeat)",
     )
     router.add_argument(
-        "--policy", dest="set:router.policy", choices=["round-robin", "least-loaded", "session", "image-affinity"]
+        "--policy",
+        dest="set:router.policy",
+        choices=["round-robin", "least-loaded", "session", "image-affinity"],
     )
     router.add_argument("--load-factor", dest="set:router.load_factor", type=float)
 
@@ -88,7 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-running", dest="set:sim.max_running", type=int)
     sim.add_argument("--output-tokens", dest="set:sim.output_tokens", type=int)
     sim.add_argument("--mm-cache-items", dest="set:sim.mm_cache_items", type=int)
-    for field in ("ttft_base", "ttft_per_prompt_token", "ttft_per_image_token", "itl_base", "itl_per_running"):
+    for field in (
+        "ttft_base",
+        "ttft_per_prompt_token",
+        "ttft_per_image_token",
+        "itl_base",
+        "itl_per_running",
+    ):
         sim.add_argument(f"--{field.replace('_', '-')}-ms", dest=f"set:sim.{field}_ms", type=float)
     sim.add_argument("--zero-delay", action="store_true", help="set every latency term to zero")
 
@@ -98,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", dest="set:router.port", type=int)
     up.add_argument("--host", dest="set:router.host")
     up.add_argument(
-        "--policy", dest="set:router.policy", choices=["round-robin", "least-loaded", "session", "image-affinity"]
+        "--policy",
+        dest="set:router.policy",
+        choices=["round-robin", "least-loaded", "session", "image-affinity"],
     )
     up.add_argument("--model", dest="set:sim.model", help="model name the simulated replicas serve")
     return parser

@@ -63,8 +63,11 @@ class RouterSettings(_Section):
         "x-session-id", description="Request header whose value pins a conversation (session policy)."
     )
     max_attempts: int = Field(
-        3, ge=1, le=10, description="Replicas tried per request before giving up (retries happen before "
-        "the first byte reaches the client)."
+        3,
+        ge=1,
+        le=10,
+        description="Replicas tried per request before giving up (retries happen before "
+        "the first byte reaches the client).",
     )
     connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to open a connection to a replica.")
     request_timeout_s: float = Field(
@@ -113,7 +116,9 @@ class SimSettings(_Section):
         64, ge=1, description="Requests decoded at once (vLLM max_num_seqs); the rest wait in a queue."
     )
     output_tokens: int = Field(
-        24, ge=1, description="Tokens generated when the request sets no max_tokens (or max_completion_tokens)."
+        24,
+        ge=1,
+        description="Tokens generated when the request sets no max_tokens (or max_completion_tokens).",
     )
     mm_cache_items: int = Field(
         256, ge=0, description="Image digests kept in the replica's LRU (stands for vLLM's mm/prefix cache)."

@@ -112,9 +112,7 @@ def _image_digests(messages: Any) -> tuple[str, ...]:
             raise InvalidRequest(f"messages[{i}] must be an object", param="messages")
         role = message.get("role")
         if role not in _ROLES:
-            raise InvalidRequest(
-                f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}", param="messages"
-            )
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}", param="messages")
         content = message.get("content")
         if content is None or isinstance(content, str):
             continue
@@ -134,7 +132,9 @@ def _image_digests(messages: Any) -> tuple[str, ...]:
                 digests.append(image_digest(url))
             else:
                 raise InvalidRequest(
-                    f"{where}.type must be 'text' or 'image_url'", code="unsupported_content", param="messages"
+                    f"{where}.type must be 'text' or 'image_url'",
+                    code="unsupported_content",
+                    param="messages",
                 )
     return tuple(digests)
 

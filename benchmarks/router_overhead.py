@@ -1,0 +1,269 @@
+"""What the router costs: the same load sent straight to one simulated replica and through the router.
+
+Load: N chat requests, each with a small PNG, at a fixed concurrency (default 2,000 at 64), against a
+`qvl sim --zero-delay` replica, so nearly all time is HTTP and proxy work. Reported per path: requests
+per second, p50/p99 latency, and CPU milliseconds per request of the router and of the replica
+(read from /proc via psutil around each phase). Target: at most 0.25 ms of router CPU per request.
+
+    python -m benchmarks.router_overhead [--requests 2000] [--concurrency 64] [--stream]
+
+Writes benchmarks/results/router_overhead.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import aiohttp
+import psutil
+from PIL import Image
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "qwen3-vl-sim"
+TARGET_MS = 0.25
+
+
+@dataclass
+class Phase:
+    path: str
+    stream: bool
+    requests: int
+    concurrency: int
+    failed: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    router_cpu_ms_per_request: float | None
+    replica_cpu_ms_per_request: float
+    client_cpu_ms_per_request: float
+
+
+def small_png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (180, 40, 40)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def body(stream: bool) -> bytes:
+    doc = {
+        "model": MODEL,
+        "max_tokens": 8,
+        "stream": stream,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe this product in one line."},
+                    {"type": "image_url", "image_url": {"url": small_png()}},
+                ],
+            }
+        ],
+    }
+    return json.dumps(doc).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(args: list[str], port: int, ready: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qvl", *args, "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready}", timeout=1) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"qvl {args[0]} on port {port} did not become ready")
+
+
+async def load(url: str, payload: bytes, requests: int, concurrency: int, stream: bool) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    failed = 0
+    queue = iter(range(requests))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal failed
+            for _ in queue:
+                started = time.perf_counter()
+                try:
+                    async with session.post(url, data=payload, headers={"content-type": "application/json"}) as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                except aiohttp.ClientError:
+                    ok = False
+                latencies.append(time.perf_counter() - started)
+                failed += not ok
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, failed
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def run_phase(
+    name: str,
+    url: str,
+    router: psutil.Process | None,
+    replica: psutil.Process,
+    requests: int,
+    concurrency: int,
+    stream: bool,
+) -> Phase:
+    payload = body(stream)
+    asyncio.run(load(url, payload, min(200, requests), concurrency, stream))  # warm connections and caches
+    me = psutil.Process()
+    before = (cpu_seconds(router) if router else 0.0, cpu_seconds(replica), cpu_seconds(me))
+    started = time.perf_counter()
+    latencies, failed = asyncio.run(load(url, payload, requests, concurrency, stream))
+    seconds = time.perf_counter() - started
+    after = (cpu_seconds(router) if router else 0.0, cpu_seconds(replica), cpu_seconds(me))
+    latencies.sort()
+    per_request = [(a - b) * 1000 / requests for a, b in zip(after, before, strict=True)]
+    return Phase(
+        path=name,
+        stream=stream,
+        requests=requests,
+        concurrency=concurrency,
+        failed=failed,
+        seconds=round(seconds, 3),
+        rps=round(requests / seconds, 1),
+        p50_ms=round(statistics.median(latencies) * 1000, 3),
+        p99_ms=round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3),
+        router_cpu_ms_per_request=round(per_request[0], 4) if router else None,
+        replica_cpu_ms_per_request=round(per_request[1], 4),
+        client_cpu_ms_per_request=round(per_request[2], 4),
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--stream", action="store_true", help="also measure streamed requests")
+    args = parser.parse_args()
+
+    sim_port, router_port = free_port(), free_port()
+    sim = start(["sim", "--zero-delay", "--model", MODEL], sim_port, "/health")
+    router = start(
+        ["router", "--replica", f"http://127.0.0.1:{sim_port}", "--policy", "least-loaded"],
+        router_port,
+        "/ready",
+    )
+    try:
+        sim_ps, router_ps = psutil.Process(sim.pid), psutil.Process(router.pid)
+        phases = []
+        for stream in [False, True] if args.stream else [False]:
+            print(f"direct to replica (stream={stream}) ...", flush=True)
+            phases.append(
+                run_phase(
+                    "direct",
+                    f"http://127.0.0.1:{sim_port}/v1/chat/completions",
+                    None,
+                    sim_ps,
+                    args.requests,
+                    args.concurrency,
+                    stream,
+                )
+            )
+            print(f"through router   (stream={stream}) ...", flush=True)
+            phases.append(
+                run_phase(
+                    "router",
+                    f"http://127.0.0.1:{router_port}/v1/chat/completions",
+                    router_ps,
+                    sim_ps,
+                    args.requests,
+                    args.concurrency,
+                    stream,
+                )
+            )
+    finally:
+        for proc in (router, sim):
+            proc.terminate()
+            proc.wait(10)
+    report(phases)
+    return 0 if all(p.failed == 0 for p in phases) else 1
+
+
+def report(phases: list[Phase]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    by = {(p.path, p.stream): p for p in phases}
+    added = {}
+    for stream in sorted({p.stream for p in phases}):
+        d, r = by[("direct", stream)], by[("router", stream)]
+        added["stream" if stream else "json"] = {
+            "added_p50_ms": round(r.p50_ms - d.p50_ms, 3),
+            "added_p99_ms": round(r.p99_ms - d.p99_ms, 3),
+            "router_cpu_ms_per_request": r.router_cpu_ms_per_request,
+        }
+    doc = {
+        "benchmark": "router_overhead",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "target_router_cpu_ms_per_request": TARGET_MS,
+        "phases": [asdict(p) for p in phases],
+        "router_added": added,
+    }
+    (RESULTS / "router_overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
+    lines = [
+        "# Router overhead",
+        "",
+        f"{phases[0].requests} chat requests with a 64x64 PNG, concurrency {phases[0].concurrency}, "
+        f"one `qvl sim --zero-delay` replica; {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{doc['when']}.",
+        "",
+        "| path | stream | req/s | p50 ms | p99 ms | router CPU ms/req | replica CPU ms/req | failed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in phases:
+        cpu = "-" if p.router_cpu_ms_per_request is None else f"{p.router_cpu_ms_per_request:.3f}"
+        lines.append(
+            f"| {p.path} | {p.stream} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | {cpu} | "
+            f"{p.replica_cpu_ms_per_request:.3f} | {p.failed} |"
+        )
+    lines += ["", f"Target: router CPU at most {TARGET_MS} ms per proxied request.", ""]
+    for kind, a in added.items():
+        lines.append(
+            f"- {kind}: router adds p50 {a['added_p50_ms']:.2f} ms, p99 {a['added_p99_ms']:.2f} ms, "
+            f"and spends {a['router_cpu_ms_per_request']:.3f} ms CPU per request."
+        )
+    (RESULTS / "router_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

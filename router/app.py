@@ -1,0 +1,269 @@
+"""`create_app(settings)`: the router's HTTP surface.
+
+`POST /v1/chat/completions` is a plain ASGI handler (the hot path: no per-request framework
+objects); the other endpoints are ordinary FastAPI routes. Components live on `app.state.qvl`,
+built in the lifespan; nothing is module-level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+from qvl.settings import Settings
+from router.edge import ChatRequest, parse_chat_request
+from router.errors import InvalidRequest, NoHealthyReplica, RequestTooLarge, RouterError, error_body
+from router.metrics import UNKNOWN_MODEL, RouterMetrics
+from router.policies import build_policy
+from router.proxy import Proxy
+from router.replicas import ReplicaPool
+
+log = logging.getLogger("qvl.router")
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_NO_REPLICA = b"none"
+
+
+@dataclass(slots=True)
+class RouterState:
+    settings: Settings
+    pool: ReplicaPool
+    proxy: Proxy
+    metrics: RouterMetrics
+    session: aiohttp.ClientSession
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The router app; replicas are checked once before it serves, then in the background."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+        pool = ReplicaPool(settings.router.replicas, settings.router, session)
+        metrics = RouterMetrics(lambda: pool.replicas)
+        proxy = Proxy(pool, build_policy(settings.router), session, settings.router, metrics)
+        app.state.qvl = RouterState(settings, pool, proxy, metrics, session)
+        await pool.check_all()
+        checks = asyncio.create_task(pool.run(), name="replica-checks")
+        try:
+            yield
+        finally:
+            checks.cancel()
+            await asyncio.gather(checks, return_exceptions=True)
+            await session.close()
+
+    app = FastAPI(title="qvl-cluster router", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.router.routes.append(Route("/v1/chat/completions", ChatCompletions(), methods=["POST"]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> Response:
+        state: RouterState = request.app.state.qvl
+        healthy = sum(r.healthy for r in state.pool.replicas)
+        if healthy == 0:
+            exc = NoHealthyReplica("no healthy replica", code="no_healthy_replica")
+            return Response(error_body(exc), status_code=exc.status, media_type="application/json")
+        return JSONResponse({"status": "ready", "healthy_replicas": healthy})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        state: RouterState = request.app.state.qvl
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, object]:
+        state: RouterState = request.app.state.qvl
+        served: dict[str, int] = {}
+        for replica in state.pool.replicas:
+            if replica.healthy:
+                for model in replica.models:
+                    served[model] = served.get(model, 0) + 1
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "qvl-cluster", "replicas": n}
+            for m, n in sorted(served.items())
+        ]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/cluster")
+    async def cluster(request: Request) -> dict[str, object]:
+        state: RouterState = request.app.state.qvl
+        return {
+            "policy": state.settings.router.policy,
+            "replicas": [r.describe() for r in state.pool.replicas],
+        }
+
+    return app
+
+
+class ChatCompletions:
+    """POST /v1/chat/completions as a raw ASGI app: parse once, proxy, relay, account."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: RouterState = scope["app"].state.qvl
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        given_id = headers.get(b"x-request-id", b"")
+        request_id = given_id.decode() if _REQUEST_ID.match(given_id) else secrets.token_hex(16)
+        exchange = _Exchange(state, send, request_id.encode())
+        try:
+            body = await _read_body(receive, state.settings.router.max_request_bytes)
+            session = headers.get(state.settings.router.session_header.encode())
+            request = parse_chat_request(body, session.decode("latin-1") if session else None)
+        except RouterError as exc:
+            await exchange.fail(exc)
+            state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, exc.type, 0.0, False)
+            return
+        exchange.model = request.model if request.model in state.pool.known_models() else UNKNOWN_MODEL
+        exchange.stream = request.stream
+        await _until_disconnect(exchange.serve(request), receive, exchange)
+        state.metrics.record_request(
+            exchange.model,
+            exchange.replica.decode(),
+            exchange.status,
+            exchange.error_type,
+            time.perf_counter() - started,
+            request.stream,
+        )
+
+
+class _Exchange:
+    """One request's answer on its way out; remembers what the metrics need."""
+
+    __slots__ = (
+        "error_type",
+        "finished",
+        "model",
+        "replica",
+        "request_id",
+        "send",
+        "state",
+        "status",
+        "stream",
+    )
+
+    def __init__(self, state: RouterState, send: Send, request_id: bytes) -> None:
+        self.state = state
+        self.send = send
+        self.request_id = request_id
+        self.model = UNKNOWN_MODEL
+        self.replica = _NO_REPLICA
+        self.status = 0
+        self.error_type = ""
+        self.stream = False
+        self.finished = False
+
+    async def serve(self, request: ChatRequest) -> None:
+        proxy = self.state.proxy
+        try:
+            upstream = await proxy.open(request, self.request_id.decode())
+        except RouterError as exc:
+            await self.fail(exc)
+            return
+        complete = False
+        try:
+            self.replica = upstream.replica.name.encode()
+            await self._start(upstream.status, upstream.content_type)
+            if upstream.response is None:
+                self.finished = True
+                await self.send({"type": "http.response.body", "body": upstream.body})
+                complete = True
+                return
+            await self.send({"type": "http.response.body", "body": upstream.body, "more_body": True})
+            async for chunk in proxy.relay(upstream):
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.finished = True
+            await self.send({"type": "http.response.body", "body": b""})
+            complete = True
+        finally:
+            proxy.close(upstream, complete=complete)
+
+    async def fail(self, exc: RouterError) -> None:
+        if exc.status >= 500:
+            log.warning("request %s failed: %s", self.request_id.decode(), exc.message)
+        self.error_type = exc.type
+        await self._start(exc.status, b"application/json")
+        self.finished = True
+        await self.send({"type": "http.response.body", "body": error_body(exc)})
+
+    async def _start(self, status: int, content_type: bytes) -> None:
+        self.status = status
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"x-request-id", self.request_id),
+                    (b"x-qvl-replica", self.replica),
+                ],
+            }
+        )
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequest("client disconnected while sending the body", code="client_disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"request body is over {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _until_disconnect(work: Coroutine[None, None, None], receive: Receive, exchange: _Exchange) -> None:
+    """Run `work`, cancelling it if the client disconnects first (so the replica's request is aborted)."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not exchange.finished:
+                    gone = True
+                    task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        exchange.error_type = "client_disconnected"
+        exchange.status = exchange.status or 499
+        exchange.state.metrics.record_disconnect(exchange.model)
+    finally:
+        watcher.cancel()

@@ -1,0 +1,173 @@
+"""Send a parsed request to a replica and hand back its answer, retrying elsewhere before the first byte.
+
+Streaming convention: `open()` returns once the answer is committed to one replica. For a
+non-streamed request (or any non-200 answer) that means the whole body is in hand; for a stream it
+means the first chunk is. Until then every failure (cannot connect, 5xx, connection lost) moves the
+request to another replica, up to `max_attempts`. After it, `relay()` yields the rest of the stream
+and ends it with an SSE error event if the replica dies. The caller must always call `close()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+
+from qvl.settings import RouterSettings
+from router.edge import ChatRequest
+from router.errors import (
+    ModelNotFound,
+    NoHealthyReplica,
+    StreamInterrupted,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    sse_error_event,
+)
+from router.metrics import RouterMetrics
+from router.policies import Policy
+from router.replicas import Replica, ReplicaPool
+
+JSON = b"application/json"
+
+
+@dataclass(slots=True)
+class Upstream:
+    """An answer committed to one replica: a complete body, or an open stream and its first chunk."""
+
+    replica: Replica
+    status: int
+    content_type: bytes
+    body: bytes
+    response: aiohttp.ClientResponse | None = None
+    closed: bool = False
+
+
+class _Retry(Exception):
+    """This attempt failed before any byte reached the client; `reason` becomes a metric label."""
+
+    def __init__(self, reason: str, detail: str, replica_fault: bool) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.replica_fault = replica_fault
+
+
+class Proxy:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        policy: Policy,
+        session: aiohttp.ClientSession,
+        settings: RouterSettings,
+        metrics: RouterMetrics,
+    ) -> None:
+        self._pool = pool
+        self._policy = policy
+        self._session = session
+        self._max_attempts = settings.max_attempts
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s, sock_connect=settings.connect_timeout_s)
+
+    async def open(self, request: ChatRequest, request_id: str) -> Upstream:
+        """Commit the request to a replica; raises a RouterError when no replica could take it."""
+        candidates = self._pool.candidates(request.model)
+        if not candidates:
+            if request.model in self._pool.known_models():
+                raise NoHealthyReplica(
+                    f"no healthy replica serves model '{request.model}' right now", code="no_healthy_replica"
+                )
+            raise ModelNotFound(f"model '{request.model}' is not served here", code="model_not_found", param="model")
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        failures: list[str] = []
+        for _ in range(self._max_attempts):
+            if not candidates:
+                break
+            replica = self._policy.choose(candidates, request)
+            try:
+                return await self._attempt(replica, request, headers)
+            except _Retry as retry:
+                self._metrics.record_attempt_failure(replica.name, retry.reason)
+                if retry.replica_fault:
+                    self._pool.report_failure(replica, str(retry))
+                failures.append(f"{replica.name}: {retry}")
+                candidates = [r for r in candidates if r is not replica]
+        raise UpstreamUnavailable(
+            f"no replica could answer after {len(failures)} attempt(s) ({'; '.join(failures)})",
+            code="upstream_unavailable",
+        )
+
+    async def _attempt(self, replica: Replica, request: ChatRequest, headers: dict[str, str]) -> Upstream:
+        replica.in_flight += 1
+        response: aiohttp.ClientResponse | None = None
+        try:
+            response = await self._session.post(
+                replica.chat_url, data=request.body, headers=headers, timeout=self._timeout
+            )
+            if response.status >= 500:
+                raise _Retry("http_5xx", f"answered HTTP {response.status}", replica_fault=False)
+            content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+            if not request.stream or response.status != 200:
+                body = await response.read()
+                response.release()
+                replica.in_flight -= 1
+                return Upstream(replica, response.status, content_type, body, closed=True)
+            first = await response.content.readany()
+            if not first:
+                raise _Retry("disconnect", "closed the stream before the first byte", replica_fault=True)
+            return Upstream(replica, response.status, content_type, first, response=response)
+        except _Retry:
+            _drop(replica, response)
+            raise
+        except aiohttp.ConnectionTimeoutError:
+            _drop(replica, response)
+            raise _Retry("connect_timeout", "connect timed out", replica_fault=True) from None
+        except TimeoutError:
+            _drop(replica, response)
+            raise UpstreamTimeout(
+                f"replica {replica.name} took longer than the request timeout", code="upstream_timeout"
+            ) from None
+        except aiohttp.ClientConnectorError:
+            _drop(replica, response)
+            raise _Retry("connect", "connection refused or unreachable", replica_fault=True) from None
+        except aiohttp.ClientError as exc:
+            _drop(replica, response)
+            raise _Retry("disconnect", f"connection lost ({type(exc).__name__})", replica_fault=True) from None
+        except BaseException:
+            # Cancelled because the client went away: drop the connection so the engine aborts too.
+            _drop(replica, response)
+            raise
+
+    async def relay(self, upstream: Upstream) -> AsyncIterator[bytes]:
+        """The stream after its first chunk; ends with an SSE error event if the replica dies mid-way."""
+        response = upstream.response
+        if response is None:
+            return
+        try:
+            async for chunk in response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._pool.report_failure(upstream.replica, f"stream broken: {type(exc).__name__}")
+            yield sse_error_event(
+                StreamInterrupted(
+                    f"replica {upstream.replica.name} failed mid-stream; the answer is incomplete",
+                    code="stream_interrupted",
+                )
+            )
+
+    def close(self, upstream: Upstream, *, complete: bool) -> None:
+        """Release the replica slot; a stream not read to its end is dropped so the engine aborts it."""
+        if upstream.closed:
+            return
+        upstream.closed = True
+        upstream.replica.in_flight -= 1
+        if upstream.response is not None:
+            if complete:
+                upstream.response.release()
+            else:
+                upstream.response.close()
+
+
+def _drop(replica: Replica, response: aiohttp.ClientResponse | None) -> None:
+    replica.in_flight -= 1
+    if response is not None:
+        response.close()

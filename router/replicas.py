@@ -1,0 +1,184 @@
+"""Replica state and the pool that keeps it fresh: active health checks, queue-depth scrapes, ejection.
+
+A replica starts ejected and is admitted once a health check passes and its models are known.
+It is ejected after `eject_after_failures` consecutive failures, counting failed checks and the
+proxy's connection errors alike, and re-admitted after `readmit_after_successes` passed checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from qvl.settings import RouterSettings
+
+log = logging.getLogger("qvl.router.replicas")
+
+
+@dataclass(eq=False, slots=True)
+class Replica:
+    """One engine replica as the router sees it. `in_flight` counts requests this router has open on it."""
+
+    url: str
+    name: str
+    models: frozenset[str] = frozenset()
+    healthy: bool = False
+    in_flight: int = 0
+    waiting: float = 0.0
+    running: float = 0.0
+    failures: int = 0
+    successes: int = 0
+    last_error: str | None = None
+    last_check: float = 0.0
+    chat_url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chat_url = self.url + "/v1/chat/completions"
+
+    @property
+    def load(self) -> float:
+        """What least-loaded compares: requests in flight from this router plus the engine's queue."""
+        return self.in_flight + self.waiting
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "url": self.url,
+            "models": sorted(self.models),
+            "healthy": self.healthy,
+            "in_flight": self.in_flight,
+            "engine_running": self.running,
+            "engine_waiting": self.waiting,
+            "consecutive_failures": self.failures,
+            "last_error": self.last_error,
+            "last_check_unix": round(self.last_check, 3) if self.last_check else None,
+        }
+
+
+def replica_name(url: str) -> str:
+    """host:port of a replica URL: short, stable, and safe as a metric label."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
+
+
+def parse_queue_metrics(text: str) -> tuple[float, float]:
+    """(running, waiting) summed over every label set of vLLM's gauges in a Prometheus text page."""
+    running = waiting = 0.0
+    for line in text.splitlines():
+        if not line.startswith("vllm:num_requests_"):
+            continue
+        name, _, rest = line.partition("{")
+        if not rest:
+            name = line.split(" ", 1)[0]
+        if name == "vllm:num_requests_waiting":
+            waiting += float(line.rsplit(" ", 1)[1])
+        elif name == "vllm:num_requests_running":
+            running += float(line.rsplit(" ", 1)[1])
+    return running, waiting
+
+
+class ReplicaPool:
+    """The replicas this router knows, with their health; background checks run inside `run()`."""
+
+    def __init__(self, urls: list[str], settings: RouterSettings, session: aiohttp.ClientSession) -> None:
+        self.replicas = [Replica(url=url, name=replica_name(url)) for url in urls]
+        self._settings = settings
+        self._session = session
+        self._check_timeout = aiohttp.ClientTimeout(total=settings.health.timeout_s)
+
+    def candidates(self, model: str) -> list[Replica]:
+        """Healthy replicas that serve `model`."""
+        return [r for r in self.replicas if r.healthy and model in r.models]
+
+    def known_models(self) -> set[str]:
+        """Models served by any replica, healthy or not (an ejected replica keeps what it last reported)."""
+        return {m for r in self.replicas for m in r.models}
+
+    def report_failure(self, replica: Replica, reason: str) -> None:
+        """A failed check or a connection error from the proxy; ejects the replica past the threshold."""
+        replica.failures += 1
+        replica.successes = 0
+        replica.last_error = reason
+        if replica.healthy and replica.failures >= self._settings.health.eject_after_failures:
+            replica.healthy = False
+            log.warning("ejected replica %s after %d failures: %s", replica.name, replica.failures, reason)
+
+    def _report_success(self, replica: Replica) -> None:
+        replica.failures = 0
+        replica.successes += 1
+        replica.last_error = None
+        if (
+            not replica.healthy
+            and replica.models
+            and (replica.successes >= self._settings.health.readmit_after_successes)
+        ):
+            replica.healthy = True
+            log.info("admitted replica %s serving %s", replica.name, ", ".join(sorted(replica.models)))
+
+    async def check_all(self) -> None:
+        """One round of health checks over every replica, concurrently."""
+        await asyncio.gather(*(self.check(r) for r in self.replicas))
+
+    async def check(self, replica: Replica) -> None:
+        """GET /health, and /v1/models while the replica's models are unknown or it is ejected."""
+        replica.last_check = time.time()
+        try:
+            async with self._session.get(replica.url + "/health", timeout=self._check_timeout) as resp:
+                if resp.status != 200:
+                    self.report_failure(replica, f"health check answered {resp.status}")
+                    return
+            if not replica.healthy or not replica.models:
+                replica.models = await self._fetch_models(replica)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self.report_failure(replica, f"health check failed: {type(exc).__name__}")
+            return
+        self._report_success(replica)
+
+    async def _fetch_models(self, replica: Replica) -> frozenset[str]:
+        async with self._session.get(replica.url + "/v1/models", timeout=self._check_timeout) as resp:
+            resp.raise_for_status()
+            doc = orjson.loads(await resp.read())
+        models = frozenset(str(m["id"]) for m in doc.get("data", []) if isinstance(m, dict) and "id" in m)
+        if not models:
+            raise ValueError("replica lists no models")
+        return models
+
+    async def scrape_load(self, replica: Replica) -> None:
+        """Read the engine's running and waiting gauges from its /metrics page."""
+        try:
+            async with self._session.get(replica.url + "/metrics", timeout=self._check_timeout) as resp:
+                if resp.status != 200:
+                    return
+                text = (await resp.read()).decode("utf-8", "replace")
+            replica.running, replica.waiting = parse_queue_metrics(text)
+        except (aiohttp.ClientError, TimeoutError, ValueError, IndexError):
+            # A stale queue depth only weakens least-loaded; health checks decide ejection.
+            return
+
+    async def run(self) -> None:
+        """Check health and scrape load forever, each on its own interval; cancel to stop."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._every(self._settings.health.interval_s, self.check_all))
+            group.create_task(self._every(self._settings.load_scrape_interval_s, self._scrape_healthy))
+
+    async def _scrape_healthy(self) -> None:
+        await asyncio.gather(*(self.scrape_load(r) for r in self.replicas if r.healthy))
+
+    @staticmethod
+    async def _every(interval: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await job()
+            except Exception:
+                # A bug in one round must not stop health checking for good; it is logged loudly.
+                log.exception("replica background job failed")
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))

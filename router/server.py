@@ -1,0 +1,37 @@
+"""Run the router app under uvicorn (`qvl router`)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from qvl.settings import Settings
+from router.app import create_app
+
+log = logging.getLogger("qvl.router")
+
+
+def uvicorn_config(settings: Settings) -> uvicorn.Config:
+    """The uvicorn settings every router process uses (uvloop, httptools, no access log)."""
+    return uvicorn.Config(
+        create_app(settings),
+        host=settings.router.host,
+        port=settings.router.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+
+
+def serve_router(settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit status."""
+    if not settings.router.replicas:
+        log.error("no replicas configured: pass --replica URL (repeatable) or set router.replicas")
+        return 2
+    server = uvicorn.Server(uvicorn_config(settings))
+    server.run()
+    return 0 if server.started else 1
