@@ -210,7 +210,8 @@ def test_client_disconnect_cancels_the_upstream_request(cluster: Cluster, stream
     doc = image_chat(MODEL, png_data_url(), stream=stream)
     if stream:
         with httpx.stream("POST", router.url + "/v1/chat/completions", json=doc, timeout=20) as resp:
-            next(resp.iter_lines())
+            lines = resp.iter_lines()  # held: a dropped generator would close the response early
+            assert next(lines).startswith("data: ")
             assert engine_gauge(sim, "vllm:num_requests_running") == 1
     else:
         with pytest.raises(httpx.ReadTimeout):

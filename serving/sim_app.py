@@ -1,0 +1,301 @@
+"""`qvl sim`: a simulated engine that speaks `vllm serve`'s HTTP API and metrics, on CPU, for load tests.
+
+What it is for
+    Load tests, capacity planning and router development without GPUs. It answers the parts of the
+    vLLM OpenAI server the router uses, in the same shapes, and exposes vLLM's own `vllm:` metrics,
+    so the router's policies, Prometheus rules and Grafana dashboards work against it unchanged.
+    It is not a model and not a mock of our code: the text is made-up words, but the timing,
+    queueing and caching behave like a replica under load. At zero delay one core serves thousands
+    of requests per second, so the router, not the simulator, is what a load test measures.
+
+HTTP API
+    POST /v1/chat/completions   JSON or SSE (`stream`), `stream_options.include_usage`,
+                                `max_tokens` / `max_completion_tokens`; images as base64 data URLs
+    GET  /v1/models             the one served model, with `max_model_len`
+    GET  /health                200, empty body
+    GET  /metrics               Prometheus text: vllm:num_requests_running / _waiting,
+                                vllm:kv_cache_usage_perc, vllm:prefix_cache_queries / _hits,
+                                vllm:mm_cache_queries / _hits, vllm:request_success{finished_reason},
+                                vllm:prompt_tokens, vllm:generation_tokens, and the TTFT, inter-token
+                                and end-to-end latency histograms, all labelled `model_name`
+    Another model name gives 404 (`NotFoundError`); a malformed body or image gives 400
+    (`BadRequestError`), both as OpenAI-style JSON errors. `x-request-id` is echoed. A client that
+    disconnects, queued or mid-stream, has its request cancelled at once.
+
+Latency model (milliseconds; see serving/sim_engine.py)
+    TTFT = queueing + ttft_base + ttft_per_prompt_token * (text characters / 4)
+                    + ttft_per_image_token * image tokens of each image not in the mm cache
+    ITL  = itl_base + itl_per_running * (running requests - 1)
+    Image tokens follow Qwen3-VL's smart resize (serving/image_tokens.py). At most `max_running`
+    requests decode at once; the rest queue, first in first out. The mm cache is an LRU of
+    `mm_cache_items` image digests (SHA-256 of the decoded bytes). A request generates
+    `output_tokens` tokens (finish "stop"), or fewer if `max_tokens` asks for fewer (finish "length").
+
+Flags (each also a `sim.*` YAML setting and a `QVL_SIM__*` variable)
+    --host, --port, --model               where to listen and the model name served
+    --max-running N                       concurrent decodes (vLLM's max_num_seqs)
+    --output-tokens N                     tokens generated when the request sets no cap
+    --mm-cache-items N                    image digests in the LRU (0 disables the cache)
+    --ttft-base-ms, --ttft-per-prompt-token-ms, --ttft-per-image-token-ms,
+    --itl-base-ms, --itl-per-running-ms   the latency terms above
+    --zero-delay                          every latency term at zero: nothing sleeps (throughput tests)
+    Settings without a flag: sim.max_model_len (context length; longer requests get a 400) and
+    sim.image_min_pixels / sim.image_max_pixels (the resize bounds, Qwen3-VL's by default).
+
+Example: `qvl sim --port 8101 --model Qwen/Qwen3-VL-8B-Instruct --max-running 32`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import uvicorn
+from starlette.types import Message, Receive, Scope, Send
+
+from qvl.settings import SimSettings
+from serving.image_tokens import ImageTokenCounter
+from serving.sim_engine import Generation, RequestRejected, SimEngine
+from serving.sim_openai import (
+    ApiError,
+    BadRequest,
+    ChatCall,
+    ChunkWriter,
+    completion_body,
+    completion_id,
+    models_body,
+    parse_chat,
+    token_text,
+)
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+_JSON = (b"content-type", b"application/json")
+_SSE = (b"content-type", b"text/event-stream; charset=utf-8")
+_NOT_FOUND = b'{"detail":"Not Found"}'
+_METHOD_NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
+
+
+class SimApp:
+    """The simulated engine as a raw ASGI application (no framework on the hot path)."""
+
+    def __init__(self, settings: SimSettings) -> None:
+        self.settings = settings
+        self.engine = SimEngine(settings)
+        self._image_tokens = ImageTokenCounter(
+            min_pixels=settings.image_min_pixels, max_pixels=settings.image_max_pixels
+        )
+        self._models = models_body(settings.model, settings.max_model_len, int(time.time()))
+        self._routes: dict[str, dict[str, Handler]] = {
+            "/v1/chat/completions": {"POST": self._chat},
+            "/v1/models": {"GET": self._list_models},
+            "/health": {"GET": self._health},
+            "/metrics": {"GET": self._metrics},
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        methods = self._routes.get(scope["path"])
+        if methods is None:
+            await _respond(send, 404, _NOT_FOUND, [_JSON])
+            return
+        handler = methods.get(scope["method"])
+        if handler is None:
+            await _respond(send, 405, _METHOD_NOT_ALLOWED, [_JSON])
+            return
+        await handler(scope, receive, send)
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _respond(send, 200, b"", [])
+
+    async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _respond(send, 200, self._models, [_JSON])
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self.engine.metrics
+        await _respond(send, 200, metrics.render(), [(b"content-type", metrics.content_type.encode())])
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: list[tuple[bytes, bytes]] = [
+            (name, value) for name, value in scope["headers"] if name == b"x-request-id"
+        ]
+        body = await _read_body(receive)
+        if body is None:
+            return
+        try:
+            call = parse_chat(body, self.settings.model, self._image_tokens)
+            generation = self.engine.submit(call.request)
+        except RequestRejected as exc:
+            error = BadRequest(str(exc))
+            await _respond(send, error.status, error.body(), [_JSON, *headers])
+            return
+        except ApiError as exc:
+            await _respond(send, exc.status, exc.body(), [_JSON, *headers])
+            return
+        if call.stream:
+            work = self._stream(send, call, generation, headers)
+        else:
+            work = self._complete(send, generation, headers)
+        if self.engine.latency.zero and self.engine.has_free_slot():
+            # Nothing here can suspend except a send, which a disconnect releases: skip the watcher.
+            await work
+        else:
+            await _cancel_on_disconnect(receive, work)
+
+    async def _complete(self, send: Send, generation: Generation, headers: list[tuple[bytes, bytes]]) -> None:
+        seed = generation.prompt_tokens
+        async with generation:
+            parts = [token_text(index, seed) async for index in generation.tokens()]
+        body = completion_body(
+            completion_id(),
+            self.settings.model,
+            "".join(parts),
+            generation.finish_reason,
+            generation.prompt_tokens,
+            generation.completion_tokens,
+        )
+        await _respond(send, 200, body, [_JSON, *headers])
+
+    async def _stream(
+        self, send: Send, call: ChatCall, generation: Generation, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        seed = generation.prompt_tokens
+        last = generation.completion_tokens - 1
+        writer = ChunkWriter(completion_id(), self.settings.model)
+        # vLLM answers 200 and its headers before the request is scheduled, so a queued stream has them too.
+        await send({"type": "http.response.start", "status": 200, "headers": [_SSE, *headers]})
+        async with generation:
+            async for index in generation.tokens():
+                reason = generation.finish_reason if index == last else None
+                chunk = writer.token(token_text(index, seed), reason)
+                # vLLM sends the role chunk with the engine's first output, not on admission: the
+                # first body byte of a stream means prefill is done.
+                await _chunk(send, writer.role() + chunk if index == 0 else chunk)
+        tail = b""
+        if call.include_usage:
+            tail = writer.usage(generation.prompt_tokens, generation.completion_tokens)
+        await send({"type": "http.response.body", "body": tail + writer.done(), "more_body": False})
+
+
+async def _cancel_on_disconnect(receive: Receive, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` in this task; if the client goes away first, cancel it and return quietly.
+
+    Cancelling this task (not a child) keeps the cheap path: the work runs inline, and the
+    engine's context managers release the request's slot or queue place on the way out.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    watch = _DisconnectWatch(task)
+    watcher = asyncio.get_running_loop().create_task(watch.run(receive))
+    try:
+        await work
+    except asyncio.CancelledError:
+        if not watch.fired:
+            raise
+        task.uncancel()
+    finally:
+        watch.finished = True
+        watcher.cancel()
+
+
+class _DisconnectWatch:
+    """Waits for `http.disconnect` and cancels the request's task if it is still working."""
+
+    __slots__ = ("finished", "fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.fired = False
+        self.finished = False
+
+    async def run(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        # uvicorn also reports a completed response as a disconnect; only a live request is cancelled.
+        if not self.finished:
+            self.fired = True
+            self.task.cancel()
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client left before sending it."""
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return None if message["type"] == "http.disconnect" else body
+    parts = [body]
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+    return b"".join(parts)
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _chunk(send: Send, data: bytes) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def create_app(settings: SimSettings) -> SimApp:
+    """The simulated engine's ASGI app; `app.engine` holds its scheduler and metrics."""
+    return SimApp(settings)
+
+
+def run_sim(settings: SimSettings, log_level: str) -> int:
+    """Serve the simulated engine in the foreground until SIGINT or SIGTERM.
+
+    Returns 0 after a clean stop, 1 if the server never started (for example, the port is taken).
+    """
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level=log_level,
+        server_header=False,
+        proxy_headers=False,
+        # Load tests stop replicas mid-request; in-flight simulated requests are not worth waiting for.
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    logger.info(
+        "simulated engine for %s on http://%s:%d (max_running=%d%s)",
+        settings.model,
+        settings.host,
+        settings.port,
+        settings.max_running,
+        ", zero delay" if app.engine.latency.zero else "",
+    )
+    # uvicorn re-raises a captured SIGINT after its graceful shutdown; Ctrl+C is a clean stop here.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,256 @@
+"""The OpenAI wire format as `vllm serve` writes it, for the simulator: parse a chat body, build replies.
+
+Parsing is deliberately narrow and fast (no pydantic): it reads what the latency model needs (text
+length, images, the output cap, the stream flags) and rejects what vLLM would reject with a 400.
+Images must be base64 data URLs; remote URLs are refused because the simulator never fetches.
+Errors carry vLLM's shape: `{"error": {"message", "type", "param", "code"}}` with `code` the status.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+from serving.image_tokens import ImageError, ImageTokenCounter
+from serving.sim_engine import ImageInput, SimRequest
+
+# Made-up output: a small vocabulary cycled deterministically per request.
+WORDS = (
+    "the", "red", "bag", "sits", "on", "a", "white", "table", "near", "window", "with", "soft",
+    "light", "and", "two", "shoes", "beside", "it", "in", "photo", "product", "looks", "new", "clean",
+)  # fmt: skip
+
+
+class ApiError(Exception):
+    """An error answered to the client; `status` and `type` follow vLLM's OpenAI server."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "InternalServerError"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        """The JSON error body."""
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        return orjson.dumps({"error": error})
+
+
+class BadRequest(ApiError):
+    status = 400
+    type = "BadRequestError"
+
+
+class ModelNotFound(ApiError):
+    status = 404
+    type = "NotFoundError"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCall:
+    """A parsed chat-completions request: the reply's shape and what the engine must simulate."""
+
+    stream: bool
+    include_usage: bool
+    request: SimRequest
+
+
+def parse_chat(body: bytes, served_model: str, counter: ImageTokenCounter) -> ChatCall:
+    """Read a /v1/chat/completions body; raises BadRequest (400) or ModelNotFound (404)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = doc.get("model")
+    # vLLM serves the one model when the field is left out.
+    if model is not None and model != served_model:
+        raise ModelNotFound(f"The model `{model}` does not exist.")
+    stream = doc.get("stream") or False
+    if not isinstance(stream, bool):
+        raise BadRequest("`stream` must be a boolean", param="stream")
+    options = doc.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("`stream_options` must be an object", param="stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    max_tokens = doc.get("max_completion_tokens")
+    name = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, name = doc.get("max_tokens"), "max_tokens"
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise BadRequest(f"`{name}` must be a positive integer", param=name)
+    chars, images = _read_messages(doc.get("messages"), counter)
+    request = SimRequest(text_tokens=(chars + 3) // 4, images=images, max_tokens=max_tokens)
+    return ChatCall(stream=stream, include_usage=include_usage, request=request)
+
+
+def _read_messages(messages: Any, counter: ImageTokenCounter) -> tuple[int, tuple[ImageInput, ...]]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty array", param="messages")
+    chars = 0
+    images: list[ImageInput] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{i}] must be an object", param="messages")
+        content = message.get("content")
+        if content is None:
+            continue
+        if isinstance(content, str):
+            chars += len(content)
+            continue
+        if not isinstance(content, list):
+            raise BadRequest(f"messages[{i}].content must be a string or an array", param="messages")
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise BadRequest(f"messages[{i}].content[{j}].text must be a string", param="messages")
+                chars += len(text)
+            elif kind == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                if not isinstance(url, str):
+                    raise BadRequest(f"messages[{i}].content[{j}].image_url.url must be a string", param="messages")
+                images.append(_image(url, counter))
+            else:
+                raise BadRequest(f"messages[{i}].content[{j}].type must be 'text' or 'image_url'", param="messages")
+    return chars, tuple(images)
+
+
+def _image(url: str, counter: ImageTokenCounter) -> ImageInput:
+    if not url.startswith("data:"):
+        raise BadRequest("the simulator only accepts images as base64 data URLs", param="messages")
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise BadRequest("image data URL must look like data:image/<type>;base64,<payload>", param="messages")
+    try:
+        raw = base64.b64decode(payload)
+    except (binascii.Error, ValueError):
+        raise BadRequest("image data URL payload is not valid base64", param="messages") from None
+    digest = hashlib.sha256(raw).digest()
+    try:
+        tokens = counter.count(digest, raw)
+    except ImageError as exc:
+        raise BadRequest(f"invalid image: {exc}", param="messages") from None
+    return ImageInput(digest=digest, tokens=tokens)
+
+
+def completion_id() -> str:
+    """A fresh `chatcmpl-...` id, as vLLM makes them (32 hex digits)."""
+    return "chatcmpl-" + os.urandom(16).hex()
+
+
+def token_text(index: int, seed: int) -> str:
+    """The text of output token `index`: a word, space-led after the first."""
+    word = WORDS[(seed + index * 7) % len(WORDS)]
+    return word if index == 0 else " " + word
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+def completion_body(
+    call_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> bytes:
+    """A non-streamed `chat.completion` object."""
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text, "tool_calls": []},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+        "stop_reason": None,
+    }
+    return orjson.dumps(
+        {
+            "id": call_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+    )
+
+
+class ChunkWriter:
+    """The `data: ...` SSE events of one streamed completion, in vLLM's order and shape."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, call_id: str, model: str) -> None:
+        self._head = {
+            "id": call_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + orjson.dumps({**self._head, "choices": choices, **extra}) + b"\n\n"
+
+    def role(self) -> bytes:
+        """The first event: the assistant role and empty content."""
+        delta = {"role": "assistant", "content": ""}
+        return self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def token(self, text: str, finish_reason: str | None = None) -> bytes:
+        """One token's event; the last one carries the finish reason, as vLLM sends it."""
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "logprobs": None}
+        choice["finish_reason"] = finish_reason
+        if finish_reason is not None:
+            choice["stop_reason"] = None
+        return self._event([choice])
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """The trailing usage event sent when `stream_options.include_usage` is true."""
+        return self._event([], usage=usage(prompt_tokens, completion_tokens))
+
+    @staticmethod
+    def done() -> bytes:
+        return b"data: [DONE]\n\n"
+
+
+def models_body(model: str, max_model_len: int, created: int) -> bytes:
+    """The /v1/models list of the one served model, in vLLM's shape."""
+    card = {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": model,
+        "parent": None,
+        "max_model_len": max_model_len,
+        "permission": [
+            {
+                "id": "modelperm-" + os.urandom(16).hex(),
+                "object": "model_permission",
+                "created": created,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
+    }
+    return orjson.dumps({"object": "list", "data": [card]})
