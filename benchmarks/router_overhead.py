@@ -51,6 +51,34 @@ class Phase:
     router_cpu_ms_per_request: float | None
     replica_cpu_ms_per_request: float
     client_cpu_ms_per_request: float
+    rounds: int = 1
+    router_cpu_ms_per_request_range: tuple[float, float] | None = None
+
+
+def median_phase(rounds: list[Phase]) -> Phase:
+    """Each figure's median over the rounds (this machine's noise is large), with the router CPU range."""
+
+    def med(name: str) -> float:
+        return float(statistics.median(getattr(r, name) for r in rounds))
+
+    first = rounds[0]
+    cpu = [r.router_cpu_ms_per_request for r in rounds if r.router_cpu_ms_per_request is not None]
+    return Phase(
+        path=first.path,
+        stream=first.stream,
+        requests=first.requests,
+        concurrency=first.concurrency,
+        failed=sum(r.failed for r in rounds),
+        seconds=med("seconds"),
+        rps=med("rps"),
+        p50_ms=med("p50_ms"),
+        p99_ms=med("p99_ms"),
+        router_cpu_ms_per_request=round(statistics.median(cpu), 4) if cpu else None,
+        replica_cpu_ms_per_request=med("replica_cpu_ms_per_request"),
+        client_cpu_ms_per_request=med("client_cpu_ms_per_request"),
+        rounds=len(rounds),
+        router_cpu_ms_per_request_range=(min(cpu), max(cpu)) if cpu else None,
+    )
 
 
 def small_png() -> str:
@@ -170,6 +198,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--stream", action="store_true", help="also measure streamed requests")
+    parser.add_argument("--rounds", type=int, default=3, help="repeat each phase; the median is reported")
     args = parser.parse_args()
 
     sim_port, router_port = free_port(), free_port()
@@ -183,30 +212,32 @@ def main() -> int:
         sim_ps, router_ps = psutil.Process(sim.pid), psutil.Process(router.pid)
         phases = []
         for stream in [False, True] if args.stream else [False]:
-            print(f"direct to replica (stream={stream}) ...", flush=True)
-            phases.append(
-                run_phase(
-                    "direct",
-                    f"http://127.0.0.1:{sim_port}/v1/chat/completions",
-                    None,
-                    sim_ps,
-                    args.requests,
-                    args.concurrency,
-                    stream,
+            rounds: dict[str, list[Phase]] = {"direct": [], "router": []}
+            for i in range(args.rounds):
+                print(f"round {i + 1}/{args.rounds}, stream={stream}: direct, then through the router", flush=True)
+                rounds["direct"].append(
+                    run_phase(
+                        "direct",
+                        f"http://127.0.0.1:{sim_port}/v1/chat/completions",
+                        None,
+                        sim_ps,
+                        args.requests,
+                        args.concurrency,
+                        stream,
+                    )
                 )
-            )
-            print(f"through router   (stream={stream}) ...", flush=True)
-            phases.append(
-                run_phase(
-                    "router",
-                    f"http://127.0.0.1:{router_port}/v1/chat/completions",
-                    router_ps,
-                    sim_ps,
-                    args.requests,
-                    args.concurrency,
-                    stream,
+                rounds["router"].append(
+                    run_phase(
+                        "router",
+                        f"http://127.0.0.1:{router_port}/v1/chat/completions",
+                        router_ps,
+                        sim_ps,
+                        args.requests,
+                        args.concurrency,
+                        stream,
+                    )
                 )
-            )
+            phases += [median_phase(rounds["direct"]), median_phase(rounds["router"])]
     finally:
         for proc in (router, sim):
             proc.terminate()
@@ -246,11 +277,16 @@ def report(phases: list[Phase]) -> None:
         f"one `qvl sim --zero-delay` replica; {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         f"{doc['when']}.",
         "",
-        "| path | stream | req/s | p50 ms | p99 ms | router CPU ms/req | replica CPU ms/req | failed |",
+        f"Each figure is the median of {phases[0].rounds} rounds; the router CPU range is min-max over rounds.",
+        "",
+        "| path | stream | req/s | p50 ms | p99 ms | router CPU ms/req (range) | replica CPU ms/req | failed |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in phases:
-        cpu = "-" if p.router_cpu_ms_per_request is None else f"{p.router_cpu_ms_per_request:.3f}"
+        cpu = "-"
+        if p.router_cpu_ms_per_request is not None and p.router_cpu_ms_per_request_range is not None:
+            low, high = p.router_cpu_ms_per_request_range
+            cpu = f"{p.router_cpu_ms_per_request:.3f} ({low:.3f}-{high:.3f})"
         lines.append(
             f"| {p.path} | {p.stream} | {p.rps:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | {cpu} | "
             f"{p.replica_cpu_ms_per_request:.3f} | {p.failed} |"

@@ -1,1 +1,1 @@
-"""cache"""
+"""Answer cache: key derivation, in-memory and Redis stores, single-flight (being built; see the issues)."""

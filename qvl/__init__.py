@@ -1,0 +1,1 @@
+"""The `qvl` command line, the settings tree and the demo."""

@@ -72,7 +72,7 @@ class Proxy:
         """Commit the request to a replica; raises a RouterError when no replica could take it."""
         candidates = self._pool.candidates(request.model)
         if not candidates:
-            if request.model in self._pool.known_models():
+            if request.model in self._pool.known_models:
                 raise NoHealthyReplica(
                     f"no healthy replica serves model '{request.model}' right now", code="no_healthy_replica"
                 )

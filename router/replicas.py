@@ -93,14 +93,16 @@ class ReplicaPool:
         self._settings = settings
         self._session = session
         self._check_timeout = aiohttp.ClientTimeout(total=settings.health.timeout_s)
+        self._known_models: frozenset[str] = frozenset()
 
     def candidates(self, model: str) -> list[Replica]:
         """Healthy replicas that serve `model`."""
         return [r for r in self.replicas if r.healthy and model in r.models]
 
-    def known_models(self) -> set[str]:
+    @property
+    def known_models(self) -> frozenset[str]:
         """Models served by any replica, healthy or not (an ejected replica keeps what it last reported)."""
-        return {m for r in self.replicas for m in r.models}
+        return self._known_models
 
     def report_failure(self, replica: Replica, reason: str) -> None:
         """A failed check or a connection error from the proxy; ejects the replica past the threshold."""
@@ -137,6 +139,7 @@ class ReplicaPool:
                     return
             if not replica.healthy or not replica.models:
                 replica.models = await self._fetch_models(replica)
+                self._known_models = frozenset(m for r in self.replicas for m in r.models)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self.report_failure(replica, f"health check failed: {type(exc).__name__}")
             return

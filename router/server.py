@@ -22,6 +22,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         http="httptools",
         log_level=settings.log_level,
         access_log=False,
+        proxy_headers=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
