@@ -1,8 +1,8 @@
 """The README stays true: its opening gives the two commands, and it documents every setting."""
 
+from conftest import ROOT
 from pydantic import BaseModel
 
-from conftest import ROOT
 from qvl.settings import Settings
 
 
