@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,6 +30,7 @@ from router.metrics import UNKNOWN_MODEL, RouterMetrics
 from router.policies import build_policy
 from router.proxy import Proxy
 from router.replicas import ReplicaPool
+from router.upstream import UpstreamClient
 
 log = logging.getLogger("qvl.router")
 
@@ -45,7 +45,7 @@ class RouterState:
     pool: ReplicaPool
     proxy: Proxy
     metrics: RouterMetrics
-    session: aiohttp.ClientSession
+    client: UpstreamClient
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -53,12 +53,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
-        pool = ReplicaPool(settings.router.replicas, settings.router, session)
+        client = UpstreamClient(connect_timeout_s=settings.router.connect_timeout_s)
+        pool = ReplicaPool(settings.router.replicas, settings.router, client)
         metrics = RouterMetrics(lambda: pool.replicas)
-        proxy = Proxy(pool, build_policy(settings.router), session, settings.router, metrics)
-        app.state.qvl = RouterState(settings, pool, proxy, metrics, session)
+        proxy = Proxy(pool, build_policy(settings.router), client, settings.router, metrics)
+        app.state.qvl = RouterState(settings, pool, proxy, metrics, client)
         await pool.check_all()
         checks = asyncio.create_task(pool.run(), name="replica-checks")
         try:
@@ -66,7 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             checks.cancel()
             await asyncio.gather(checks, return_exceptions=True)
-            await session.close()
+            await client.close()
 
     app = RouterAPI(title="qvl-cluster router", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Registered for method checks (GET answers 405); POSTs are dispatched before the middleware stack.

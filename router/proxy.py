@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
-
 from qvl.settings import RouterSettings
 from router.edge import ChatRequest
 from router.errors import (
@@ -27,8 +25,9 @@ from router.errors import (
 from router.metrics import RouterMetrics
 from router.policies import Policy
 from router.replicas import Replica, ReplicaPool
+from router.upstream import ConnectFailed, ConnectionLost, Response, UpstreamClient
 
-JSON = b"application/json"
+CHAT_PATH = b"/v1/chat/completions"
 
 
 @dataclass(slots=True)
@@ -39,7 +38,7 @@ class Upstream:
     status: int
     content_type: bytes
     body: bytes
-    response: aiohttp.ClientResponse | None = None
+    response: Response | None = None
     closed: bool = False
 
 
@@ -57,16 +56,16 @@ class Proxy:
         self,
         pool: ReplicaPool,
         policy: Policy,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         settings: RouterSettings,
         metrics: RouterMetrics,
     ) -> None:
         self._pool = pool
         self._policy = policy
-        self._session = session
+        self._client = client
         self._max_attempts = settings.max_attempts
         self._metrics = metrics
-        self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s, sock_connect=settings.connect_timeout_s)
+        self._deadline_s = settings.request_timeout_s
 
     async def open(self, request: ChatRequest, request_id: str) -> Upstream:
         """Commit the request to a replica; raises a RouterError when no replica could take it."""
@@ -77,7 +76,7 @@ class Proxy:
                     f"no healthy replica serves model '{request.model}' right now", code="no_healthy_replica"
                 )
             raise ModelNotFound(f"model '{request.model}' is not served here", code="model_not_found", param="model")
-        headers = {"content-type": "application/json", "x-request-id": request_id}
+        headers = ((b"content-type", b"application/json"), (b"x-request-id", request_id.encode()))
         failures: list[str] = []
         for _ in range(self._max_attempts):
             if not candidates:
@@ -96,42 +95,42 @@ class Proxy:
             code="upstream_unavailable",
         )
 
-    async def _attempt(self, replica: Replica, request: ChatRequest, headers: dict[str, str]) -> Upstream:
+    async def _attempt(
+        self, replica: Replica, request: ChatRequest, headers: tuple[tuple[bytes, bytes], ...]
+    ) -> Upstream:
         replica.in_flight += 1
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         try:
-            response = await self._session.post(
-                replica.chat_url, data=request.body, headers=headers, timeout=self._timeout
+            response = await self._client.request(
+                replica.origin, b"POST", CHAT_PATH, body=request.body, headers=headers, deadline_s=self._deadline_s
             )
             if response.status >= 500:
                 raise _Retry("http_5xx", f"answered HTTP {response.status}", replica_fault=False)
-            content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+            content_type = response.header(b"content-type", b"application/json")
             if not request.stream or response.status != 200:
                 body = await response.read()
                 response.release()
                 replica.in_flight -= 1
                 return Upstream(replica, response.status, content_type, body, closed=True)
-            first = await response.content.readany()
+            first = await response.read_chunk()
             if not first:
-                raise _Retry("disconnect", "closed the stream before the first byte", replica_fault=True)
+                raise _Retry("disconnect", "ended the stream before the first byte", replica_fault=True)
             return Upstream(replica, response.status, content_type, first, response=response)
         except _Retry:
             _drop(replica, response)
             raise
-        except aiohttp.ConnectionTimeoutError:
+        except ConnectFailed as exc:
             _drop(replica, response)
-            raise _Retry("connect_timeout", "connect timed out", replica_fault=True) from None
+            reason = "connect_timeout" if exc.timeout else "connect"
+            raise _Retry(reason, str(exc), replica_fault=True) from None
+        except ConnectionLost as exc:
+            _drop(replica, response)
+            raise _Retry("disconnect", str(exc), replica_fault=True) from None
         except TimeoutError:
             _drop(replica, response)
             raise UpstreamTimeout(
                 f"replica {replica.name} took longer than the request timeout", code="upstream_timeout"
             ) from None
-        except aiohttp.ClientConnectorError:
-            _drop(replica, response)
-            raise _Retry("connect", "connection refused or unreachable", replica_fault=True) from None
-        except aiohttp.ClientError as exc:
-            _drop(replica, response)
-            raise _Retry("disconnect", f"connection lost ({type(exc).__name__})", replica_fault=True) from None
         except BaseException:
             # Cancelled because the client went away: drop the connection so the engine aborts too.
             _drop(replica, response)
@@ -143,10 +142,10 @@ class Proxy:
         if response is None:
             return
         try:
-            async for chunk in response.content.iter_any():
+            while chunk := await response.read_chunk():
                 yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self._pool.report_failure(upstream.replica, f"stream broken: {type(exc).__name__}")
+        except (ConnectionLost, TimeoutError) as exc:
+            self._pool.report_failure(upstream.replica, f"stream broken: {exc}")
             yield sse_error_event(
                 StreamInterrupted(
                     f"replica {upstream.replica.name} failed mid-stream; the answer is incomplete",
@@ -167,7 +166,7 @@ class Proxy:
                 upstream.response.close()
 
 
-def _drop(replica: Replica, response: aiohttp.ClientResponse | None) -> None:
+def _drop(replica: Replica, response: Response | None) -> None:
     replica.in_flight -= 1
     if response is not None:
         response.close()

@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from qvl.settings import RouterSettings
+from router.upstream import ConnectFailed, ConnectionLost, Origin, UpstreamClient
 
 log = logging.getLogger("qvl.router.replicas")
 
@@ -37,10 +37,10 @@ class Replica:
     successes: int = 0
     last_error: str | None = None
     last_check: float = 0.0
-    chat_url: str = field(init=False)
+    origin: Origin = field(init=False)
 
     def __post_init__(self) -> None:
-        self.chat_url = self.url + "/v1/chat/completions"
+        self.origin = Origin(self.url)
 
     @property
     def load(self) -> float:
@@ -88,11 +88,11 @@ def parse_queue_metrics(text: str) -> tuple[float, float]:
 class ReplicaPool:
     """The replicas this router knows, with their health; background checks run inside `run()`."""
 
-    def __init__(self, urls: list[str], settings: RouterSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, urls: list[str], settings: RouterSettings, client: UpstreamClient) -> None:
         self.replicas = [Replica(url=url, name=replica_name(url)) for url in urls]
         self._settings = settings
-        self._session = session
-        self._check_timeout = aiohttp.ClientTimeout(total=settings.health.timeout_s)
+        self._client = client
+        self._check_timeout_s = settings.health.timeout_s
         self._known_models: frozenset[str] = frozenset()
 
     def candidates(self, model: str) -> list[Replica]:
@@ -133,22 +133,23 @@ class ReplicaPool:
         """GET /health, and /v1/models while the replica's models are unknown or it is ejected."""
         replica.last_check = time.time()
         try:
-            async with self._session.get(replica.url + "/health", timeout=self._check_timeout) as resp:
-                if resp.status != 200:
-                    self.report_failure(replica, f"health check answered {resp.status}")
-                    return
+            status, _ = await self._get(replica, b"/health")
+            if status != 200:
+                self.report_failure(replica, f"health check answered {status}")
+                return
             if not replica.healthy or not replica.models:
                 replica.models = await self._fetch_models(replica)
                 self._known_models = frozenset(m for r in self.replicas for m in r.models)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            self.report_failure(replica, f"health check failed: {type(exc).__name__}")
+        except (ConnectFailed, ConnectionLost, TimeoutError, ValueError) as exc:
+            self.report_failure(replica, f"health check failed: {exc}")
             return
         self._report_success(replica)
 
     async def _fetch_models(self, replica: Replica) -> frozenset[str]:
-        async with self._session.get(replica.url + "/v1/models", timeout=self._check_timeout) as resp:
-            resp.raise_for_status()
-            doc = orjson.loads(await resp.read())
+        status, body = await self._get(replica, b"/v1/models")
+        if status != 200:
+            raise ValueError(f"/v1/models answered {status}")
+        doc = orjson.loads(body)
         models = frozenset(str(m["id"]) for m in doc.get("data", []) if isinstance(m, dict) and "id" in m)
         if not models:
             raise ValueError("replica lists no models")
@@ -157,14 +158,22 @@ class ReplicaPool:
     async def scrape_load(self, replica: Replica) -> None:
         """Read the engine's running and waiting gauges from its /metrics page."""
         try:
-            async with self._session.get(replica.url + "/metrics", timeout=self._check_timeout) as resp:
-                if resp.status != 200:
-                    return
-                text = (await resp.read()).decode("utf-8", "replace")
-            replica.running, replica.waiting = parse_queue_metrics(text)
-        except (aiohttp.ClientError, TimeoutError, ValueError, IndexError):
+            status, body = await self._get(replica, b"/metrics")
+            if status == 200:
+                replica.running, replica.waiting = parse_queue_metrics(body.decode("utf-8", "replace"))
+        except (ConnectFailed, ConnectionLost, TimeoutError, ValueError, IndexError):
             # A stale queue depth only weakens least-loaded; health checks decide ejection.
             return
+
+    async def _get(self, replica: Replica, path: bytes) -> tuple[int, bytes]:
+        response = await self._client.request(replica.origin, b"GET", path, deadline_s=self._check_timeout_s)
+        try:
+            body = await response.read()
+        except BaseException:
+            response.close()
+            raise
+        response.release()
+        return response.status, body
 
     async def run(self) -> None:
         """Check health and scrape load forever, each on its own interval; cancel to stop."""
