@@ -30,7 +30,8 @@ pytest: install
 test: lint typecheck pytest
 
 bench: install
-	$(BIN)/python -m benchmarks.router_overhead
+	$(BIN)/python -m benchmarks.router_overhead --stream
+	$(BIN)/python -m benchmarks.sim_throughput
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -14,26 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import aiohttp
 import psutil
-from PIL import Image
 
-RESULTS = Path(__file__).resolve().parent / "results"
-MODEL = "qwen3-vl-sim"
+from benchmarks.common import MODEL, RESULTS, chat_body, cpu_seconds, drive, free_port, percentiles_ms, start_qvl
+
 TARGET_MS = 0.25
 
 
@@ -81,83 +73,6 @@ def median_phase(rounds: list[Phase]) -> Phase:
     )
 
 
-def small_png() -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (180, 40, 40)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def body(stream: bool) -> bytes:
-    doc = {
-        "model": MODEL,
-        "max_tokens": 8,
-        "stream": stream,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "Describe this product in one line."},
-                    {"type": "image_url", "image_url": {"url": small_png()}},
-                ],
-            }
-        ],
-    }
-    return json.dumps(doc).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(args: list[str], port: int, ready: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qvl", *args, "--port", str(port), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready}", timeout=1) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"qvl {args[0]} on port {port} did not become ready")
-
-
-async def load(url: str, payload: bytes, requests: int, concurrency: int, stream: bool) -> tuple[list[float], int]:
-    latencies: list[float] = []
-    failed = 0
-    queue = iter(range(requests))
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            nonlocal failed
-            for _ in queue:
-                started = time.perf_counter()
-                try:
-                    async with session.post(url, data=payload, headers={"content-type": "application/json"}) as resp:
-                        await resp.read()
-                        ok = resp.status == 200
-                except aiohttp.ClientError:
-                    ok = False
-                latencies.append(time.perf_counter() - started)
-                failed += not ok
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, failed
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
 def run_phase(
     name: str,
     url: str,
@@ -167,15 +82,15 @@ def run_phase(
     concurrency: int,
     stream: bool,
 ) -> Phase:
-    payload = body(stream)
-    asyncio.run(load(url, payload, min(200, requests), concurrency, stream))  # warm connections and caches
+    payload = chat_body(stream, max_tokens=8)
+    asyncio.run(drive(url, payload, min(200, requests), concurrency))  # warm connections and caches
     me = psutil.Process()
     before = (cpu_seconds(router) if router else 0.0, cpu_seconds(replica), cpu_seconds(me))
     started = time.perf_counter()
-    latencies, failed = asyncio.run(load(url, payload, requests, concurrency, stream))
+    latencies, failed = asyncio.run(drive(url, payload, requests, concurrency))
     seconds = time.perf_counter() - started
     after = (cpu_seconds(router) if router else 0.0, cpu_seconds(replica), cpu_seconds(me))
-    latencies.sort()
+    p50_ms, p99_ms = percentiles_ms(latencies)
     per_request = [(a - b) * 1000 / requests for a, b in zip(after, before, strict=True)]
     return Phase(
         path=name,
@@ -185,8 +100,8 @@ def run_phase(
         failed=failed,
         seconds=round(seconds, 3),
         rps=round(requests / seconds, 1),
-        p50_ms=round(statistics.median(latencies) * 1000, 3),
-        p99_ms=round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3),
+        p50_ms=round(p50_ms, 3),
+        p99_ms=round(p99_ms, 3),
         router_cpu_ms_per_request=round(per_request[0], 4) if router else None,
         replica_cpu_ms_per_request=round(per_request[1], 4),
         client_cpu_ms_per_request=round(per_request[2], 4),
@@ -202,8 +117,8 @@ def main() -> int:
     args = parser.parse_args()
 
     sim_port, router_port = free_port(), free_port()
-    sim = start(["sim", "--zero-delay", "--model", MODEL], sim_port, "/health")
-    router = start(
+    sim = start_qvl(["sim", "--zero-delay", "--model", MODEL], sim_port, "/health")
+    router = start_qvl(
         ["router", "--replica", f"http://127.0.0.1:{sim_port}", "--policy", "least-loaded"],
         router_port,
         "/ready",
@@ -273,7 +188,7 @@ def report(phases: list[Phase]) -> None:
     lines = [
         "# Router overhead",
         "",
-        f"{phases[0].requests} chat requests with a 64x64 PNG, concurrency {phases[0].concurrency}, "
+        f"{phases[0].requests} chat requests with a 64x48 PNG, concurrency {phases[0].concurrency}, "
         f"one `qvl sim --zero-delay` replica; {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         f"{doc['when']}.",
         "",

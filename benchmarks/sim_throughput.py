@@ -16,93 +16,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
 import platform
-import socket
-import statistics
-import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
-import aiohttp
 import psutil
-from PIL import Image
 
-RESULTS = Path(__file__).resolve().parent / "results"
-MODEL = "qwen3-vl-sim"
+from benchmarks.common import MODEL, RESULTS, chat_body, cpu_seconds, drive, free_port, percentiles_ms, start_qvl
+
 TARGET_RPS = 2000
-
-
-def chat_body(stream: bool) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (30, 120, 200)).save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    content = [
-        {"type": "text", "text": "Describe this product in one line."},
-        {"type": "image_url", "image_url": {"url": url}},
-    ]
-    doc = {"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": content}]}
-    return json.dumps(doc).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_sim(port: int, cpu: int | None) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "qvl", "sim", "--zero-delay", "--model", MODEL, "--port", str(port)]
-    command += ["--log-level", "warning"]
-    if cpu is not None:
-        command = ["taskset", "-c", str(cpu), *command]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"qvl sim on port {port} did not become ready")
-
-
-async def drive(url: str, payload: bytes, requests: int, concurrency: int) -> tuple[list[float], int]:
-    """Send `requests` POSTs from `concurrency` workers; (latencies in seconds, failures)."""
-    latencies: list[float] = []
-    failed = 0
-    todo = iter(range(requests))
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"content-type": "application/json"}
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            nonlocal failed
-            for _ in todo:
-                started = time.perf_counter()
-                try:
-                    async with session.post(url, data=payload, headers=headers) as resp:
-                        await resp.read()
-                        ok = resp.status == 200
-                except aiohttp.ClientError:
-                    ok = False
-                latencies.append(time.perf_counter() - started)
-                failed += not ok
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, failed
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.client_cpu >= 0:
         os.sched_setaffinity(0, {args.client_cpu})
     port = free_port()
-    sim = start_sim(port, sim_cpu)
+    sim = start_qvl(["sim", "--zero-delay", "--model", MODEL], port, "/health", sim_cpu)
     try:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         payload = chat_body(args.stream)
@@ -134,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         sim.terminate()
         sim.wait(10)
 
-    latencies.sort()
+    p50_ms, p99_ms = percentiles_ms(latencies)
     rps = args.requests / seconds
     result = {
         "benchmark": "sim_throughput",
@@ -145,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(seconds, 3),
         "rps": round(rps, 1),
         "target_rps": TARGET_RPS,
-        "p50_ms": round(statistics.median(latencies) * 1000, 2),
-        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+        "p50_ms": round(p50_ms, 2),
+        "p99_ms": round(p99_ms, 2),
         "sim_cpu_ms_per_request": round(sim_cpu_s * 1000 / args.requests, 3),
         "sim_cpu_utilisation": round(sim_cpu_s / seconds, 3),
         "client_cpu_ms_per_request": round(client_cpu_s * 1000 / args.requests, 3),

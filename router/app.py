@@ -154,10 +154,10 @@ class ChatCompletions:
             request = parse_chat_request(body, session.decode("latin-1") if session else None)
         except RouterError as exc:
             await exchange.fail(exc)
-            state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, exc.type, 0.0, False)
+            elapsed = time.perf_counter() - started
+            state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, exc.type, elapsed, False)
             return
         exchange.model = request.model if request.model in state.pool.known_models else UNKNOWN_MODEL
-        exchange.stream = request.stream
         await _until_disconnect(exchange.serve(request), receive, exchange)
         state.metrics.record_request(
             exchange.model,
@@ -181,7 +181,6 @@ class _Exchange:
         "send",
         "state",
         "status",
-        "stream",
     )
 
     def __init__(self, state: RouterState, send: Send, request_id: bytes) -> None:
@@ -192,7 +191,6 @@ class _Exchange:
         self.replica = _NO_REPLICA
         self.status = 0
         self.error_type = ""
-        self.stream = False
         self.finished = False
 
     async def serve(self, request: ChatRequest) -> None:

@@ -9,6 +9,7 @@ and ends it with an SSE error event if the replica dies. The caller must always 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from router.replicas import Replica, ReplicaPool
 from router.upstream import ConnectFailed, ConnectionLost, Response, UpstreamClient
 
 CHAT_PATH = b"/v1/chat/completions"
+log = logging.getLogger("qvl.router.proxy")
 
 
 @dataclass(slots=True)
@@ -90,8 +92,10 @@ class Proxy:
                     self._pool.report_failure(replica, str(retry))
                 failures.append(f"{replica.name}: {retry}")
                 candidates = [r for r in candidates if r is not replica]
+        # Details (replica addresses, socket errors) go to the log, not to the client.
+        log.warning("request %s failed on every attempt: %s", request_id, "; ".join(failures))
         raise UpstreamUnavailable(
-            f"no replica could answer after {len(failures)} attempt(s) ({'; '.join(failures)})",
+            f"no replica could answer after {len(failures)} attempt(s); the request was not processed",
             code="upstream_unavailable",
         )
 

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import openai
+import pytest
 from conftest import Cluster, image_chat, png_data_url
 
 
@@ -56,11 +57,12 @@ def test_openai_client_through_qvl_up(cluster: Cluster) -> None:
     assert len(replicas) == 2 and all(r["healthy"] for r in replicas)
 
 
-def test_qvl_up_prints_ready_and_sigterm_stops_every_child(cluster: Cluster) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_qvl_up_prints_ready_and_a_signal_stops_every_child(cluster: Cluster, sig: signal.Signals) -> None:
     up = cluster.start("up", "--replicas", "2", ready_path="/ready")
     replica_urls = [r["url"] for r in httpx.get(up.url + "/v1/cluster", timeout=5).json()["replicas"]]
     assert wait_text(up, "qvl: ready at " + up.url)
-    os.kill(up.popen.pid, signal.SIGTERM)
+    os.kill(up.popen.pid, sig)
     assert up.popen.wait(20) == 0
     for url in replica_urls:
         try:

@@ -239,3 +239,35 @@ def test_ejection_and_readmission_follow_health(cluster: Cluster) -> None:
     assert wait_for(lambda: httpx.get(router.url + "/ready", timeout=5).status_code == 503, timeout=10)
     down = chat(router, image_chat(MODEL, png_data_url()))
     assert down.status_code == 503 and down.json()["error"]["type"] == "no_healthy_replica"
+
+
+def test_every_attempt_failing_is_a_502_that_leaks_no_internals(cluster: Cluster) -> None:
+    sims = [cluster.sim("--zero-delay") for _ in range(2)]
+    router = cluster.router(*sims)
+    for sim in sims:
+        sim.kill()
+    # Immediately: both replicas are still admitted (ejection needs two failures), so both are tried.
+    resp = chat(router, image_chat(MODEL, png_data_url()))
+    assert resp.status_code == 502
+    error = resp.json()["error"]
+    assert error["type"] == "upstream_unavailable"
+    assert error["message"] == "no replica could answer after 2 attempt(s); the request was not processed"
+    assert "127.0.0.1" not in resp.text
+    text = httpx.get(router.url + "/metrics", timeout=5).text
+    for sim in sims:
+        assert f'qvl_upstream_attempt_failures_total{{reason="connect",replica="127.0.0.1:{sim.port}"}} 1.0' in text
+    assert re.search(
+        r'qvl_requests_total\{error_type="upstream_unavailable",model="qwen3-vl-sim",replica="none",'
+        r'status="502"\} 1\.0',
+        text,
+    )
+
+
+def test_router_from_a_config_file(cluster: Cluster, tmp_path) -> None:
+    sims = [cluster.sim("--zero-delay") for _ in range(2)]
+    config = tmp_path / "qvl.yaml"
+    config.write_text("router:\n  policy: round-robin\n  replicas:\n" + "".join(f"    - {s.url}\n" for s in sims))
+    router = cluster.start("router", "--config", str(config), ready_path="/ready")
+    state = httpx.get(router.url + "/v1/cluster", timeout=5).json()
+    assert state["policy"] == "round-robin"
+    assert [r["url"] for r in state["replicas"]] == [s.url for s in sims]
