@@ -6,14 +6,13 @@ router and the replicas rely on, and takes the SHA-256 of every image's decoded 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from qvl.dataurl import DataURLError, decode_image_data_url
 from router.errors import InvalidRequest
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -47,28 +46,10 @@ def image_digest(data_url: str) -> str:
 
 def decode_data_url(data_url: str) -> bytes:
     """The decoded bytes of `data:image/<type>;base64,<payload>`; raises InvalidRequest otherwise."""
-    if not data_url.startswith("data:"):
-        raise InvalidRequest(
-            "image_url.url must be a data URL (data:image/<type>;base64,...); remote image URLs are not fetched",
-            code="unsupported_image_url",
-            param="messages",
-        )
-    header, sep, payload = data_url.partition(",")
-    if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
-        raise InvalidRequest(
-            "image data URL must look like data:image/<type>;base64,<payload>",
-            code="invalid_image_url",
-            param="messages",
-        )
     try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(
-            "image data URL payload is not valid base64", code="invalid_image_url", param="messages"
-        ) from None
-    if not raw:
-        raise InvalidRequest("image data URL holds no bytes", code="invalid_image_url", param="messages")
-    return raw
+        return decode_image_data_url(data_url)
+    except DataURLError as exc:
+        raise InvalidRequest(str(exc), code=exc.code, param="messages") from None
 
 
 def parse_chat_request(body: bytes, session_id: str | None = None) -> ChatRequest:

@@ -2,14 +2,12 @@
 
 Parsing is deliberately narrow and fast (no pydantic): it reads what the latency model needs (text
 length, images, the output cap, the stream flags) and rejects what vLLM would reject with a 400.
-Images must be base64 data URLs; remote URLs are refused because the simulator never fetches.
+Images must be base64 data URLs (qvl.dataurl); remote URLs are refused because the simulator never fetches.
 Errors carry vLLM's shape: `{"error": {"message", "type", "param", "code"}}` with `code` the status.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import os
 import time
@@ -18,6 +16,7 @@ from typing import Any, ClassVar
 
 import orjson
 
+from qvl.dataurl import DataURLError, decode_image_data_url
 from serving.image_tokens import ImageError, ImageTokenCounter
 from serving.sim_engine import ImageInput, SimRequest
 
@@ -129,15 +128,10 @@ def _read_messages(messages: Any, counter: ImageTokenCounter) -> tuple[int, tupl
 
 
 def _image(url: str, counter: ImageTokenCounter) -> ImageInput:
-    if not url.startswith("data:"):
-        raise BadRequest("the simulator only accepts images as base64 data URLs", param="messages")
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise BadRequest("image data URL must look like data:image/<type>;base64,<payload>", param="messages")
     try:
-        raw = base64.b64decode(payload)
-    except (binascii.Error, ValueError):
-        raise BadRequest("image data URL payload is not valid base64", param="messages") from None
+        raw = decode_image_data_url(url)
+    except DataURLError as exc:
+        raise BadRequest(str(exc), param="messages") from None
     digest = hashlib.sha256(raw).digest()
     try:
         tokens = counter.count(digest, raw)

@@ -1,0 +1,34 @@
+"""Decoding image data URLs: one pure function shared by the router's edge and the simulated engine."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+
+class DataURLError(ValueError):
+    """Not a usable image data URL; `code` is `unsupported_image_url` (not a data URL at all) or
+    `invalid_image_url` (a malformed one)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def decode_image_data_url(url: str) -> bytes:
+    """The decoded bytes of `data:image/<type>;base64,<payload>`; raises DataURLError otherwise."""
+    if not url.startswith("data:"):
+        raise DataURLError(
+            "image_url.url must be a data URL (data:image/<type>;base64,...); remote image URLs are not fetched",
+            "unsupported_image_url",
+        )
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
+        raise DataURLError("image data URL must look like data:image/<type>;base64,<payload>", "invalid_image_url")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise DataURLError("image data URL payload is not valid base64", "invalid_image_url") from None
+    if not raw:
+        raise DataURLError("image data URL holds no bytes", "invalid_image_url")
+    return raw
