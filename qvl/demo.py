@@ -1,7 +1,9 @@
 """`make demo`: bring the cluster up locally, ask one image question through the router, shut down.
 
-Engine: `--engine sim` until the vLLM launcher lands, so the answer text is the simulated engine's
-filler; the path it takes (router, policy, replica, streaming) is the real one.
+By default the replicas are real vLLM servers. Without `--model` they serve the tiny, randomly
+initialised Qwen3-VL that `qvl model tiny` builds (no weights are downloaded, ever), so the answer is
+real vLLM output from a model that knows nothing: nonsense words that depend on the image. Point
+`--model` at a local Qwen3-VL-4B/8B-Instruct checkpoint on a GPU host for a real answer.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def product_photo() -> bytes:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--engine", default="sim", choices=["sim", "vllm"])
+    parser.add_argument("--engine", default="vllm", choices=["sim", "vllm"])
+    parser.add_argument("--model", help="checkpoint directory (default: the tiny test model)")
     args = parser.parse_args()
 
     with socket.socket() as s:
@@ -55,10 +58,12 @@ def main() -> int:
         "--policy",
         "image-affinity",
     ]
+    if args.model:
+        cmd += ["--model", args.model]
     print("$", " ".join(["qvl", *cmd[3:]]), flush=True)
     up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
-        url = _wait_ready(up, timeout=180)
+        url = _wait_ready(up, timeout=900)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         model = client.models.list().data[0].id
         image = "data:image/png;base64," + base64.b64encode(product_photo()).decode()
@@ -81,6 +86,10 @@ def main() -> int:
         answer = raw.parse()
         elapsed = time.perf_counter() - started
         print(f"A: {answer.choices[0].message.content}")
+        if args.engine == "vllm" and not args.model:
+            print("   (vLLM's answer from the tiny random test model: the words are nonsense by design)")
+        elif args.engine == "sim":
+            print("   (the simulated engine's filler text)")
         print(
             f"   replica {raw.headers['x-qvl-replica']}, request {raw.headers['x-request-id']}, "
             f"{answer.usage.prompt_tokens if answer.usage else '?'} prompt tokens, {elapsed * 1000:.0f} ms"

@@ -132,8 +132,64 @@ class SimSettings(_Section):
         return self.model_copy(update=zeros)
 
 
+class ReplicaSettings(_Section):
+    """One vLLM replica (`qvl replica`, and each replica of `qvl up --engine vllm`).
+
+    Fields left empty take vLLM's own default on a GPU; on a CPU some get a working value instead
+    (see `cpu_defaults` in serving/vllm_replica.py): max_num_seqs 16, max_model_len 4096,
+    kv_cache_memory_bytes 128 MiB, enforce_eager true.
+    """
+
+    model: str | None = Field(
+        None, description="Checkpoint directory (e.g. /models/Qwen3-VL-8B-Instruct); empty: the tiny test model."
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name clients use; empty: the checkpoint directory's name."
+    )
+    host: str = Field("127.0.0.1", description="Address a replica listens on.")
+    port: int = Field(8200, ge=1, le=65535, description="Port of `qvl replica` (qvl up picks its own).")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where the engine runs; auto: GPUs when any are visible, else the CPU."
+    )
+    gpus: list[int] | None = Field(
+        None, description="GPU indexes replicas may use; empty: every GPU nvidia-smi lists (or CUDA_VISIBLE_DEVICES)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica (vLLM --tensor-parallel-size).")
+    max_num_seqs: int | None = Field(None, ge=1, description="Requests batched at once (vLLM --max-num-seqs).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length in tokens (vLLM --max-model-len).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of each GPU's memory vLLM may use (--gpu-memory-utilization)."
+    )
+    limit_mm_per_prompt: dict[str, int] = Field(
+        default_factory=lambda: {"image": 4, "video": 0},
+        description="Most items of each modality per prompt (--limit-mm-per-prompt).",
+    )
+    mm_processor_cache_gb: float | None = Field(
+        None, ge=0, description="Multimodal processor cache size in GiB (--mm-processor-cache-gb)."
+    )
+    enable_prefix_caching: bool = Field(True, description="Automatic prefix caching (--enable-prefix-caching).")
+    dtype: str = Field("auto", description="Weight and activation dtype (--dtype): auto, bfloat16, float16, ...")
+    quantization: str | None = Field(None, description="Quantization method (--quantization), e.g. fp8, awq.")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV cache size in bytes (--kv-cache-memory-bytes); overrides memory utilisation."
+    )
+    enforce_eager: bool | None = Field(None, description="Skip graph capture and compilation (--enforce-eager).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further vLLM engine arguments, passed through verbatim: {name: value} becomes --name value "
+        "(true: --name, false: --no-name, lists and mappings as JSON).",
+    )
+    startup_timeout_s: float = Field(600.0, gt=0, description="Seconds a replica may take to answer /health.")
+    run_dir: str = Field(
+        ".qvl-run", description="Directory for replica logs, caches and the tiny model (relative to the cwd)."
+    )
+
+
 class UpSettings(_Section):
-    engine: Literal["sim", "vllm"] = Field("sim", description="Engine each local replica runs.")
+    engine: Literal["sim", "vllm"] = Field("vllm", description="Engine each local replica runs.")
+    model: str | None = Field(
+        None, description="Model of every replica: sets replica.model (vllm) or sim.model (sim) when given."
+    )
     replicas: int = Field(2, ge=1, le=64, description="Number of local replicas `qvl up` starts.")
     replica_base_port: int = Field(
         0, ge=0, le=65535, description="First replica port (then +1, +2...); 0 picks free ports."
@@ -151,6 +207,7 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field("info", description="Log level of every qvl process.")
     router: RouterSettings = Field(default_factory=RouterSettings, description="The router (`qvl router`).")
     sim: SimSettings = Field(default_factory=SimSettings, description="The simulated engine (`qvl sim`).")
+    replica: ReplicaSettings = Field(default_factory=ReplicaSettings, description="vLLM replicas.")
     up: UpSettings = Field(default_factory=UpSettings, description="The local launcher (`qvl up`).")
 
 

@@ -1,8 +1,7 @@
-"""`qvl up`: local replicas as child processes and a router in front, as one foreground process tree.
+"""Local launchers: `qvl up` (replicas and a router as one foreground process tree) and `qvl replica`.
 
-Replicas get the same resolved settings as the parent (written to a private YAML file) and die with
-it: SIGINT/SIGTERM stops the router, then every child; a parent killed outright takes its children
-along through PR_SET_PDEATHSIG.
+Replicas die with their launcher: SIGINT/SIGTERM stops the router, then every replica's process
+group; a launcher killed outright takes its replicas along through PR_SET_PDEATHSIG.
 """
 
 from __future__ import annotations
@@ -10,67 +9,146 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 import yaml
 
-from qvl.settings import Settings
+from qvl.settings import ReplicaSettings, Settings
 from router.server import uvicorn_config
+from serving.tiny_model import SERVED_NAME, ensure_tiny_model
+from serving.vllm_replica import (
+    PlacementError,
+    ReplicaPlan,
+    ReplicaProcess,
+    ReplicaStartError,
+    detect_gpus,
+    launch,
+    plan_replicas,
+)
 
 log = logging.getLogger("qvl.up")
 _PR_SET_PDEATHSIG = 1
 
 
-@dataclass
-class Child:
-    name: str
-    url: str
-    popen: subprocess.Popen[bytes]
-
-
 def run_up(settings: Settings) -> int:
     """Start replicas, wait until each is healthy, serve the router until a signal; returns exit status."""
-    if settings.up.engine != "sim":
-        print("qvl: --engine vllm is not available yet in this version; use --engine sim", file=sys.stderr)
-        return 2
-    received: list[int] = []
-
-    def remember(sig: int, frame: FrameType | None) -> None:
-        received.append(sig)
-
-    previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
-    with tempfile.TemporaryDirectory(prefix="qvl-up-") as tmp:
-        children: list[Child] = []
-        try:
-            config = Path(tmp) / "settings.yaml"
-            config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    settings = _apply_up_model(settings)
+    stop_requested: list[int] = []
+    previous = _trap_signals(stop_requested)
+    children: list[ReplicaProcess] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="qvl-up-") as tmp:
             ports = _replica_ports(settings.up.replica_base_port, settings.up.replicas)
-            print(f"qvl: starting {len(ports)} {settings.up.engine} replica(s) on ports {ports}", flush=True)
-            children = [_spawn_sim(config, port, i) for i, port in enumerate(ports)]
-            if not _wait_healthy(children, settings.up.ready_timeout_s, lambda: bool(received)):
-                return 1
-            router_settings = settings.router.model_copy(update={"replicas": [c.url for c in children]})
-            settings = settings.model_copy(update={"router": router_settings})
-            return _serve_router(settings, children)
-        finally:
-            _stop(children)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            engine = settings.up.engine
+            say(f"starting {len(ports)} {engine} replica(s) on ports {', '.join(map(str, ports))}")
+            if engine == "sim":
+                config = Path(tmp) / "settings.yaml"
+                config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+                children = [_spawn_sim(config, port, i) for i, port in enumerate(ports)]
+                timeout = settings.up.ready_timeout_s
+            else:
+                children = _spawn_vllm(settings.replica, ports)
+                timeout = max(settings.up.ready_timeout_s, settings.replica.startup_timeout_s)
+            for child in children:
+                if stop_requested:
+                    return 1
+                seconds = child.wait_healthy(timeout, progress=say)
+                say(f"{child.name} healthy at {child.url} after {seconds:.1f}s")
+            router = settings.router.model_copy(update={"replicas": [c.url for c in children]})
+            return _serve_router(settings.model_copy(update={"router": router}), children)
+    except (ReplicaStartError, PlacementError) as exc:
+        print(f"qvl: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _stop(children)
+        _restore_signals(previous)
 
 
-def _serve_router(settings: Settings, children: list[Child]) -> int:
+def run_replica(settings: Settings) -> int:
+    """`qvl replica`: one vLLM server in the foreground (its log on this terminal) until a signal."""
+    stop_requested: list[int] = []
+    previous = _trap_signals(stop_requested)
+    replica: ReplicaProcess | None = None
+    try:
+        model, spec = _model_for(settings.replica)
+        (plan,) = _plans(spec, model, [spec.port])
+        replica = launch(plan, spec.host, log_to_file=False)
+        seconds = replica.wait_healthy(spec.startup_timeout_s, progress=say)
+        say(f"ready at {replica.url} serving {spec.served_model_name} ({plan.device}) after {seconds:.1f}s")
+        while replica.popen.poll() is None and not stop_requested:
+            time.sleep(0.5)
+        return 0 if stop_requested else int(replica.popen.returncode or 0)
+    except (ReplicaStartError, PlacementError) as exc:
+        print(f"qvl: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if replica is not None:
+            replica.stop()
+        _restore_signals(previous)
+
+
+def say(message: str) -> None:
+    print(f"qvl: {message}", flush=True)
+
+
+def _apply_up_model(settings: Settings) -> Settings:
+    if settings.up.model is None:
+        return settings
+    if settings.up.engine == "sim":
+        return settings.model_copy(update={"sim": settings.sim.model_copy(update={"model": settings.up.model})})
+    return settings.model_copy(update={"replica": settings.replica.model_copy(update={"model": settings.up.model})})
+
+
+def _model_for(spec: ReplicaSettings) -> tuple[str, ReplicaSettings]:
+    """The checkpoint to serve and the spec with its served name filled in; builds the tiny model if none."""
+    if spec.model is not None:
+        model = spec.model
+        if not Path(model).exists():
+            raise ReplicaStartError(f"model path {model} does not exist (models are never downloaded)")
+    else:
+        target = Path(spec.run_dir).resolve() / "tiny-model"
+        say(f"no model given: using the tiny test model at {target} (built on first use)")
+        model = str(ensure_tiny_model(target))
+        if spec.served_model_name is None:
+            spec = spec.model_copy(update={"served_model_name": SERVED_NAME})
+    if spec.served_model_name is None:
+        spec = spec.model_copy(update={"served_model_name": Path(model.rstrip("/")).name})
+    return model, spec
+
+
+def _plans(spec: ReplicaSettings, model: str, ports: list[int]) -> list[ReplicaPlan]:
+    gpus = spec.gpus if spec.gpus is not None else detect_gpus()
+    return plan_replicas(spec, model, ports, gpus, Path(spec.run_dir).resolve(), os.environ)
+
+
+def _spawn_vllm(spec: ReplicaSettings, ports: list[int]) -> list[ReplicaProcess]:
+    model, spec = _model_for(spec)
+    children = []
+    for plan in _plans(spec, model, ports):
+        child = launch(plan, spec.host, preexec=_die_with_parent)
+        where = f"GPUs {','.join(map(str, plan.gpus))}" if plan.gpus else "the CPU"
+        say(f"{plan.name}: vLLM on {where} serving {spec.served_model_name}; log {child.log}")
+        children.append(child)
+    return children
+
+
+def _spawn_sim(config: Path, port: int, index: int) -> ReplicaProcess:
+    argv = [sys.executable, "-m", "qvl", "sim", "--config", str(config), "--port", str(port)]
+    popen = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
+    return ReplicaProcess(name=f"replica-{index}", url=f"http://127.0.0.1:{port}", popen=popen, log=None)
+
+
+def _serve_router(settings: Settings, children: list[ReplicaProcess]) -> int:
     config = uvicorn_config(settings)
     server = uvicorn.Server(config)
 
@@ -82,7 +160,7 @@ def _serve_router(settings: Settings, children: list[Child]) -> int:
                 await asyncio.sleep(0.05)
             url = f"http://{settings.router.host}:{settings.router.port}"
             names = ", ".join(c.url for c in children)
-            print(f"qvl: ready at {url} (policy {settings.router.policy}; replicas {names})", flush=True)
+            say(f"ready at {url} (policy {settings.router.policy}; replicas {names})")
 
         async def watch_children() -> None:
             reported: set[str] = set()
@@ -106,6 +184,18 @@ def _serve_router(settings: Settings, children: list[Child]) -> int:
     return 0 if server.started else 1
 
 
+def _trap_signals(received: list[int]) -> dict[int, Callable[[int, FrameType | None], object] | int | None]:
+    def remember(sig: int, frame: FrameType | None) -> None:
+        received.append(sig)
+
+    return {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict[int, Callable[[int, FrameType | None], object] | int | None]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def _replica_ports(base: int, count: int) -> list[int]:
     if base:
         return [base + i for i in range(count)]
@@ -118,57 +208,15 @@ def _replica_ports(base: int, count: int) -> list[int]:
 
 
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: a replica must not outlive a killed `qvl up`.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # Runs in the child between fork and exec: a replica must not outlive a killed launcher.
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _spawn_sim(config: Path, port: int, index: int) -> Child:
-    argv = [sys.executable, "-m", "qvl", "sim", "--config", str(config), "--port", str(port)]
-    popen = subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    return Child(name=f"replica-{index}", url=f"http://127.0.0.1:{port}", popen=popen)
-
-
-def _wait_healthy(children: list[Child], timeout_s: float, interrupted: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + timeout_s
-    pending = list(children)
-    while pending:
-        if interrupted():
-            return False
-        for child in list(pending):
-            code = child.popen.poll()
-            if code is not None:
-                print(f"qvl: {child.name} exited with status {code} before it was healthy", file=sys.stderr)
-                return False
-            if _healthy(child.url):
-                pending.remove(child)
-                print(f"qvl: {child.name} healthy at {child.url}", flush=True)
-        if time.monotonic() > deadline:
-            names = ", ".join(c.name for c in pending)
-            print(f"qvl: {names} not healthy after {timeout_s:.0f}s", file=sys.stderr)
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop(children: list[Child]) -> None:
+def _stop(children: list[ReplicaProcess]) -> None:
     for child in children:
-        if child.popen.poll() is None:
-            child.popen.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
+        child.terminate()  # all at once: each vLLM replica takes seconds to shut down
     for child in children:
-        try:
-            child.popen.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.popen.kill()
-            child.popen.wait()
+        child.stop()
     if children:
-        print(f"qvl: stopped {len(children)} replica(s)", flush=True)
+        say(f"stopped {len(children)} replica(s)")

@@ -18,7 +18,7 @@ def test_defaults_are_valid() -> None:
     s = load_settings()
     assert s.router.policy == "least-loaded"
     assert s.router.load_factor == 1.25
-    assert s.up.engine == "sim"
+    assert s.up.engine == "vllm"
 
 
 def test_flags_beat_env_beat_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

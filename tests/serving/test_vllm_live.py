@@ -1,0 +1,235 @@
+"""Real vLLM replicas on the CPU (the tiny Qwen3-VL), behind the router, driven by the openai client.
+
+Two replicas are started once for the session (about 30 s each, in parallel); every test starts
+its own router in front of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import Cluster, Proc, free_port, image_chat, png_data_url
+from PIL import Image
+
+from qvl.settings import ReplicaSettings
+from serving.tiny_model import SERVED_NAME, build_tiny_model
+from serving.vllm_replica import ReplicaPlan, ReplicaProcess, ReplicaStartError, launch, plan_replicas
+
+pytestmark = pytest.mark.vllm
+MODEL = SERVED_NAME
+STARTUP_S = 300
+
+
+@dataclass
+class VllmPair:
+    model: Path
+    plans: list[ReplicaPlan]
+    replicas: list[ReplicaProcess]
+
+    def restart(self, index: int) -> None:
+        self.replicas[index].stop()
+        self.replicas[index] = launch(self.plans[index], "127.0.0.1")
+        self.replicas[index].wait_healthy(STARTUP_S)
+
+
+@pytest.fixture(scope="session")
+def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPair]:
+    run_dir = tmp_path_factory.mktemp("vllm")
+    model = build_tiny_model(run_dir / "tiny").path
+    # max_num_seqs 4: a burst of 16 requests leaves some waiting, which least-loaded must see.
+    spec = ReplicaSettings(served_model_name=MODEL, device="cpu", max_num_seqs=4, run_dir=str(run_dir))
+    plans = plan_replicas(spec, str(model), [free_port(), free_port()], [], run_dir, os.environ)
+    replicas = [launch(plan, "127.0.0.1") for plan in plans]
+    pair = VllmPair(model, plans, replicas)
+    try:
+        for replica in replicas:
+            replica.wait_healthy(STARTUP_S)
+        yield pair
+    finally:
+        for replica in pair.replicas:
+            replica.terminate()
+        for replica in pair.replicas:
+            replica.stop()
+
+
+def router_for(cluster: Cluster, pair: VllmPair, policy: str) -> Proc:
+    args = ["router", "--policy", policy]
+    for replica in pair.replicas:
+        args += ["--replica", replica.url]
+    return cluster.start(*args, ready_path="/ready")
+
+
+def client(router: Proc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(router: Proc, image_url: str, **extra: object) -> httpx.Response:
+    doc = image_chat(MODEL, image_url, text="What product is this?", temperature=0, max_tokens=12, **extra)
+    return httpx.post(router.url + "/v1/chat/completions", json=doc, timeout=120)
+
+
+def noisy_png() -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.effect_noise((128, 96), 120).convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_openai_client_image_question_streamed_and_not(cluster: Cluster, vllm_pair: VllmPair) -> None:
+    router = router_for(cluster, vllm_pair, "least-loaded")
+    messages = image_chat(MODEL, png_data_url((200, 30, 30), (128, 96)), text="What product is this?")["messages"]
+    answer = client(router).chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    text = answer.choices[0].message.content
+    assert text and answer.usage is not None and answer.usage.completion_tokens == 12
+    assert answer.usage.prompt_tokens > 12  # the image's tokens are in the prompt
+    stream = client(router).chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+
+def test_greedy_output_is_the_same_across_requests_and_replicas(cluster: Cluster, vllm_pair: VllmPair) -> None:
+    router = router_for(cluster, vllm_pair, "round-robin")
+    image = png_data_url((20, 120, 220), (128, 96))
+    answers = [ask(router, image) for _ in range(4)]
+    assert {r.status_code for r in answers} == {200}
+    assert len({r.headers["x-qvl-replica"] for r in answers}) == 2
+    assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1
+
+
+def test_different_images_give_different_answers(cluster: Cluster, vllm_pair: VllmPair) -> None:
+    router = router_for(cluster, vllm_pair, "image-affinity")
+    red = ask(router, png_data_url((220, 20, 20), (128, 96))).json()["choices"][0]["message"]["content"]
+    noise = ask(router, noisy_png()).json()["choices"][0]["message"]["content"]
+    assert red != noise
+
+
+def test_least_loaded_reads_the_real_vllm_queue(
+    cluster: Cluster, vllm_pair: VllmPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QVL_ROUTER__LOAD_SCRAPE_INTERVAL_S", "0.2")
+    router = router_for(cluster, vllm_pair, "least-loaded")
+    docs = [
+        image_chat(MODEL, png_data_url((i * 15, 80, 80), (128, 96)), temperature=0, max_tokens=48) for i in range(16)
+    ]
+    seen_waiting: list[float] = []
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=router.url, timeout=300) as http:
+
+            async def watch() -> None:
+                while True:
+                    state = (await http.get("/v1/cluster")).json()
+                    seen_waiting.append(max(r["engine_waiting"] for r in state["replicas"]))
+                    await asyncio.sleep(0.1)
+
+            watcher = asyncio.create_task(watch())
+            responses = await asyncio.gather(*(http.post("/v1/chat/completions", json=d) for d in docs))
+            watcher.cancel()
+            return [r.status_code for r in responses]
+
+    assert asyncio.run(run()) == [200] * 16
+    # 16 requests on 2 replicas batching 4 each: vLLM queued some, and the router saw it in /metrics.
+    assert max(seen_waiting) > 0
+    text = httpx.get(router.url + "/metrics", timeout=10).text
+    assert re.search(r"^qvl_replica_engine_waiting\{replica=\"127\.0\.0\.1:\d+\"\} ", text, re.M)
+
+
+def test_a_killed_replica_is_ejected_and_requests_finish_on_the_other(cluster: Cluster, vllm_pair: VllmPair) -> None:
+    router = router_for(cluster, vllm_pair, "round-robin")
+    victim = vllm_pair.replicas[1]
+    docs = [
+        image_chat(MODEL, png_data_url((i * 9, 40, 200), (96, 96)), temperature=0, max_tokens=24) for i in range(24)
+    ]
+
+    async def run() -> list[httpx.Response | Exception]:
+        async with httpx.AsyncClient(base_url=router.url, timeout=300) as http:
+
+            async def one(doc: dict) -> httpx.Response | Exception:
+                try:
+                    return await http.post("/v1/chat/completions", json=doc)
+                except httpx.HTTPError as exc:
+                    return exc
+
+            tasks = [asyncio.create_task(one(d)) for d in docs]
+            await asyncio.sleep(1.0)
+            os.killpg(victim.popen.pid, signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(run())
+        failed = [r for r in results if not (isinstance(r, httpx.Response) and r.status_code == 200)]
+        assert failed == []
+        answered = collections.Counter(r.headers["x-qvl-replica"] for r in results)  # type: ignore[union-attr]
+        survivor = vllm_pair.replicas[0].url.removeprefix("http://")
+        assert answered[survivor] >= 12
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            state = {r["url"]: r["healthy"] for r in httpx.get(router.url + "/v1/cluster").json()["replicas"]}
+            if state[victim.url] is False:
+                break
+            time.sleep(0.2)
+        assert state[victim.url] is False
+    finally:
+        vllm_pair.restart(1)  # later tests get both replicas back
+
+
+def test_qvl_up_with_vllm_answers_through_the_router(cluster: Cluster, vllm_pair: VllmPair, tmp_path: Path) -> None:
+    up = cluster.start(
+        "up",
+        "--engine",
+        "vllm",
+        "--replicas",
+        "1",
+        "--model",
+        str(vllm_pair.model),
+        "--run-dir",
+        str(tmp_path),
+        ready_path="/ready",
+        timeout=STARTUP_S,
+    )
+    models = [m.id for m in client(up).models.list().data]
+    assert models == [vllm_pair.model.name]
+    reply = client(up).chat.completions.create(
+        model=models[0],
+        max_tokens=6,
+        temperature=0,
+        messages=image_chat("x", png_data_url())["messages"],
+    )
+    assert reply.choices[0].message.content
+    assert "replica-" in up.output() and "vLLM on the CPU" in up.output()
+
+
+def test_a_replica_that_cannot_start_fails_with_its_log(tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    spec = ReplicaSettings(device="cpu", run_dir=str(tmp_path))
+    (plan,) = plan_replicas(spec, str(empty), [free_port()], [], tmp_path, os.environ)
+    replica = launch(plan, "127.0.0.1")
+    with pytest.raises(ReplicaStartError) as info:
+        replica.wait_healthy(STARTUP_S)
+    message = str(info.value)
+    assert message.startswith(f"{plan.name} exited with status")
+    assert str(plan.workdir / "vllm.log") in message
+    assert len(message.splitlines()) > 3  # the log's tail follows
