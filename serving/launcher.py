@@ -60,9 +60,7 @@ def run_up(settings: Settings) -> int:
                 children = _spawn_vllm(settings.replica, ports)
                 timeout = max(settings.up.ready_timeout_s, settings.replica.startup_timeout_s)
             for child in children:
-                if stop_requested:
-                    return 1
-                seconds = child.wait_healthy(timeout, progress=say)
+                seconds = child.wait_healthy(timeout, progress=say, cancelled=lambda: bool(stop_requested))
                 say(f"{child.name} healthy at {child.url} after {seconds:.1f}s")
             router = settings.router.model_copy(update={"replicas": [c.url for c in children]})
             return _serve_router(settings.model_copy(update={"router": router}), children)
@@ -83,7 +81,7 @@ def run_replica(settings: Settings) -> int:
         model, spec = _model_for(settings.replica)
         (plan,) = _plans(spec, model, [spec.port])
         replica = launch(plan, spec.host, log_to_file=False)
-        seconds = replica.wait_healthy(spec.startup_timeout_s, progress=say)
+        seconds = replica.wait_healthy(spec.startup_timeout_s, progress=say, cancelled=lambda: bool(stop_requested))
         say(f"ready at {replica.url} serving {spec.served_model_name} ({plan.device}) after {seconds:.1f}s")
         while replica.popen.poll() is None and not stop_requested:
             time.sleep(0.5)

@@ -182,12 +182,19 @@ class ReplicaProcess:
         return "\n".join(text[-lines:])
 
     def wait_healthy(
-        self, timeout_s: float, progress: Callable[[str], None] | None = None, interval_s: float = 0.5
+        self,
+        timeout_s: float,
+        progress: Callable[[str], None] | None = None,
+        interval_s: float = 0.5,
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> float:
-        """Block until GET /health answers 200; returns the seconds it took. Raises ReplicaStartError."""
+        """Block until GET /health answers 200; returns the seconds it took. Raises ReplicaStartError,
+        also when `cancelled()` turns true (a stop was asked for while the replica was starting)."""
         started = time.monotonic()
         next_note = started + 15
         while True:
+            if cancelled():
+                raise ReplicaStartError(f"{self.name}: start-up interrupted")
             code = self.popen.poll()
             if code is not None:
                 raise ReplicaStartError(

@@ -233,3 +233,50 @@ def test_a_replica_that_cannot_start_fails_with_its_log(tmp_path: Path) -> None:
     assert message.startswith(f"{plan.name} exited with status")
     assert str(plan.workdir / "vllm.log") in message
     assert len(message.splitlines()) > 3  # the log's tail follows
+
+
+def test_sigint_while_vllm_starts_stops_everything(cluster: Cluster, vllm_pair: VllmPair, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qvl",
+            "up",
+            "--engine",
+            "vllm",
+            "--replicas",
+            "1",
+            "--model",
+            str(vllm_pair.model),
+            "--run-dir",
+            str(tmp_path),
+            "--port",
+            str(free_port()),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    port = ""
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:  # wait until the replica process exists
+            if match := re.search(r"on ports (\d+)", line):
+                port = match.group(1)
+            if "vLLM on the CPU" in line:
+                break
+        time.sleep(2)
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode == 1
+    assert "start-up interrupted" in out and "stopped 1 replica(s)" in out
+    assert port
+    pattern = f"vllm.entrypoints.openai.api_server.*--port {port}"
+    leftovers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    assert leftovers == []
