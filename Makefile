@@ -7,9 +7,16 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(ENGINE)
 EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu)
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install system-deps demo test lint typecheck pytest bench clean
 
-install: $(STAMP)
+install: system-deps $(STAMP)
+
+# redis-server: the tests start their own on free ports, and `--cache redis://...` needs one.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (apt-get)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
 $(STAMP): pyproject.toml scripts/cpu_torchvision.py
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "qvl-cluster needs Python 3.11 or newer as $(PYTHON)"; exit 1; }
@@ -46,6 +53,7 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python -m benchmarks.router_overhead --stream
 	$(BIN)/python -m benchmarks.sim_throughput
+	$(BIN)/python -m benchmarks.cache_hits
 	$(BIN)/python -m benchmarks.vllm_replicas
 
 clean:

@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["round-robin", "least-loaded", "session", "image-affinity"],
     )
     router.add_argument("--load-factor", dest="set:router.load_factor", type=float)
+    router.add_argument("--cache", dest="set:cache.backend", metavar="memory|off|redis://HOST:PORT/DB")
 
     sim = command("sim", _run_sim, "Run the simulated engine: vLLM's HTTP API and metrics, no GPU (load tests).")
     sim.add_argument("--host", dest="set:sim.host")
@@ -132,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="set:router.policy",
         choices=["round-robin", "least-loaded", "session", "image-affinity"],
     )
+    up.add_argument("--cache", dest="set:cache.backend", metavar="memory|off|redis://HOST:PORT/DB")
     up.add_argument(
         "--model", dest="set:up.model", help="checkpoint directory (vllm; default: the tiny test model) or name (sim)"
     )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 
+_WHITESPACE = "\r\n\t "
+_DROP_WHITESPACE = str.maketrans("", "", _WHITESPACE)
+
 
 class DataURLError(ValueError):
     """Not a usable image data URL; `code` is `unsupported_image_url` (not a data URL at all) or
@@ -25,6 +28,9 @@ def decode_image_data_url(url: str) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
         raise DataURLError("image data URL must look like data:image/<type>;base64,<payload>", "invalid_image_url")
+    if any(c in payload for c in _WHITESPACE):
+        # MIME-style base64 wraps lines; the bytes (and so the image digest) are the same either way.
+        payload = payload.translate(_DROP_WHITESPACE)
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):

@@ -23,9 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from cache.flight import AnswerCache
+from cache.stores import build_store
 from qvl.settings import Settings
-from router.edge import ChatRequest, parse_chat_request
+from router.edge import parse_chat_request
 from router.errors import InvalidRequest, NoHealthyReplica, RequestTooLarge, RouterError, error_body
+from router.exchange import Exchange
 from router.metrics import UNKNOWN_MODEL, RouterMetrics
 from router.policies import build_policy
 from router.proxy import Proxy
@@ -35,7 +38,6 @@ from router.upstream import UpstreamClient
 log = logging.getLogger("qvl.router")
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-_NO_REPLICA = b"none"
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -46,6 +48,7 @@ class RouterState:
     proxy: Proxy
     metrics: RouterMetrics
     client: UpstreamClient
+    cache: AnswerCache
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -57,7 +60,9 @@ def create_app(settings: Settings) -> FastAPI:
         pool = ReplicaPool(settings.router.replicas, settings.router, client)
         metrics = RouterMetrics(lambda: pool.replicas)
         proxy = Proxy(pool, build_policy(settings.router), client, settings.router, metrics)
-        app.state.qvl = RouterState(settings, pool, proxy, metrics, client)
+        store = build_store(settings.cache)
+        cache = AnswerCache(store, settings.cache, metrics)
+        app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache)
         await pool.check_all()
         checks = asyncio.create_task(pool.run(), name="replica-checks")
         try:
@@ -66,6 +71,8 @@ def create_app(settings: Settings) -> FastAPI:
             checks.cancel()
             await asyncio.gather(checks, return_exceptions=True)
             await client.close()
+            if store is not None:
+                await store.close()
 
     app = RouterAPI(title="qvl-cluster router", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Registered for method checks (GET answers 405); POSTs are dispatched before the middleware stack.
@@ -147,7 +154,7 @@ class ChatCompletions:
         headers = dict(scope["headers"])
         given_id = headers.get(b"x-request-id", b"")
         request_id = given_id.decode() if _REQUEST_ID.match(given_id) else secrets.token_hex(16)
-        exchange = _Exchange(state, send, request_id.encode())
+        exchange = Exchange(state.proxy, state.cache, send, request_id.encode())
         try:
             body = await _read_body(receive, state.settings.router.max_request_bytes)
             session = headers.get(state.settings.router.session_header.encode())
@@ -158,7 +165,9 @@ class ChatCompletions:
             state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, exc.type, elapsed, False)
             return
         exchange.model = request.model if request.model in state.pool.known_models else UNKNOWN_MODEL
-        await _until_disconnect(exchange.serve(request), receive, exchange)
+        control = headers.get(b"cache-control")
+        serving = exchange.serve(request, control.decode("latin-1") if control else None)
+        await _until_disconnect(serving, receive, exchange, state.metrics)
         state.metrics.record_request(
             exchange.model,
             exchange.replica.decode(),
@@ -166,78 +175,6 @@ class ChatCompletions:
             exchange.error_type,
             time.perf_counter() - started,
             request.stream,
-        )
-
-
-class _Exchange:
-    """One request's answer on its way out; remembers what the metrics need."""
-
-    __slots__ = (
-        "error_type",
-        "finished",
-        "model",
-        "replica",
-        "request_id",
-        "send",
-        "state",
-        "status",
-    )
-
-    def __init__(self, state: RouterState, send: Send, request_id: bytes) -> None:
-        self.state = state
-        self.send = send
-        self.request_id = request_id
-        self.model = UNKNOWN_MODEL
-        self.replica = _NO_REPLICA
-        self.status = 0
-        self.error_type = ""
-        self.finished = False
-
-    async def serve(self, request: ChatRequest) -> None:
-        proxy = self.state.proxy
-        try:
-            upstream = await proxy.open(request, self.request_id.decode())
-        except RouterError as exc:
-            await self.fail(exc)
-            return
-        complete = False
-        try:
-            self.replica = upstream.replica.name.encode()
-            await self._start(upstream.status, upstream.content_type)
-            if upstream.response is None:
-                self.finished = True
-                await self.send({"type": "http.response.body", "body": upstream.body})
-                complete = True
-                return
-            await self.send({"type": "http.response.body", "body": upstream.body, "more_body": True})
-            async for chunk in proxy.relay(upstream):
-                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
-            self.finished = True
-            await self.send({"type": "http.response.body", "body": b""})
-            complete = True
-        finally:
-            proxy.close(upstream, complete=complete)
-
-    async def fail(self, exc: RouterError) -> None:
-        if exc.status >= 500:
-            log.warning("request %s failed: %s", self.request_id.decode(), exc.message)
-        self.error_type = exc.type
-        await self._start(exc.status, b"application/json")
-        self.finished = True
-        await self.send({"type": "http.response.body", "body": error_body(exc)})
-
-    async def _start(self, status: int, content_type: bytes) -> None:
-        self.status = status
-        await self.send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", content_type),
-                    (b"x-request-id", self.request_id),
-                    (b"x-qvl-replica", self.replica),
-                ],
-            }
         )
 
 
@@ -257,7 +194,9 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _until_disconnect(work: Coroutine[None, None, None], receive: Receive, exchange: _Exchange) -> None:
+async def _until_disconnect(
+    work: Coroutine[None, None, None], receive: Receive, exchange: Exchange, metrics: RouterMetrics
+) -> None:
     """Run `work`, cancelling it if the client disconnects first (so the replica's request is aborted)."""
     task = asyncio.current_task()
     assert task is not None
@@ -282,6 +221,6 @@ async def _until_disconnect(work: Coroutine[None, None, None], receive: Receive,
         task.uncancel()
         exchange.error_type = "client_disconnected"
         exchange.status = exchange.status or 499
-        exchange.state.metrics.record_disconnect(exchange.model)
+        metrics.record_disconnect(exchange.model)
     finally:
         watcher.cancel()

@@ -7,7 +7,7 @@ router and the replicas rely on, and takes the SHA-256 of every image's decoded 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -37,6 +37,8 @@ class ChatRequest:
     image_digests: tuple[str, ...]
     session_id: str | None
     body: bytes
+    doc: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The parsed body (for the cache key); read-only by convention."""
 
 
 def image_digest(data_url: str) -> str:
@@ -81,6 +83,7 @@ def parse_chat_request(body: bytes, session_id: str | None = None) -> ChatReques
         image_digests=digests,
         session_id=session_id or None,
         body=body,
+        doc=doc,
     )
 
 

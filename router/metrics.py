@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from router.replicas import Replica
 
 UNKNOWN_MODEL = "_unknown"
+CACHE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -68,6 +69,23 @@ class RouterMetrics:
             ["model"],
             registry=self.registry,
         )
+        self._cache_requests = Counter(
+            "qvl_cache_requests",
+            "Chat requests by cache result: hit, miss, coalesced (answered by an identical in-flight request), "
+            "bypass (not cacheable), error (the store failed and was bypassed)",
+            ["result"],
+            registry=self.registry,
+        )
+        self._cache_seconds = Histogram(
+            "qvl_cache_operation_seconds",
+            "Time of one cache store operation (get, lock, wait, publish)",
+            ["op", "store"],
+            buckets=CACHE_BUCKETS,
+            registry=self.registry,
+        )
+        self._cache_stored = Counter(
+            "qvl_cache_stored", "Answers written to the cache store", ["store"], registry=self.registry
+        )
         self.registry.register(_ReplicaCollector(replicas))
 
     def record_request(
@@ -81,6 +99,15 @@ class RouterMetrics:
 
     def record_disconnect(self, model: str) -> None:
         self._disconnects.labels(model).inc()
+
+    def record_cache_result(self, result: str) -> None:
+        self._cache_requests.labels(result).inc()
+
+    def record_cache_operation(self, op: str, store: str, seconds: float) -> None:
+        self._cache_seconds.labels(op, store).observe(seconds)
+
+    def record_cache_stored(self, store: str) -> None:
+        self._cache_stored.labels(store).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

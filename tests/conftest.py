@@ -1,10 +1,12 @@
-"""One factory fixture, `cluster`, that starts real `qvl` processes on free ports and kills them afterwards."""
+"""Factory fixtures that start real servers on free ports and kill them afterwards: `cluster` (`qvl`
+processes) and `redis_server` (a redis-server the test can kill, pause and restart)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,3 +136,72 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop_all()
+
+
+@dataclass
+class RedisServer:
+    """One redis-server process on a fixed port; kill(), pause() and restart() act on it in place."""
+
+    port: int
+    workdir: Path
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not on PATH; `make install` installs it (apt-get install redis-server)")
+        log = self.workdir / f"redis-{self.port}.log"
+        # No persistence: a restarted server comes back empty, like a lost cache.
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        with log.open("ab") as out:
+            self.popen = subprocess.Popen([*args, "--dir", str(self.workdir)], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self._pong():
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.popen.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis-server on port {self.port} not answering PING after {timeout}s")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: the port refuses connections at once, established ones are reset."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGCONT)  # a paused server must be able to die
+            self.popen.kill()
+            self.popen.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers (a hung Redis)."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Kill if running, then start again on the same port (empty: nothing is persisted)."""
+        self.kill()
+        self.start()
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(port=free_port(), workdir=tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()

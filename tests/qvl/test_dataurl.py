@@ -24,3 +24,12 @@ def test_rejects_with_a_code(url: str, code: str) -> None:
     with pytest.raises(DataURLError) as info:
         decode_image_data_url(url)
     assert info.value.code == code
+
+
+def test_line_breaks_and_parameters_do_not_change_the_bytes() -> None:
+    raw = bytes(range(256)) * 4
+    flat = base64.b64encode(raw).decode()
+    wrapped = "\r\n".join(flat[i : i + 76] for i in range(0, len(flat), 76))
+    assert decode_image_data_url("data:image/png;base64," + flat) == raw
+    assert decode_image_data_url("data:image/png;base64," + wrapped) == raw
+    assert decode_image_data_url("data:image/png;name=mug.png;base64," + flat) == raw

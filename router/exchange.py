@@ -1,0 +1,136 @@
+"""One chat request's way out: from the cache, or from a replica (recorded for the cache when it may be
+stored), or as an error. Remembers what the request metrics need."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from starlette.types import Send
+
+from cache.flight import AnswerCache
+from cache.replay import StreamRecorder, completion_is_cacheable, completion_to_sse
+from router.edge import ChatRequest
+from router.errors import RouterError, error_body
+from router.metrics import UNKNOWN_MODEL
+from router.proxy import Proxy
+
+log = logging.getLogger("qvl.router")
+
+NO_REPLICA = b"none"
+FROM_CACHE = b"cache"
+JSON = b"application/json"
+SSE = b"text/event-stream; charset=utf-8"
+
+
+class Exchange:
+    __slots__ = (
+        "cache",
+        "cache_result",
+        "error_type",
+        "finished",
+        "model",
+        "proxy",
+        "replica",
+        "request_id",
+        "send",
+        "status",
+    )
+
+    def __init__(self, proxy: Proxy, cache: AnswerCache, send: Send, request_id: bytes) -> None:
+        self.proxy = proxy
+        self.cache = cache
+        self.send = send
+        self.request_id = request_id
+        self.model = UNKNOWN_MODEL
+        self.replica = NO_REPLICA
+        self.cache_result = b"bypass"
+        self.status = 0
+        self.error_type = ""
+        self.finished = False
+
+    async def serve(self, request: ChatRequest, cache_control: str | None) -> None:
+        """Answer the request; the cache's flight, if any, is always finished (followers never hang)."""
+        lookup = await self.cache.begin(request, cache_control)
+        self.cache_result = lookup.result.encode()
+        if lookup.entry is not None:
+            await self._from_cache(request, lookup.entry)
+            return
+        entry: bytes | None = None
+        try:
+            entry = await self._from_replica(request, record=lookup.flight is not None)
+        finally:
+            if lookup.flight is not None:
+                await lookup.flight.finish(entry)
+
+    async def fail(self, exc: RouterError) -> None:
+        if exc.status >= 500:
+            log.warning("request %s failed: %s", self.request_id.decode(), exc.message)
+        self.error_type = exc.type
+        await self._start(exc.status, JSON)
+        self.finished = True
+        await self.send({"type": "http.response.body", "body": error_body(exc)})
+
+    async def _from_cache(self, request: ChatRequest, entry: bytes) -> None:
+        self.replica = FROM_CACHE
+        if request.stream:
+            options = request.doc.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            await self._start(200, SSE)
+            body = completion_to_sse(entry, include_usage)
+        else:
+            await self._start(200, JSON)
+            body = entry
+        self.finished = True
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def _from_replica(self, request: ChatRequest, record: bool) -> bytes | None:
+        """Proxy to a replica; returns the answer in cacheable form when `record` and it is complete."""
+        proxy = self.proxy
+        try:
+            upstream = await proxy.open(request, self.request_id.decode())
+        except RouterError as exc:
+            await self.fail(exc)
+            return None
+        complete = False
+        try:
+            self.replica = upstream.replica.name.encode()
+            await self._start(upstream.status, upstream.content_type)
+            if upstream.response is None:
+                self.finished = True
+                await self.send({"type": "http.response.body", "body": upstream.body})
+                complete = True
+                ok = record and upstream.status == 200 and completion_is_cacheable(upstream.body)
+                return upstream.body if ok else None
+            recorder = StreamRecorder() if record else None
+            if recorder is not None:
+                recorder.feed(upstream.body)
+            await self.send({"type": "http.response.body", "body": upstream.body, "more_body": True})
+            async for chunk in proxy.relay(upstream):
+                if recorder is not None:
+                    recorder.feed(chunk)
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.finished = True
+            await self.send({"type": "http.response.body", "body": b""})
+            complete = True
+            entry = recorder.completion() if recorder is not None else None
+            # A non-streamed answer always has usage; a stream has it only with include_usage. A stream
+            # without it is not stored, or a later non-streamed hit would lack usage.
+            return entry if entry is not None and orjson.loads(entry).get("usage") else None
+        finally:
+            proxy.close(upstream, complete=complete)
+
+    async def _start(self, status: int, content_type: bytes) -> None:
+        self.status = status
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"x-request-id", self.request_id),
+                    (b"x-qvl-replica", self.replica),
+                    (b"x-qvl-cache", self.cache_result),
+                ],
+            }
+        )
