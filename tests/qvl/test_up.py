@@ -28,6 +28,13 @@ def test_openai_client_through_qvl_up(cluster: Cluster) -> None:
         ready_path="/ready",
     )
     client = openai.OpenAI(base_url=up.url + "/v1", api_key="unused", max_retries=0)
+    try:
+        exercise(client, up.url)
+    finally:
+        client.close()
+
+
+def exercise(client: openai.OpenAI, url: str) -> None:
     assert [m.id for m in client.models.list().data] == ["Qwen/Qwen3-VL-4B-Instruct"]
 
     raw = client.chat.completions.with_raw_response.create(
@@ -53,7 +60,7 @@ def test_openai_client_through_qvl_up(cluster: Cluster) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9
     assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
 
-    replicas = httpx.get(up.url + "/v1/cluster", timeout=5).json()["replicas"]
+    replicas = httpx.get(url + "/v1/cluster", timeout=5).json()["replicas"]
     assert len(replicas) == 2 and all(r["healthy"] for r in replicas)
 
 

@@ -101,6 +101,7 @@ def test_chunked_body_arrives_in_pieces() -> None:
             pieces.append(chunk)
         assert pieces == [b"data: 1\n\n", b"data: 2\n\n"]
         resp.release()
+        await client.close()
         server.close()
 
     asyncio.run(main())
@@ -122,6 +123,7 @@ def test_stale_idle_connection_is_retried_on_a_new_one() -> None:
             resp.release()
             await asyncio.sleep(0.1)
         assert len(conns) == 2
+        await client.close()
         server.close()
 
     asyncio.run(main())
@@ -140,6 +142,7 @@ def test_connection_dropped_mid_body_raises_connection_lost() -> None:
         with pytest.raises(ConnectionLost):
             await resp.read()
         resp.close()
+        await client.close()
         server.close()
 
     asyncio.run(main())
@@ -186,6 +189,7 @@ def test_deadline_expires_and_drops_the_connection() -> None:
         with pytest.raises(TimeoutError):
             await client.request(origin, b"GET", b"/", deadline_s=0.2)
         assert loop.time() - started < 4
+        await client.close()
         server.close()
 
     asyncio.run(main())

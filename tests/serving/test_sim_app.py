@@ -262,24 +262,26 @@ def test_client_disconnect_while_running_or_queued(cluster: Cluster) -> None:
 def test_official_openai_client(cluster: Cluster) -> None:
     sim = cluster.sim("--zero-delay")
     client = openai.OpenAI(base_url=sim.url + "/v1", api_key="x")
-    messages = image_chat(MODEL, png_data_url())["messages"]
-    completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=7)
-    assert completion.object == "chat.completion"
-    assert completion.choices[0].message.role == "assistant"
-    assert completion.choices[0].message.content
-    assert completion.choices[0].finish_reason == "length"
-    assert completion.usage is not None and completion.usage.completion_tokens == 7
-    assert completion.usage.prompt_tokens == TEXT_TOKENS + IMAGE_TOKENS
+    try:
+        messages = image_chat(MODEL, png_data_url())["messages"]
+        completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=7)
+        assert completion.object == "chat.completion"
+        assert completion.choices[0].message.role == "assistant"
+        assert completion.choices[0].message.content
+        assert completion.choices[0].finish_reason == "length"
+        assert completion.usage is not None and completion.usage.completion_tokens == 7
+        assert completion.usage.prompt_tokens == TEXT_TOKENS + IMAGE_TOKENS
 
-    stream = client.chat.completions.create(
-        model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}
-    )
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert len(text.split()) == 24
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == TEXT_TOKENS + IMAGE_TOKENS + 24
-    assert [m.id for m in client.models.list()] == [MODEL]
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="nope", messages=messages)
-    client.close()
+        stream = client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert len(text.split()) == 24
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == TEXT_TOKENS + IMAGE_TOKENS + 24
+        assert [m.id for m in client.models.list()] == [MODEL]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nope", messages=messages)
+    finally:
+        client.close()

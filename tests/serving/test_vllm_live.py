@@ -71,6 +71,7 @@ def router_for(cluster: Cluster, pair: VllmPair, policy: str) -> Proc:
 
 
 def client(router: Proc) -> openai.OpenAI:
+    """Use as `with client(router) as c:` so its connections are closed, not left to the collector."""
     return openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
@@ -91,11 +92,19 @@ def noisy_png() -> str:
 def test_openai_client_image_question_streamed_and_not(cluster: Cluster, vllm_pair: VllmPair) -> None:
     router = router_for(cluster, vllm_pair, "least-loaded")
     messages = image_chat(MODEL, png_data_url((200, 30, 30), (128, 96)), text="What product is this?")["messages"]
-    answer = client(router).chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
-    text = answer.choices[0].message.content
-    assert text and answer.usage is not None and answer.usage.completion_tokens == 12
-    assert answer.usage.prompt_tokens > 12  # the image's tokens are in the prompt
-    stream = client(router).chat.completions.create(
+    with client(router) as c:
+        answer = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        text = answer.choices[0].message.content
+        assert text and answer.usage is not None and answer.usage.completion_tokens == 12
+        assert answer.usage.prompt_tokens > 12  # the image's tokens are in the prompt
+        chunks = streamed_chunks(c, messages)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+
+def streamed_chunks(c: openai.OpenAI, messages: list) -> list:
+    stream = c.chat.completions.create(
         model=MODEL,
         messages=messages,
         max_tokens=12,
@@ -103,10 +112,7 @@ def test_openai_client_image_question_streamed_and_not(cluster: Cluster, vllm_pa
         stream=True,
         stream_options={"include_usage": True},
     )
-    chunks = list(stream)
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed == text
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    return list(stream)
 
 
 def test_greedy_output_is_the_same_across_requests_and_replicas(cluster: Cluster, vllm_pair: VllmPair) -> None:
@@ -209,14 +215,15 @@ def test_qvl_up_with_vllm_answers_through_the_router(cluster: Cluster, vllm_pair
         ready_path="/ready",
         timeout=STARTUP_S,
     )
-    models = [m.id for m in client(up).models.list().data]
-    assert models == [vllm_pair.model.name]
-    reply = client(up).chat.completions.create(
-        model=models[0],
-        max_tokens=6,
-        temperature=0,
-        messages=image_chat("x", png_data_url())["messages"],
-    )
+    with client(up) as c:
+        models = [m.id for m in c.models.list().data]
+        assert models == [vllm_pair.model.name]
+        reply = c.chat.completions.create(
+            model=models[0],
+            max_tokens=6,
+            temperature=0,
+            messages=image_chat("x", png_data_url())["messages"],
+        )
     assert reply.choices[0].message.content
     assert "replica-" in up.output() and "vLLM on the CPU" in up.output()
 
