@@ -63,6 +63,11 @@ def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPair]:
             replica.stop()
 
 
+def one_vllm_replica(model: Path, run_dir: Path) -> list[str]:
+    """`qvl up` arguments for one vLLM replica of `model` with its files under `run_dir`."""
+    return ["up", "--engine", "vllm", "--replicas", "1", "--model", str(model), "--run-dir", str(run_dir)]
+
+
 def router_for(cluster: Cluster, pair: VllmPair, policy: str) -> Proc:
     args = ["router", "--policy", policy]
     for replica in pair.replicas:
@@ -203,15 +208,7 @@ def test_a_killed_replica_is_ejected_and_requests_finish_on_the_other(cluster: C
 
 def test_qvl_up_with_vllm_answers_through_the_router(cluster: Cluster, vllm_pair: VllmPair, tmp_path: Path) -> None:
     up = cluster.start(
-        "up",
-        "--engine",
-        "vllm",
-        "--replicas",
-        "1",
-        "--model",
-        str(vllm_pair.model),
-        "--run-dir",
-        str(tmp_path),
+        *one_vllm_replica(vllm_pair.model, tmp_path),
         ready_path="/ready",
         timeout=STARTUP_S,
     )
@@ -247,22 +244,7 @@ def test_sigint_while_vllm_starts_stops_everything(cluster: Cluster, vllm_pair: 
     import sys
 
     up = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qvl",
-            "up",
-            "--engine",
-            "vllm",
-            "--replicas",
-            "1",
-            "--model",
-            str(vllm_pair.model),
-            "--run-dir",
-            str(tmp_path),
-            "--port",
-            str(free_port()),
-        ],
+        [sys.executable, "-m", "qvl", *one_vllm_replica(vllm_pair.model, tmp_path), "--port", str(free_port())],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
