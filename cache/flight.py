@@ -74,10 +74,6 @@ class AnswerCache:
         self._metrics = metrics
         self._flights: dict[str, asyncio.Future[bytes | None]] = {}
 
-    @property
-    def store(self) -> CacheStore | None:
-        return self._store
-
     async def begin(self, request: ChatRequest, cache_control: str | None) -> Lookup:
         """Decide, look up, and join or lead a flight; never raises for store failures."""
         store = self._store
@@ -122,15 +118,6 @@ class AnswerCache:
             return self._counted(Lookup("coalesced", entry))
         # The other router's leader failed or died: this router goes upstream itself, still leading here.
         return self._counted(Lookup("miss", flight=Flight(self, key, decision, locked=False)))
-
-    async def entries(self) -> int | None:
-        """Entries in the store, when it can tell."""
-        if self._store is None:
-            return None
-        try:
-            return await self._store.entries()
-        except CacheUnavailable:
-            return None
 
     async def _land(self, flight: Flight, entry: bytes | None) -> None:
         store = self._store

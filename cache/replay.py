@@ -120,6 +120,11 @@ class StreamRecorder:
         if self._max_bytes is not None and len(self._pending) + self._content_bytes > self._max_bytes:
             self._fail()
 
+    @property
+    def has_usage(self) -> bool:
+        """Whether the stream carried usage (the client asked for stream_options.include_usage)."""
+        return self._usage is not None
+
     def completion(self) -> bytes | None:
         """The equivalent chat.completion body, or None if the stream is not complete and clean."""
         if self._failed or not self._done or self._head is None or not self._choices or self._pending.strip():

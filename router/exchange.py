@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 from starlette.types import Send
 
 from cache.flight import AnswerCache
@@ -113,10 +112,11 @@ class Exchange:
             self.finished = True
             await self.send({"type": "http.response.body", "body": b""})
             complete = True
-            entry = recorder.completion() if recorder is not None else None
             # A non-streamed answer always has usage; a stream has it only with include_usage. A stream
             # without it is not stored, or a later non-streamed hit would lack usage.
-            return entry if entry is not None and orjson.loads(entry).get("usage") else None
+            if recorder is None or not recorder.has_usage:
+                return None
+            return recorder.completion()
         finally:
             proxy.close(upstream, complete=complete)
 

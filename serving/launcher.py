@@ -34,6 +34,7 @@ from serving.vllm_replica import (
     detect_gpus,
     launch,
     plan_replicas,
+    served_name,
 )
 
 log = logging.getLogger("qvl.up")
@@ -120,7 +121,7 @@ def _model_for(spec: ReplicaSettings) -> tuple[str, ReplicaSettings]:
         if spec.served_model_name is None:
             spec = spec.model_copy(update={"served_model_name": SERVED_NAME})
     if spec.served_model_name is None:
-        spec = spec.model_copy(update={"served_model_name": Path(model.rstrip("/")).name})
+        spec = spec.model_copy(update={"served_model_name": served_name(spec, model)})
     return model, spec
 
 

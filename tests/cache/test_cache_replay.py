@@ -242,3 +242,11 @@ def test_tool_calls_reasoning_and_logprobs_are_not_cacheable() -> None:
     logprobs["choices"][0]["logprobs"] = {"content": []}
     for variant in (tool, reasoning, logprobs):
         assert not completion_is_cacheable(orjson.dumps(variant))
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_recorder_says_whether_the_stream_carried_usage(include_usage: bool) -> None:
+    recorder = StreamRecorder()
+    recorder.feed(completion_to_sse(completion("a red mug"), include_usage=include_usage))
+    assert recorder.has_usage is include_usage
+    assert recorder.completion() is not None
