@@ -141,8 +141,11 @@ def test_least_loaded_reads_the_real_vllm_queue(
 ) -> None:
     monkeypatch.setenv("QVL_ROUTER__LOAD_SCRAPE_INTERVAL_S", "0.2")
     router = router_for(cluster, vllm_pair, "least-loaded")
+    # 32 requests of exactly 256 tokens (ignore_eos) on 2 replicas batching 4 each: the queue lasts
+    # seconds, not the few milliseconds a burst of short answers from the tiny model would.
     docs = [
-        image_chat(MODEL, png_data_url((i * 15, 80, 80), (128, 96)), temperature=0, max_tokens=48) for i in range(16)
+        image_chat(MODEL, png_data_url((i * 7, 80, 80), (128, 96)), temperature=0, max_tokens=256, ignore_eos=True)
+        for i in range(32)
     ]
     seen_waiting: list[float] = []
 
@@ -160,8 +163,8 @@ def test_least_loaded_reads_the_real_vllm_queue(
             watcher.cancel()
             return [r.status_code for r in responses]
 
-    assert asyncio.run(run()) == [200] * 16
-    # 16 requests on 2 replicas batching 4 each: vLLM queued some, and the router saw it in /metrics.
+    assert asyncio.run(run()) == [200] * 32
+    # vLLM queued requests, and the router saw it in the replicas' /metrics.
     assert max(seen_waiting) > 0
     text = httpx.get(router.url + "/metrics", timeout=10).text
     assert re.search(r"^qvl_replica_engine_waiting\{replica=\"127\.0\.0\.1:\d+\"\} ", text, re.M)
