@@ -73,6 +73,32 @@ class AnswerCache:
         self._settings = settings
         self._metrics = metrics
         self._flights: dict[str, asyncio.Future[bytes | None]] = {}
+        self._store_up = True
+
+    def store_health(self) -> dict[str, bool]:
+        """{store name: answered its last ping}; empty when the cache is off (for the metrics)."""
+        return {} if self._store is None else {self._store.name: self._store_up}
+
+    async def check_store(self) -> None:
+        """Ping the store once and remember the answer; logs only when the state changes."""
+        if self._store is None:
+            return
+        try:
+            await self._store.ping()
+        except CacheUnavailable as exc:
+            if self._store_up:
+                log.warning("cache store %s stopped answering: %s", self._store.name, exc)
+            self._store_up = False
+            return
+        if not self._store_up:
+            log.info("cache store %s answers again", self._store.name)
+        self._store_up = True
+
+    async def run_checks(self, interval_s: float) -> None:
+        """Ping the store every interval_s until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.check_store()
 
     async def begin(self, request: ChatRequest, cache_control: str | None) -> Lookup:
         """Decide, look up, and join or lead a flight; never raises for store failures."""

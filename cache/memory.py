@@ -63,6 +63,9 @@ class MemoryStore:
         """What is stored for `key` now, or None; never waits (no leader elsewhere to wait for)."""
         return await self.get(key)
 
+    async def ping(self) -> None:
+        """Always answers: the store is this process's memory."""
+
     async def entries(self) -> int:
         """How many live entries are stored (expired ones are dropped first, O(entries))."""
         now = self._clock()

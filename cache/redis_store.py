@@ -140,6 +140,10 @@ class RedisStore:
             # Shielded so that a cancelled follower still returns its connection to the pool.
             await asyncio.shield(self._close_pubsub(pubsub))
 
+    async def ping(self) -> None:
+        """PING under the store's timeout."""
+        await self._call(self._client.ping)
+
     async def entries(self) -> int | None:
         """None: counting this prefix's keys needs a SCAN of the whole keyspace, too slow for a gauge."""
         return None

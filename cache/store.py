@@ -42,6 +42,10 @@ class CacheStore(Protocol):
         (the leader died or failed) or timeout_s passed first."""
         ...
 
+    async def ping(self) -> None:
+        """Return once the store answers; raises CacheUnavailable when it does not (health checks)."""
+        ...
+
     async def entries(self) -> int | None:
         """How many entries are stored (None if the store cannot tell cheaply)."""
         ...

@@ -29,7 +29,7 @@ from qvl.settings import Settings
 from router.edge import parse_chat_request
 from router.errors import InvalidRequest, NoHealthyReplica, RequestTooLarge, RouterError, error_body
 from router.exchange import Exchange
-from router.metrics import UNKNOWN_MODEL, RouterMetrics
+from router.metrics import NO_LOOKUP, UNKNOWN_MODEL, RouterMetrics
 from router.policies import build_policy
 from router.proxy import Proxy
 from router.replicas import ReplicaPool
@@ -58,18 +58,23 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = UpstreamClient(connect_timeout_s=settings.router.connect_timeout_s)
         pool = ReplicaPool(settings.router.replicas, settings.router, client)
-        metrics = RouterMetrics(lambda: pool.replicas)
-        proxy = Proxy(pool, build_policy(settings.router), client, settings.router, metrics)
         store = build_store(settings.cache)
+        # The gauges are read at scrape time, by which `cache` exists.
+        metrics = RouterMetrics(lambda: pool.replicas, lambda: cache.store_health())
         cache = AnswerCache(store, settings.cache, metrics)
+        proxy = Proxy(pool, build_policy(settings.router), client, settings.router, metrics)
         app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache)
-        await pool.check_all()
-        checks = asyncio.create_task(pool.run(), name="replica-checks")
+        await asyncio.gather(pool.check_all(), cache.check_store())
+        checks = [
+            asyncio.create_task(pool.run(), name="replica-checks"),
+            asyncio.create_task(cache.run_checks(settings.router.health.interval_s), name="cache-checks"),
+        ]
         try:
             yield
         finally:
-            checks.cancel()
-            await asyncio.gather(checks, return_exceptions=True)
+            for task in checks:
+                task.cancel()
+            await asyncio.gather(*checks, return_exceptions=True)
             await client.close()
             if store is not None:
                 await store.close()
@@ -154,7 +159,7 @@ class ChatCompletions:
         headers = dict(scope["headers"])
         given_id = headers.get(b"x-request-id", b"")
         request_id = given_id.decode() if _REQUEST_ID.match(given_id) else secrets.token_hex(16)
-        exchange = Exchange(state.proxy, state.cache, send, request_id.encode())
+        exchange = Exchange(state.proxy, state.cache, state.metrics, send, request_id.encode(), started)
         try:
             body = await _read_body(receive, state.settings.router.max_request_bytes)
             session = headers.get(state.settings.router.session_header.encode())
@@ -162,7 +167,8 @@ class ChatCompletions:
         except RouterError as exc:
             await exchange.fail(exc)
             elapsed = time.perf_counter() - started
-            state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, exc.type, elapsed, False)
+            state.metrics.record_rejection(exc.code or exc.type)
+            state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, NO_LOOKUP, exc.type, elapsed, False)
             return
         exchange.model = request.model if request.model in state.pool.known_models else UNKNOWN_MODEL
         control = headers.get(b"cache-control")
@@ -172,6 +178,7 @@ class ChatCompletions:
             exchange.model,
             exchange.replica.decode(),
             exchange.status,
+            exchange.cache_result.decode(),
             exchange.error_type,
             time.perf_counter() - started,
             request.stream,

@@ -4,14 +4,15 @@ stored), or as an error. Remembers what the request metrics need."""
 from __future__ import annotations
 
 import logging
+import time
 
 from starlette.types import Send
 
 from cache.flight import AnswerCache
 from cache.replay import StreamRecorder, completion_is_cacheable, completion_to_sse
 from router.edge import ChatRequest
-from router.errors import RouterError, error_body
-from router.metrics import UNKNOWN_MODEL
+from router.errors import RouterError, StreamInterrupted, error_body
+from router.metrics import UNKNOWN_MODEL, RouterMetrics
 from router.proxy import Proxy
 
 log = logging.getLogger("qvl.router")
@@ -23,27 +24,42 @@ SSE = b"text/event-stream; charset=utf-8"
 
 
 class Exchange:
+    """`status` is what the metrics report: the HTTP status sent, or for a stream that ended with an error
+    event, that error's status."""
+
     __slots__ = (
         "cache",
         "cache_result",
         "error_type",
         "finished",
+        "metrics",
         "model",
         "proxy",
         "replica",
         "request_id",
         "send",
+        "started",
         "status",
     )
 
-    def __init__(self, proxy: Proxy, cache: AnswerCache, send: Send, request_id: bytes) -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        cache: AnswerCache,
+        metrics: RouterMetrics,
+        send: Send,
+        request_id: bytes,
+        started: float,
+    ) -> None:
         self.proxy = proxy
         self.cache = cache
+        self.metrics = metrics
         self.send = send
         self.request_id = request_id
+        self.started = started
         self.model = UNKNOWN_MODEL
         self.replica = NO_REPLICA
-        self.cache_result = b"bypass"
+        self.cache_result = b"none"
         self.status = 0
         self.error_type = ""
         self.finished = False
@@ -104,14 +120,27 @@ class Exchange:
             recorder = StreamRecorder() if record else None
             if recorder is not None:
                 recorder.feed(upstream.body)
+            first_at = last_at = time.perf_counter()
             await self.send({"type": "http.response.body", "body": upstream.body, "more_body": True})
+            events = 0
             async for chunk in proxy.relay(upstream):
                 if recorder is not None:
                     recorder.feed(chunk)
+                # Token events only ("data: {"), not [DONE]; a chunk may carry several events.
+                if found := chunk.count(b"data: {"):
+                    events += found
+                    last_at = time.perf_counter()
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.finished = True
             await self.send({"type": "http.response.body", "body": b""})
             complete = True
+            if upstream.interrupted:
+                self.status = StreamInterrupted.status
+                self.error_type = StreamInterrupted.type
+                return None
+            self.metrics.record_stream_timing(
+                self.model, first_at - self.started, (last_at - first_at) / events if events else None
+            )
             # A non-streamed answer always has usage; a stream has it only with include_usage. A stream
             # without it is not stored, or a later non-streamed hit would lack usage.
             if recorder is None or not recorder.has_usage:

@@ -1,13 +1,17 @@
 """Every metric the router exports, declared here and used only through `record_*` methods.
 
 Labels are bounded: model (only models some replica serves; anything else is `_unknown`), replica
-(host:port), HTTP status, error type, failure reason. Never a request id, user id or image digest.
-Replica gauges are read from the pool at scrape time, so the hot path never touches them.
+(host:port, `cache` or `none`), HTTP status, cache result, error type, failure reason. Never a request
+id, key id, user id or image digest. Replica and store gauges are read at scrape time, so the hot path
+never touches them.
+
+Latency buckets span 5 ms to 120 s: a cache hit is a few ms, a long answer on a loaded 8B replica is
+tens of seconds, and request_timeout_s defaults to 300 s (anything above 120 s lands in +Inf).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -17,50 +21,103 @@ from router.replicas import Replica
 
 UNKNOWN_MODEL = "_unknown"
 CACHE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30)
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+# Inter-token gaps: ~10 ms on an idle GPU, ~100 ms+ when a replica is saturated.
+ITL_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The `cache` label of a request the edge refused before any lookup.
+NO_LOOKUP = "none"
+# Upstream failure types (the `type` label of qvl_upstream_errors_total).
+UPSTREAM_ERROR_TYPES = ("connect", "connect_timeout", "disconnect", "http_5xx", "timeout", "stream_interrupted")
 
 
-class _ReplicaCollector(Collector):
-    def __init__(self, replicas: Callable[[], Iterable[Replica]]) -> None:
+class _StateCollector(Collector):
+    """Gauges read when Prometheus scrapes: replica state from the pool, store health from the cache."""
+
+    def __init__(self, replicas: Callable[[], Iterable[Replica]], stores: Callable[[], Mapping[str, bool]]) -> None:
         self._replicas = replicas
+        self._stores = stores
 
     def collect(self) -> Iterable[Metric]:
-        healthy = GaugeMetricFamily("qvl_replica_healthy", "1 if the replica takes traffic", labels=["replica"])
+        healthy = GaugeMetricFamily(
+            "qvl_replica_healthy",
+            "1 if the replica takes traffic; one series per model it serves (model _unknown until it has "
+            "answered /v1/models)",
+            labels=["replica", "model"],
+        )
         in_flight = GaugeMetricFamily(
             "qvl_replica_in_flight", "Requests this router has open on the replica", labels=["replica"]
         )
         waiting = GaugeMetricFamily(
             "qvl_replica_engine_waiting", "vllm:num_requests_waiting as last scraped", labels=["replica"]
         )
+        running = GaugeMetricFamily(
+            "qvl_replica_engine_running", "vllm:num_requests_running as last scraped", labels=["replica"]
+        )
         for r in self._replicas():
-            healthy.add_metric([r.name], 1.0 if r.healthy else 0.0)
+            for model in r.models or (UNKNOWN_MODEL,):
+                healthy.add_metric([r.name, model], 1.0 if r.healthy else 0.0)
             in_flight.add_metric([r.name], r.in_flight)
             waiting.add_metric([r.name], r.waiting)
-        return [healthy, in_flight, waiting]
+            running.add_metric([r.name], r.running)
+        store_up = GaugeMetricFamily(
+            "qvl_cache_store_up", "1 if the answer-cache store answered its last health ping", labels=["store"]
+        )
+        for store, up in self._stores().items():
+            store_up.add_metric([store], 1.0 if up else 0.0)
+        return [healthy, in_flight, waiting, running, store_up]
 
 
 class RouterMetrics:
     """The router's metrics, in a registry of their own (no process-global state)."""
 
-    def __init__(self, replicas: Callable[[], Iterable[Replica]]) -> None:
+    def __init__(
+        self,
+        replicas: Callable[[], Iterable[Replica]],
+        stores: Callable[[], Mapping[str, bool]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter(
             "qvl_requests",
-            "Chat requests answered, by the replica that answered, HTTP status and error type ('' if none)",
-            ["model", "replica", "status", "error_type"],
+            "Chat requests answered, by model, the replica that answered (cache, none), HTTP status (for a "
+            "stream that ended with an error event, that error's status), cache result and error type ('' if none)",
+            ["model", "replica", "status", "cache", "error_type"],
             registry=self.registry,
         )
         self._duration = Histogram(
             "qvl_request_duration_seconds",
-            "Time from the request's arrival to its last byte",
+            "Time from the request's arrival at the router to its last byte",
             ["model", "stream"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self._attempt_failures = Counter(
-            "qvl_upstream_attempt_failures",
-            "Upstream attempts that failed before the first byte and were retried or given up",
-            ["replica", "reason"],
+        self._ttft = Histogram(
+            "qvl_time_to_first_token_seconds",
+            "Streams answered by a replica: time from arrival at the router to the first streamed token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._itl = Histogram(
+            "qvl_inter_token_latency_seconds",
+            "Streams answered by a replica: mean gap between streamed events after the first, one "
+            "observation per request (vllm:inter_token_latency_seconds has the per-token view)",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self._retries = Counter(
+            "qvl_retries", "Requests moved to another replica after a failed attempt", ["model"], registry=self.registry
+        )
+        self._upstream_errors = Counter(
+            "qvl_upstream_errors",
+            "Upstream failures by replica and type: " + ", ".join(UPSTREAM_ERROR_TYPES),
+            ["replica", "type"],
+            registry=self.registry,
+        )
+        self._rejections = Counter(
+            "qvl_rejections",
+            "Requests the router refused before any replica saw them, by reason (the error code)",
+            ["reason"],
             registry=self.registry,
         )
         self._disconnects = Counter(
@@ -86,16 +143,28 @@ class RouterMetrics:
         self._cache_stored = Counter(
             "qvl_cache_stored", "Answers written to the cache store", ["store"], registry=self.registry
         )
-        self.registry.register(_ReplicaCollector(replicas))
+        self.registry.register(_StateCollector(replicas, stores))
 
     def record_request(
-        self, model: str, replica: str, status: int, error_type: str, seconds: float, stream: bool
+        self, model: str, replica: str, status: int, cache: str, error_type: str, seconds: float, stream: bool
     ) -> None:
-        self._requests.labels(model, replica, str(status), error_type).inc()
+        self._requests.labels(model, replica, str(status), cache, error_type).inc()
         self._duration.labels(model, "true" if stream else "false").observe(seconds)
 
-    def record_attempt_failure(self, replica: str, reason: str) -> None:
-        self._attempt_failures.labels(replica, reason).inc()
+    def record_stream_timing(self, model: str, first_token_s: float, inter_token_s: float | None) -> None:
+        """A stream answered by a replica: its TTFT, and its mean inter-token gap when it had two events."""
+        self._ttft.labels(model).observe(first_token_s)
+        if inter_token_s is not None:
+            self._itl.labels(model).observe(inter_token_s)
+
+    def record_retry(self, model: str) -> None:
+        self._retries.labels(model).inc()
+
+    def record_upstream_error(self, replica: str, kind: str) -> None:
+        self._upstream_errors.labels(replica, kind).inc()
+
+    def record_rejection(self, reason: str) -> None:
+        self._rejections.labels(reason).inc()
 
     def record_disconnect(self, model: str) -> None:
         self._disconnects.labels(model).inc()

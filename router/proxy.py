@@ -42,6 +42,8 @@ class Upstream:
     body: bytes
     response: Response | None = None
     closed: bool = False
+    interrupted: bool = False
+    """The replica failed mid-stream and the client got an SSE error event."""
 
 
 class _Retry(Exception):
@@ -74,20 +76,24 @@ class Proxy:
         candidates = self._pool.candidates(request.model)
         if not candidates:
             if request.model in self._pool.known_models:
+                self._metrics.record_rejection("no_healthy_replica")
                 raise NoHealthyReplica(
                     f"no healthy replica serves model '{request.model}' right now", code="no_healthy_replica"
                 )
+            self._metrics.record_rejection("model_not_found")
             raise ModelNotFound(f"model '{request.model}' is not served here", code="model_not_found", param="model")
         headers = ((b"content-type", b"application/json"), (b"x-request-id", request_id.encode()))
         failures: list[str] = []
-        for _ in range(self._max_attempts):
+        for attempt in range(self._max_attempts):
             if not candidates:
                 break
+            if attempt:
+                self._metrics.record_retry(request.model)
             replica = self._policy.choose(candidates, request)
             try:
                 return await self._attempt(replica, request, headers)
             except _Retry as retry:
-                self._metrics.record_attempt_failure(replica.name, retry.reason)
+                self._metrics.record_upstream_error(replica.name, retry.reason)
                 if retry.replica_fault:
                     self._pool.report_failure(replica, str(retry))
                 failures.append(f"{replica.name}: {retry}")
@@ -132,6 +138,7 @@ class Proxy:
             raise _Retry("disconnect", str(exc), replica_fault=True) from None
         except TimeoutError:
             _drop(replica, response)
+            self._metrics.record_upstream_error(replica.name, "timeout")
             raise UpstreamTimeout(
                 f"replica {replica.name} took longer than the request timeout", code="upstream_timeout"
             ) from None
@@ -150,6 +157,8 @@ class Proxy:
                 yield chunk
         except (ConnectionLost, TimeoutError) as exc:
             self._pool.report_failure(upstream.replica, f"stream broken: {exc}")
+            self._metrics.record_upstream_error(upstream.replica.name, "stream_interrupted")
+            upstream.interrupted = True
             yield sse_error_event(
                 StreamInterrupted(
                     f"replica {upstream.replica.name} failed mid-stream; the answer is incomplete",
