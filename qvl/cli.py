@@ -1,4 +1,4 @@
-"""The `qvl` command: one entry, a subcommand per role (router, sim, up).
+"""The `qvl` command: one entry, a subcommand per role (router, sim, up, replica, gpu-exporter).
 
 Every subcommand takes `--config FILE` (YAML) and reads `QVL_*` variables; its flags win over both.
 """
@@ -77,6 +77,12 @@ def _run_replica(settings: Settings) -> int:
     return run_replica(settings)
 
 
+def _run_gpu_exporter(settings: Settings) -> int:
+    from serving.gpu_exporter import run_gpu_exporter
+
+    return run_gpu_exporter(settings.gpu_exporter)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qvl", description="qvl-cluster: Qwen3-VL serving cluster")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -146,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     replica.add_argument("--port", dest="set:replica.port", type=int)
     _replica_flags(replica, port=True)
 
+    gpu = command("gpu-exporter", _run_gpu_exporter, "Serve this host's GPU telemetry (NVML) as Prometheus metrics.")
+    gpu.add_argument("--host", dest="set:gpu_exporter.host")
+    gpu.add_argument("--port", dest="set:gpu_exporter.port", type=int)
+    gpu.add_argument("--node-name", dest="set:gpu_exporter.node_name", help="host label (default: the hostname)")
+
     model = sub.add_parser("model", help="Build models.", description="Build models.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="WHAT")
     tiny = model_sub.add_parser("tiny", help="Build the tiny random Qwen3-VL checkpoint (offline).")
@@ -168,6 +179,13 @@ def _replica_flags(p: argparse.ArgumentParser, port: bool) -> None:
     p.add_argument("--quantization", dest="set:replica.quantization")
     p.add_argument("--enforce-eager", dest="set:replica.enforce_eager", action=argparse.BooleanOptionalAction)
     p.add_argument("--run-dir", dest="set:replica.run_dir", help="logs, caches and the tiny model go here")
+    p.add_argument(
+        "--gpu-exporter",
+        dest="set:up.gpu_exporter",
+        action=argparse.BooleanOptionalAction,
+        help="also start this host's GPU exporter (vllm engine)",
+    )
+    p.add_argument("--gpu-exporter-port", dest="set:gpu_exporter.port", type=int)
     p.add_argument(
         "--engine-arg",
         dest="engine_args",

@@ -223,6 +223,14 @@ class CacheSettings(_Section):
         raise ValueError(f"cache backend must be memory, off or redis://HOST:PORT/DB, got {value!r}")
 
 
+class GpuExporterSettings(_Section):
+    """The GPU telemetry exporter (`qvl gpu-exporter`; `qvl up --engine vllm` and `qvl replica` start one)."""
+
+    host: str = Field("127.0.0.1", description="Address the GPU exporter listens on.")
+    port: int = Field(9835, ge=1, le=65535, description="Port the GPU exporter serves /metrics on.")
+    node_name: str = Field("", description="Value of the host label on every series; empty: this machine's hostname.")
+
+
 class UpSettings(_Section):
     engine: Literal["sim", "vllm"] = Field("vllm", description="Engine each local replica runs.")
     model: str | None = Field(
@@ -233,6 +241,11 @@ class UpSettings(_Section):
         0, ge=0, le=65535, description="First replica port (then +1, +2...); 0 picks free ports."
     )
     ready_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for replicas to become healthy.")
+    gpu_exporter: bool = Field(
+        True,
+        description="vllm engine (and `qvl replica`): also start this host's GPU exporter (gpu_exporter.*), "
+        "unless its port is already taken.",
+    )
 
 
 class Settings(BaseSettings):
@@ -248,6 +261,9 @@ class Settings(BaseSettings):
     replica: ReplicaSettings = Field(default_factory=ReplicaSettings, description="vLLM replicas.")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="The answer cache.")
     up: UpSettings = Field(default_factory=UpSettings, description="The local launcher (`qvl up`).")
+    gpu_exporter: GpuExporterSettings = Field(
+        default_factory=GpuExporterSettings, description="The GPU telemetry exporter (`qvl gpu-exporter`)."
+    )
 
 
 def load_settings(config_file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -1,7 +1,8 @@
 """Local launchers: `qvl up` (replicas and a router as one foreground process tree) and `qvl replica`.
 
 Replicas die with their launcher: SIGINT/SIGTERM stops the router, then every replica's process
-group; a launcher killed outright takes its replicas along through PR_SET_PDEATHSIG.
+group; a launcher killed outright takes its replicas along through PR_SET_PDEATHSIG. Beside vLLM
+replicas (not simulated ones) the launcher also starts this host's GPU exporter, the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 
 from qvl.settings import ReplicaSettings, Settings
 from router.server import uvicorn_config
+from serving.gpu_exporter import exporter_command
 from serving.tiny_model import SERVED_NAME, ensure_tiny_model
 from serving.vllm_replica import (
     PlacementError,
@@ -47,6 +49,7 @@ def run_up(settings: Settings) -> int:
     stop_requested: list[int] = []
     previous = _trap_signals(stop_requested)
     children: list[ReplicaProcess] = []
+    exporter: ReplicaProcess | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="qvl-up-") as tmp:
             ports = _replica_ports(settings.up.replica_base_port, settings.up.replicas)
@@ -58,18 +61,19 @@ def run_up(settings: Settings) -> int:
                 children = [_spawn_sim(config, port, i) for i, port in enumerate(ports)]
                 timeout = settings.up.ready_timeout_s
             else:
+                exporter = _spawn_gpu_exporter(settings, log_dir=Path(settings.replica.run_dir).resolve())
                 children = _spawn_vllm(settings.replica, ports)
                 timeout = max(settings.up.ready_timeout_s, settings.replica.startup_timeout_s)
             for child in children:
                 seconds = child.wait_healthy(timeout, progress=say, cancelled=lambda: bool(stop_requested))
                 say(f"{child.name} healthy at {child.url} after {seconds:.1f}s")
             router = settings.router.model_copy(update={"replicas": [c.url for c in children]})
-            return _serve_router(settings.model_copy(update={"router": router}), children)
+            return _serve_router(settings.model_copy(update={"router": router}), children, exporter)
     except (ReplicaStartError, PlacementError) as exc:
         print(f"qvl: {exc}", file=sys.stderr)
         return 1
     finally:
-        _stop(children)
+        _stop(children, exporter)
         _restore_signals(previous)
 
 
@@ -78,7 +82,9 @@ def run_replica(settings: Settings) -> int:
     stop_requested: list[int] = []
     previous = _trap_signals(stop_requested)
     replica: ReplicaProcess | None = None
+    exporter: ReplicaProcess | None = None
     try:
+        exporter = _spawn_gpu_exporter(settings, log_dir=None)
         model, spec = _model_for(settings.replica)
         (plan,) = _plans(spec, model, [spec.port])
         replica = launch(plan, spec.host, log_to_file=False)
@@ -91,8 +97,12 @@ def run_replica(settings: Settings) -> int:
         print(f"qvl: {exc}", file=sys.stderr)
         return 1
     finally:
+        if exporter is not None:
+            exporter.terminate()
         if replica is not None:
             replica.stop()
+        if exporter is not None:
+            exporter.stop()
         _restore_signals(previous)
 
 
@@ -141,13 +151,56 @@ def _spawn_vllm(spec: ReplicaSettings, ports: list[int]) -> list[ReplicaProcess]
     return children
 
 
+def _spawn_gpu_exporter(settings: Settings, log_dir: Path | None) -> ReplicaProcess | None:
+    """Start the host's `qvl gpu-exporter` without waiting for it (it answers within a second, and with
+    `up 0` where there is no NVML). None when switched off, or when its port is taken: one exporter per
+    host, and another `qvl replica` or `qvl up` here already started it (or something else holds the port)."""
+    if not settings.up.gpu_exporter:
+        return None
+    conf = settings.gpu_exporter
+    if not _port_free(conf.host, conf.port):
+        say(f"GPU exporter not started: {conf.host}:{conf.port} is in use (another exporter on this host?)")
+        return None
+    log = None if log_dir is None else log_dir / f"gpu-exporter-{conf.port}.log"
+    out = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = log.open("wb")
+    try:
+        popen = subprocess.Popen(
+            exporter_command(conf, settings.log_level),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        if out is not None:
+            out.close()
+    url = f"http://{conf.host}:{conf.port}"
+    say(f"GPU exporter at {url}/metrics" + (f"; log {log}" if log else ""))
+    # Not a replica (the router never sees it), but the same handle: poll, terminate, stop the group.
+    return ReplicaProcess(name="gpu-exporter", url=url, popen=popen, log=log)
+
+
+def _port_free(host: str, port: int) -> bool:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter's server does
+            s.bind((host, port))
+    except OSError:
+        return False
+    return True
+
+
 def _spawn_sim(config: Path, port: int, index: int) -> ReplicaProcess:
     argv = [sys.executable, "-m", "qvl", "sim", "--config", str(config), "--port", str(port)]
     popen = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
     return ReplicaProcess(name=f"replica-{index}", url=f"http://127.0.0.1:{port}", popen=popen, log=None)
 
 
-def _serve_router(settings: Settings, children: list[ReplicaProcess]) -> int:
+def _serve_router(settings: Settings, children: list[ReplicaProcess], exporter: ReplicaProcess | None) -> int:
     config = uvicorn_config(settings)
     server = uvicorn.Server(config)
 
@@ -159,16 +212,18 @@ def _serve_router(settings: Settings, children: list[ReplicaProcess]) -> int:
                 await asyncio.sleep(0.05)
             url = f"http://{settings.router.host}:{settings.router.port}"
             names = ", ".join(c.url for c in children)
-            say(f"ready at {url} (policy {settings.router.policy}; replicas {names})")
+            gpu = f"; GPU metrics {exporter.url}/metrics" if exporter is not None else ""
+            say(f"ready at {url} (policy {settings.router.policy}; replicas {names}{gpu})")
 
         async def watch_children() -> None:
             reported: set[str] = set()
+            watched = [*children, *([exporter] if exporter is not None else [])]
             while True:
-                for child in children:
+                for child in watched:
                     code = child.popen.poll()
                     if code is not None and child.name not in reported:
                         reported.add(child.name)
-                        log.error("replica %s (%s) exited with status %s", child.name, child.url, code)
+                        log.error("%s (%s) exited with status %s", child.name, child.url, code)
                 await asyncio.sleep(1.0)
 
         tasks = [asyncio.create_task(announce()), asyncio.create_task(watch_children())]
@@ -212,10 +267,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _stop(children: list[ReplicaProcess]) -> None:
-    for child in children:
+def _stop(children: list[ReplicaProcess], exporter: ReplicaProcess | None = None) -> None:
+    everything = [*children, *([exporter] if exporter is not None else [])]
+    for child in everything:
         child.terminate()  # all at once: each vLLM replica takes seconds to shut down
-    for child in children:
+    for child in everything:
         child.stop()
     if children:
-        say(f"stopped {len(children)} replica(s)")
+        say(f"stopped {len(children)} replica(s)" + (" and the GPU exporter" if exporter is not None else ""))

@@ -69,6 +69,7 @@ def test_qvl_up_prints_ready_and_a_signal_stops_every_child(cluster: Cluster, si
     up = cluster.start("up", "--engine", "sim", "--replicas", "2", ready_path="/ready")
     replica_urls = [r["url"] for r in httpx.get(up.url + "/v1/cluster", timeout=5).json()["replicas"]]
     assert wait_text(up, "qvl: ready at " + up.url)
+    assert "GPU exporter" not in up.output()  # simulated replicas run on CPU machines: no GPU telemetry
     os.kill(up.popen.pid, sig)
     assert up.popen.wait(20) == 0
     for url in replica_urls:

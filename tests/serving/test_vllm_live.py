@@ -10,6 +10,7 @@ import asyncio
 import collections
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -209,7 +210,11 @@ def test_a_killed_replica_is_ejected_and_requests_finish_on_the_other(cluster: C
         vllm_pair.restart(1)  # later tests get both replicas back
 
 
-def test_qvl_up_with_vllm_answers_through_the_router(cluster: Cluster, vllm_pair: VllmPair, tmp_path: Path) -> None:
+def test_qvl_up_with_vllm_answers_through_the_router(
+    cluster: Cluster, vllm_pair: VllmPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter_port = free_port()
+    monkeypatch.setenv("QVL_GPU_EXPORTER__PORT", str(exporter_port))
     up = cluster.start(
         *one_vllm_replica(vllm_pair.model, tmp_path),
         ready_path="/ready",
@@ -226,6 +231,12 @@ def test_qvl_up_with_vllm_answers_through_the_router(cluster: Cluster, vllm_pair
         )
     assert reply.choices[0].message.content
     assert "replica-" in up.output() and "vLLM on the CPU" in up.output()
+    # The host's GPU exporter runs beside the replica; without NVML (a CPU machine) it says up 0.
+    gpu_metrics = f"http://127.0.0.1:{exporter_port}/metrics"
+    assert f"GPU exporter at {gpu_metrics}" in up.output()
+    up_value = 1 if shutil.which("nvidia-smi") else 0
+    text = httpx.get(gpu_metrics, timeout=5).text
+    assert re.search(rf'^qvl_gpu_exporter_up{{host="[^"]+"}} {up_value}\.0$', text, re.M), text
 
 
 def test_a_replica_that_cannot_start_fails_with_its_log(tmp_path: Path) -> None:
@@ -246,8 +257,18 @@ def test_sigint_while_vllm_starts_stops_everything(cluster: Cluster, vllm_pair: 
     import subprocess
     import sys
 
+    exporter_port = free_port()
     up = subprocess.Popen(
-        [sys.executable, "-m", "qvl", *one_vllm_replica(vllm_pair.model, tmp_path), "--port", str(free_port())],
+        [
+            sys.executable,
+            "-m",
+            "qvl",
+            *one_vllm_replica(vllm_pair.model, tmp_path),
+            "--port",
+            str(free_port()),
+            "--gpu-exporter-port",
+            str(exporter_port),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -267,7 +288,9 @@ def test_sigint_while_vllm_starts_stops_everything(cluster: Cluster, vllm_pair: 
         if up.poll() is None:
             up.kill()
     assert up.returncode == 1
-    assert "start-up interrupted" in out and "stopped 1 replica(s)" in out
+    assert "start-up interrupted" in out and "stopped 1 replica(s) and the GPU exporter" in out
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{exporter_port}/metrics", timeout=2)
     assert port
     pattern = f"vllm.entrypoints.openai.api_server.*--port {port}"
     leftovers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
