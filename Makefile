@@ -7,16 +7,21 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(ENGINE)
 EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu)
 
-.PHONY: install system-deps demo test lint typecheck pytest bench clean
+.PHONY: install system-deps demo test lint typecheck promcheck pytest bench dashboards-preview clean
 
 install: system-deps $(STAMP)
 
 # redis-server: the tests start their own on free ports, and `--cache redis://...` needs one.
+# prometheus (with promtool): checks of deploy/prometheus, and the live dashboard tests run their own.
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-		echo "installing redis-server (apt-get)"; \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml scripts/cpu_torchvision.py
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "qvl-cluster needs Python 3.11 or newer as $(PYTHON)"; exit 1; }
@@ -45,10 +50,19 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The shipped Prometheus config and rules, and a unit test per alert (deploy/prometheus/tests).
+promcheck: system-deps
+	cd deploy/prometheus && promtool check config prometheus.yml && promtool check rules rules/*.yml \
+		&& promtool test rules tests/alerts_test.yml
+
 pytest: install
 	$(BIN)/python -m pytest
 
-test: lint typecheck pytest
+test: lint typecheck promcheck pytest
+
+# PNG plots of the main dashboard panels from a live Prometheus scraping `qvl up --engine sim` under load.
+dashboards-preview: install
+	$(BIN)/python -m qvl.preview --out docs/dashboards
 
 bench: install
 	$(BIN)/python -m benchmarks.router_overhead --stream

@@ -1,0 +1,211 @@
+"""deploy/prometheus and deploy/grafana against a real Prometheus scraping a real `qvl up --engine sim`.
+
+One run per module: `qvl up --engine sim --replicas 3`, two GPU exporters (this machine's, which has no
+NVML and reports `qvl_gpu_exporter_up 0`, and one reading the substitute NVML module of
+tests/serving/fake_nvml, since no GPU is here), Prometheus (Debian's package) with the shipped config
+at a 1 s interval, the answer cache in a real redis-server, and ~25 s of shop traffic during which one
+replica is SIGKILLed while it streams and Redis is killed and restarted. Then every recording rule and
+every panel query of every dashboard is evaluated through the HTTP API.
+
+What cannot return data from this machine's own hardware: every per-GPU query (utilization, memory,
+temperature, power, the GPU inventory and host:qvl_gpu_utilization_ratio:avg) needs NVML. Here those
+series come from the substitute NVML exporter, and the real exporter is checked for what it exports
+without NVML: `qvl_gpu_exporter_up 0` and no per-GPU series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from conftest import Cluster, Proc, RedisServer, free_port
+
+from qvl.promstack import (
+    DASHBOARDS_DIR,
+    PanelQuery,
+    PrometheusServer,
+    dashboard_queries,
+    finite,
+    live_form,
+    recording_rules,
+    write_config,
+)
+from qvl.traffic import ShopTraffic
+
+MODEL = "Qwen/Qwen3-VL-4B-Instruct"
+FAKE_NVML = Path(__file__).resolve().parents[1] / "serving" / "fake_nvml"
+FAKE_HOST = "gpu-node-fake"
+REAL_HOST = "cpu-node-real"
+FAKE_GPUS = [
+    {"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-fake-0", "utilization": 87, "memory_used": 71 * 2**30,
+     "memory_total": 80 * 2**30, "temperature": 66, "power_mw": 512_000, "power_limit_mw": 700_000, "errors": {}},
+    {"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-fake-1", "utilization": 41, "memory_used": 70 * 2**30,
+     "memory_total": 80 * 2**30, "temperature": 58, "power_mw": 301_000, "power_limit_mw": 700_000, "errors": {}},
+]  # fmt: skip
+SIM_SETTINGS = """\
+up: {engine: sim, replicas: 3, model: "Qwen/Qwen3-VL-4B-Instruct"}
+# Ejection only after 5 straight failures: requests keep meeting the dead replica for a while, so
+# retries are certain to happen (and be counted), not only likely.
+router: {policy: image-affinity, health: {eject_after_failures: 5}}
+sim: {ttft_base_ms: 40, itl_base_ms: 15, output_tokens: 32, max_running: 8}
+"""
+# Per-GPU series: on this machine they exist only through the substitute NVML (see the docstring).
+PER_GPU = ("qvl_gpu_utilization", "qvl_gpu_memory", "qvl_gpu_temperature", "qvl_gpu_power")
+
+
+@dataclass
+class Run:
+    prometheus: PrometheusServer
+    router: Proc
+    real_exporter: Proc
+    fake_exporter: Proc
+    traffic: ShopTraffic
+    killed_replica: str
+
+
+def _replica_pid(port: int) -> int:
+    """The `qvl sim` child of `qvl up` listening on `port`."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "sim" in cmdline and str(port) in cmdline:
+            return int(proc.pid)
+    raise LookupError(f"no qvl sim process on port {port}")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    tmp = tmp_path_factory.mktemp("observability")
+    cluster = Cluster(tmp)
+    prometheus = PrometheusServer(tmp, free_port())
+    redis = RedisServer(free_port(), tmp)
+    try:
+        redis.start()
+        config = tmp / "qvl.yaml"
+        config.write_text(SIM_SETTINGS + f"cache: {{backend: '{redis.url}'}}\n")
+        router = cluster.start("up", "--config", str(config), ready_path="/ready")
+        replicas = [r["url"] for r in httpx.get(router.url + "/v1/cluster", timeout=5).json()["replicas"]]
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("QVL_GPU_EXPORTER__NODE_NAME", REAL_HOST)
+            real_exporter = cluster.start("gpu-exporter", ready_path="/metrics")
+            state = tmp / "nvml.json"
+            state.write_text(json.dumps({"init_error": None, "gpus": FAKE_GPUS}))
+            env.setenv("FAKE_NVML_STATE", str(state))
+            env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE_NVML), os.environ.get("PYTHONPATH")])))
+            env.setenv("QVL_GPU_EXPORTER__NODE_NAME", FAKE_HOST)
+            fake_exporter = cluster.start("gpu-exporter", ready_path="/metrics")
+        targets = {
+            "qvl-router": [router.url.removeprefix("http://")],
+            "qvl-vllm": [url.removeprefix("http://") for url in replicas],
+            "qvl-gpu": [real_exporter.url.removeprefix("http://"), fake_exporter.url.removeprefix("http://")],
+        }
+        prometheus.start(write_config(tmp, targets, interval_s=1))
+        prometheus.wait_for('count(up{job=~"qvl-.*"} == 1) == 6', timeout_s=30)
+
+        victim = replicas[1]
+        victim_pid = _replica_pid(int(victim.rsplit(":", 1)[1]))
+        traffic = ShopTraffic(router.url, MODEL, seed=5)
+
+        def tick(elapsed: float) -> None:
+            """Faults: the victim dies at the first tick after 8 s at which it has a request open (so
+            that some stream is cut), Redis is down from 16 s to 19 s."""
+            nonlocal victim_alive
+            if victim_alive and elapsed >= 8:
+                state = {r["url"]: r for r in httpx.get(router.url + "/v1/cluster", timeout=5).json()["replicas"]}
+                if state[victim]["in_flight"] > 0 or elapsed >= 14:
+                    os.kill(victim_pid, signal.SIGKILL)
+                    victim_alive = False
+            if 16 <= elapsed < 17:
+                redis.kill()
+            if 19 <= elapsed < 20:
+                redis.start()
+
+        victim_alive = True
+
+        asyncio.run(traffic.run(seconds=25, concurrency=12, tick=tick))
+        # Two evaluation rounds after the last scrape, so the recording rules saw the whole run.
+        time.sleep(3)
+        yield Run(prometheus, router, real_exporter, fake_exporter, traffic, victim.removeprefix("http://"))
+    finally:
+        prometheus.stop()
+        cluster.stop_all()
+        redis.kill()
+
+
+def test_the_run_was_real_traffic_with_a_replica_lost(run: Run) -> None:
+    report = run.traffic.report
+    assert report.sent > 300
+    assert report.transport_errors == {}
+    # Broken requests were refused at the edge; everything else succeeded, streams cut by the kill
+    # aside (their HTTP status was 200 and they ended with an error event).
+    refused = {kind: status for kind, status in report.statuses if kind in ("unknown-model", "malformed-json")}
+    assert refused and set(refused.values()) <= {400, 404}
+    answered = [s for (kind, s), n in report.statuses.items() if kind not in refused and kind != "bad-base64"]
+    assert set(answered) == {200}
+    victim = run.prometheus.query(f'up{{job="qvl-vllm", instance="{run.killed_replica}"}}')
+    assert [float(s["value"][1]) for s in victim] == [0.0]
+
+
+def test_every_target_of_every_job_is_scraped(run: Run) -> None:
+    targets = run.prometheus.targets()
+    jobs = {t["labels"]["job"] for t in targets}
+    assert jobs == {"qvl-router", "qvl-vllm", "qvl-gpu"}
+    down = [t["labels"]["instance"] for t in targets if t["health"] != "up"]
+    assert down == [run.killed_replica]
+
+
+@pytest.mark.parametrize(("record", "expr"), recording_rules(), ids=[r for r, _ in recording_rules()])
+def test_every_recording_rule_returns_data(run: Run, record: str, expr: str) -> None:
+    assert finite(run.prometheus.query(record)), f"{record} has no data; its expression is {expr}"
+
+
+QUERIES = [q for path in sorted(DASHBOARDS_DIR.glob("*.json")) for q in dashboard_queries(path)]
+
+
+@pytest.mark.parametrize("query", QUERIES, ids=[f"{q.dashboard}/{q.panel}/{q.expr[:40]}" for q in QUERIES])
+def test_every_panel_query_returns_data(run: Run, query: PanelQuery) -> None:
+    result = run.prometheus.query(live_form(query.expr))
+    assert finite(result), f"{query.dashboard} / {query.panel}: no data for {query.expr}"
+    if any(name in query.expr for name in PER_GPU):
+        hosts = {series["metric"].get("host") for series in result} - {None}
+        # Per-GPU data can only come from the substitute NVML: this machine has no GPU.
+        assert REAL_HOST not in hosts
+
+
+def test_without_nvml_the_exporter_reports_up_0_and_no_gpu(run: Run) -> None:
+    prometheus = run.prometheus
+    up = {s["metric"]["host"]: float(s["value"][1]) for s in prometheus.query("qvl_gpu_exporter_up")}
+    assert up == {REAL_HOST: 0.0, FAKE_HOST: 1.0}
+    assert prometheus.query(f'qvl_gpu_utilization_ratio{{host="{REAL_HOST}"}}') == []
+    gpus = prometheus.query(f'qvl_gpu_utilization_ratio{{host="{FAKE_HOST}"}}')
+    assert sorted((s["metric"]["gpu"], float(s["value"][1])) for s in gpus) == [("0", 0.87), ("1", 0.41)]
+
+
+def test_router_metrics_saw_the_failover(run: Run) -> None:
+    prometheus = run.prometheus
+    errors = prometheus.query(f'sum by (type) (qvl_upstream_errors_total{{replica="{run.killed_replica}"}})')
+    assert {s["metric"]["type"] for s in errors} & {"connect", "disconnect", "stream_interrupted"}
+    healthy = prometheus.query(f'qvl_replica_healthy{{replica="{run.killed_replica}"}}')
+    assert [float(s["value"][1]) for s in healthy] == [0.0]
+    assert float(prometheus.query("sum(qvl_replica_healthy)")[0]["value"][1]) == 2.0
+    rejected = {s["metric"]["reason"] for s in prometheus.query("qvl_rejections_total")}
+    assert {"model_not_found", "invalid_json"} <= rejected
+    assert float(prometheus.query("sum(qvl_retries_total)")[0]["value"][1]) >= 3
+    interrupted = prometheus.query('sum(qvl_requests_total{status="502", error_type="stream_interrupted"})')
+    assert float(interrupted[0]["value"][1]) >= 1
+
+
+def test_the_cache_store_outage_was_seen(run: Run) -> None:
+    prometheus = run.prometheus
+    assert float(prometheus.query('sum(qvl_cache_requests_total{result="error"})')[0]["value"][1]) > 0
+    outage = prometheus.query('min_over_time(qvl_cache_store_up{store="redis"}[1m])')
+    assert [float(s["value"][1]) for s in outage] == [0.0]
+    assert [float(s["value"][1]) for s in prometheus.query('qvl_cache_store_up{store="redis"}')] == [1.0]
