@@ -41,6 +41,10 @@ class PanelQuery:
     dashboard: str
     panel: str
     expr: str
+    legend: str = ""
+    """Grafana's legendFormat: `{{label}}` placeholders."""
+    kind: str = "timeseries"
+    unit: str = ""
 
 
 def iter_panels(panels: Sequence[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
@@ -54,7 +58,14 @@ def dashboard_queries(path: Path) -> list[PanelQuery]:
     """Every target expression of every panel of one Grafana dashboard JSON file."""
     dashboard = json.loads(path.read_text())
     return [
-        PanelQuery(dashboard["title"], panel["title"], target["expr"])
+        PanelQuery(
+            dashboard["title"],
+            panel["title"],
+            target["expr"],
+            target.get("legendFormat", ""),
+            panel.get("type", "timeseries"),
+            panel.get("fieldConfig", {}).get("defaults", {}).get("unit", ""),
+        )
         for panel in iter_panels(dashboard["panels"])
         for target in panel.get("targets", [])
     ]
