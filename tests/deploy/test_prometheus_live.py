@@ -4,7 +4,8 @@ One run per module: `qvl up --engine sim --replicas 3`, two GPU exporters (this 
 NVML and reports `qvl_gpu_exporter_up 0`, and one reading the substitute NVML module of
 tests/serving/fake_nvml, since no GPU is here), Prometheus (Debian's package) with the shipped config
 at a 1 s interval, the answer cache in a real redis-server, and ~25 s of shop traffic during which one
-replica is SIGKILLed while it streams and Redis is killed and restarted. Then every recording rule and
+replica is SIGKILLed while it answers a stream and a plain request (so a stream is cut and a request
+retried, for certain) and Redis is killed and restarted. Then every recording rule and
 every panel query of every dashboard is evaluated through the HTTP API.
 
 What cannot return data from this machine's own hardware: every per-GPU query (utilization, memory,
@@ -16,6 +17,7 @@ without NVML: `qvl_gpu_exporter_up 0` and no per-GPU series.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -53,7 +55,9 @@ FAKE_GPUS = [
 ]  # fmt: skip
 SIM_SETTINGS = """\
 up: {engine: sim, replicas: 3, model: "Qwen/Qwen3-VL-4B-Instruct"}
-router: {policy: image-affinity}
+# session: the fault probes below are pinned to the victim by their session id; the shop traffic
+# carries none and goes least-loaded.
+router: {policy: session}
 sim: {ttft_base_ms: 40, itl_base_ms: 15, output_tokens: 32, max_running: 8}
 """
 # Per-GPU series: on this machine they exist only through the substitute NVML (see the docstring).
@@ -79,16 +83,36 @@ def _replica_pid(port: int) -> int:
     raise LookupError(f"no qvl sim process on port {port}")
 
 
-def _request_routed_to(router: Proc, replica_url: str) -> dict:
-    """A sampled (uncached) image question that the image-affinity policy sends to `replica_url`."""
+def _session_on(router: Proc, replica_url: str) -> str:
+    """A session id that the session policy pins to `replica_url` (no load bound can move it)."""
     name = replica_url.removeprefix("http://")
     for i in range(200):
-        doc = image_chat(MODEL, png_data_url((i, 60, 90)), temperature=0.7, max_tokens=4)
-        response = httpx.post(router.url + "/v1/chat/completions", json=doc, timeout=30)
+        session = f"probe-{i}"
+        doc = image_chat(MODEL, png_data_url((i, 60, 90)), temperature=0.7, max_tokens=1)
+        response = httpx.post(router.url + "/v1/chat/completions", json=doc, headers={"x-session-id": session})
         assert response.status_code == 200
         if response.headers["x-qvl-replica"] == name:
-            return doc
-    raise AssertionError(f"no image of 200 went to {name}")
+            return session
+    raise AssertionError(f"no session of 200 went to {name}")
+
+
+def _kill_while_answering(router: Proc, session: str, pid: int) -> tuple[httpx.Response, bytes]:
+    """Send a streamed and a non-streamed question pinned to the replica `pid`, kill it while it answers
+    both: the stream must end with an error event, the other must be retried elsewhere and succeed."""
+    doc = image_chat(MODEL, png_data_url((7, 7, 7)), temperature=0.7, max_tokens=32)  # ~0.5 s each
+    headers = {"x-session-id": session}
+    url = router.url + "/v1/chat/completions"
+
+    def streamed() -> bytes:
+        with httpx.stream("POST", url, json={**doc, "stream": True}, headers=headers, timeout=30) as response:
+            return response.read()
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(streamed)
+        plain = pool.submit(httpx.post, url, json=doc, headers=headers, timeout=30)
+        time.sleep(0.2)  # both past prefill (40 ms), far from done
+        os.kill(pid, signal.SIGKILL)
+        return plain.result(), stream.result()
 
 
 @pytest.fixture(scope="module")
@@ -122,31 +146,25 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
         victim = replicas[1]
         victim_pid = _replica_pid(int(victim.rsplit(":", 1)[1]))
-        owned_by_victim = _request_routed_to(router, victim)
+        session = _session_on(router, victim)
         traffic = ShopTraffic(router.url, MODEL, seed=5)
+        faults: dict[str, object] = {}
 
         def tick(elapsed: float) -> None:
-            """Faults: the victim dies at the first tick after 8 s at which it has a request open (so
-            that some stream is cut), Redis is down from 16 s to 19 s."""
-            nonlocal victim_alive
-            if victim_alive and elapsed >= 8:
-                state = {r["url"]: r for r in httpx.get(router.url + "/v1/cluster", timeout=5).json()["replicas"]}
-                if state[victim]["in_flight"] > 0 or elapsed >= 14:
-                    os.kill(victim_pid, signal.SIGKILL)
-                    victim_alive = False
-                    # At once, before any health check: affinity sends it to the dead replica, so the
-                    # router must retry it elsewhere (the traffic alone makes that likely, not certain).
-                    retried = httpx.post(router.url + "/v1/chat/completions", json=owned_by_victim, timeout=30)
-                    assert retried.status_code == 200 and retried.headers["x-qvl-replica"] != victim_name
+            """Faults: the victim dies at 8 s while it answers two pinned requests; Redis is down from
+            16 s to 19 s. (Blocking here pauses the test's clients for a moment, not the cluster.)"""
+            if elapsed >= 8 and "plain" not in faults:
+                faults["plain"], faults["stream"] = _kill_while_answering(router, session, victim_pid)
             if 16 <= elapsed < 17:
                 redis.kill()
             if 19 <= elapsed < 20:
                 redis.start()
 
-        victim_alive = True
-        victim_name = victim.removeprefix("http://")
-
         asyncio.run(traffic.run(seconds=25, concurrency=12, tick=tick))
+        plain, stream = faults["plain"], faults["stream"]
+        assert isinstance(plain, httpx.Response) and isinstance(stream, bytes)
+        assert plain.status_code == 200 and plain.headers["x-qvl-replica"] != victim.removeprefix("http://")
+        assert b'"type":"stream_interrupted"' in stream and stream.endswith(b"data: [DONE]\n\n")
         # Two evaluation rounds after the last scrape, so the recording rules saw the whole run.
         time.sleep(3)
         yield Run(prometheus, router, real_exporter, fake_exporter, traffic, victim.removeprefix("http://"))
