@@ -12,12 +12,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+)
+
+from qvl.settings_edge import (
+    AdmissionSettings,
+    AuditSettings,
+    AuthSettings,
+    DrainSettings,
+    FetchSettings,
+    LimitSettings,
+    QuotaSettings,
 )
 
 PolicyName = Literal["round-robin", "least-loaded", "session", "image-affinity"]
@@ -264,6 +274,16 @@ class Settings(BaseSettings):
     gpu_exporter: GpuExporterSettings = Field(
         default_factory=GpuExporterSettings, description="The GPU telemetry exporter (`qvl gpu-exporter`)."
     )
+    api_keys: SecretStr = Field(
+        SecretStr(""), description="API keys allowed every model, comma-separated (set it as QVL_API_KEYS)."
+    )
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys at the router.")
+    quota: QuotaSettings = Field(default_factory=QuotaSettings, description="Per-key rate limits.")
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings, description="Backpressure.")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Input limits checked at the edge.")
+    fetch: FetchSettings = Field(default_factory=FetchSettings, description="http(s) image URL fetching.")
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit log.")
+    drain: DrainSettings = Field(default_factory=DrainSettings, description="Graceful shutdown.")
 
 
 def load_settings(config_file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
