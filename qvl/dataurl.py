@@ -10,16 +10,20 @@ _DROP_WHITESPACE = str.maketrans("", "", _WHITESPACE)
 
 
 class DataURLError(ValueError):
-    """Not a usable image data URL; `code` is `unsupported_image_url` (not a data URL at all) or
-    `invalid_image_url` (a malformed one)."""
+    """Not a usable image data URL; `code` is `unsupported_image_url` (not a data URL at all),
+    `invalid_image_url` (a malformed one) or `image_too_large` (more bytes than the caller's limit)."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-def decode_image_data_url(url: str) -> bytes:
-    """The decoded bytes of `data:image/<type>;base64,<payload>`; raises DataURLError otherwise."""
+def decode_image_data_url(url: str, *, max_bytes: int | None = None) -> bytes:
+    """The decoded bytes of `data:image/<type>;base64,<payload>`; raises DataURLError otherwise.
+
+    With `max_bytes`, a payload that would decode to more bytes is refused from its length, before
+    anything is decoded.
+    """
     if not url.startswith("data:"):
         raise DataURLError(
             "image_url.url must be a data URL (data:image/<type>;base64,...); remote image URLs are not fetched",
@@ -31,6 +35,8 @@ def decode_image_data_url(url: str) -> bytes:
     if any(c in payload for c in _WHITESPACE):
         # MIME-style base64 wraps lines; the bytes (and so the image digest) are the same either way.
         payload = payload.translate(_DROP_WHITESPACE)
+    if max_bytes is not None and len(payload) // 4 * 3 - payload.count("=", -2) > max_bytes:
+        raise DataURLError(f"image is larger than {max_bytes} bytes", "image_too_large")
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
