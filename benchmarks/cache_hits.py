@@ -88,7 +88,7 @@ def main() -> int:
         body = deterministic_question()
         for backend in (redis_url, "memory"):
             port = free_port()
-            procs.append(start_qvl(["router", "--replica", replica, "--cache", backend], port, "/ready"))
+            procs.append(start_qvl(["router", "--replica", replica, "--cache", backend, "--no-auth"], port, "/ready"))
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             latencies = asyncio.run(time_hits(url, body, args.requests))
             rows["router hit (redis)" if backend != "memory" else "router hit (memory)"] = percentiles_ms(latencies)

@@ -119,7 +119,7 @@ def main() -> int:
     sim_port, router_port = free_port(), free_port()
     sim = start_qvl(["sim", "--zero-delay", "--model", MODEL], sim_port, "/health")
     router = start_qvl(
-        ["router", "--replica", f"http://127.0.0.1:{sim_port}", "--policy", "least-loaded"],
+        ["router", "--replica", f"http://127.0.0.1:{sim_port}", "--policy", "least-loaded", "--no-auth"],
         router_port,
         "/ready",
     )

@@ -103,7 +103,7 @@ def main() -> int:
         rss_idle = tree_rss_mib(replica.popen.pid)
         print(f"healthy after {startup_s:.1f}s, {rss_idle:.0f} MiB", flush=True)
         router_port = free_port()
-        router = start_qvl(["router", "--replica", replica.url], router_port, "/ready")
+        router = start_qvl(["router", "--replica", replica.url, "--no-auth"], router_port, "/ready")
         url = f"http://127.0.0.1:{router_port}/v1/chat/completions"
         n = args.requests
         bodies = [image_question(i, args.max_tokens, name) for i in range((2 * args.rounds + 1) * n)]

@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     router.add_argument("--load-factor", dest="set:router.load_factor", type=float)
     router.add_argument("--cache", dest="set:cache.backend", metavar="memory|off|redis://HOST:PORT/DB")
+    _edge_flags(router)
 
     sim = command("sim", _run_sim, "Run the simulated engine: vLLM's HTTP API and metrics, no GPU (load tests).")
     sim.add_argument("--host", dest="set:sim.host")
@@ -140,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["round-robin", "least-loaded", "session", "image-affinity"],
     )
     up.add_argument("--cache", dest="set:cache.backend", metavar="memory|off|redis://HOST:PORT/DB")
+    _edge_flags(up)
     up.add_argument(
         "--model", dest="set:up.model", help="checkpoint directory (vllm; default: the tiny test model) or name (sim)"
     )
@@ -220,3 +222,16 @@ def _put(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _edge_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the router's edge, shared by `qvl router` and `qvl up`."""
+    parser.add_argument(
+        "--no-auth",
+        dest="set:auth.enabled",
+        action="store_const",
+        const=False,
+        help="accept requests without an API key (prints a warning; for local trials only)",
+    )
+    parser.add_argument("--keys-file", dest="set:auth.keys_file", metavar="PATH", help="YAML file of API keys")
+    parser.add_argument("--audit-log", dest="set:audit.path", metavar="PATH", help="audit log file (JSON lines)")

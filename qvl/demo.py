@@ -12,6 +12,7 @@ import argparse
 import base64
 import io
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -61,10 +62,13 @@ def main() -> int:
     if args.model:
         cmd += ["--model", args.model]
     print("$", " ".join(["qvl", *cmd[3:]]), flush=True)
-    up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    # The router requires an API key; the demo makes one for this run only.
+    api_key = "sk-demo-" + secrets.token_hex(16)
+    env = {**os.environ, "QVL_API_KEYS": api_key}
+    up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     try:
         url = _wait_ready(up, timeout=900)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
         model = client.models.list().data[0].id
         image = "data:image/png;base64," + base64.b64encode(product_photo()).decode()
         question = "What product is in this photo, and what colour is it?"

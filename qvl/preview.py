@@ -152,7 +152,7 @@ def _start_cluster(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = (work / "qvl-up.log").open("wb")
-    command = [sys.executable, "-m", "qvl", "up", "--config", str(config), "--port", str(port)]
+    command = [sys.executable, "-m", "qvl", "up", "--config", str(config), "--port", str(port), "--no-auth"]
     up = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     _say(f"starting {' '.join(command[1:])}")
     deadline = time.monotonic() + 60

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
@@ -26,12 +27,17 @@ from starlette.types import Message, Receive, Scope, Send
 from cache.flight import AnswerCache
 from cache.stores import build_store
 from qvl.settings import Settings
-from router.edge import parse_chat_request
+from router.admission import Admission
+from router.audit import AuditLogError, AuditSink, audit_record, build_audit_log
+from router.auth import ApiKey, KeyRing
+from router.edge import ChatRequest, parse_chat_request, parse_json_object
 from router.errors import InvalidRequest, NoHealthyReplica, RequestTooLarge, RouterError, error_body
 from router.exchange import Exchange
+from router.fetch import inline_remote_images
 from router.metrics import NO_LOOKUP, UNKNOWN_MODEL, RouterMetrics
 from router.policies import build_policy
 from router.proxy import Proxy
+from router.quota import Quotas
 from router.replicas import ReplicaPool
 from router.upstream import UpstreamClient
 
@@ -49,10 +55,17 @@ class RouterState:
     metrics: RouterMetrics
     client: UpstreamClient
     cache: AnswerCache
+    keys: KeyRing
+    quotas: Quotas
+    audit: AuditSink
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The router app; replicas are checked once before it serves, then in the background."""
+    """The router app; replicas are checked once before it serves, then in the background.
+    Raises AuthConfigError when the API keys cannot be used (before anything listens)."""
+    keys = KeyRing.from_settings(settings)
+    if not keys.enabled:
+        log.warning("API key authentication is OFF (auth.enabled: false): every caller is served anonymously")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,8 +75,12 @@ def create_app(settings: Settings) -> FastAPI:
         # The gauges are read at scrape time, by which `cache` exists.
         metrics = RouterMetrics(lambda: pool.replicas, lambda: cache.store_health())
         cache = AnswerCache(store, settings.cache, metrics)
-        proxy = Proxy(pool, build_policy(settings.router), client, settings.router, metrics)
-        app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache)
+        admission = Admission(settings.admission)
+        proxy = Proxy(pool, build_policy(settings.router), client, settings.router, metrics, admission)
+        quotas = Quotas(settings.quota)
+        audit = build_audit_log(settings.audit)
+        await audit.start()
+        app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache, keys, quotas, audit)
         await asyncio.gather(pool.check_all(), cache.check_store())
         checks = [
             asyncio.create_task(pool.run(), name="replica-checks"),
@@ -75,7 +92,10 @@ def create_app(settings: Settings) -> FastAPI:
             for task in checks:
                 task.cancel()
             await asyncio.gather(*checks, return_exceptions=True)
+            # Requests have drained by now (uvicorn waits for them first): nothing more will be audited.
+            await audit.close()
             await client.close()
+            await quotas.close()
             if store is not None:
                 await store.close()
 
@@ -107,9 +127,14 @@ def create_app(settings: Settings) -> FastAPI:
         state: RouterState = request.app.state.qvl
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.exception_handler(RouterError)
+    async def router_error(request: Request, exc: RouterError) -> Response:
+        return Response(error_body(exc), status_code=exc.status, media_type="application/json")
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, object]:
         state: RouterState = request.app.state.qvl
+        state.keys.authenticate(request.headers.get("authorization", "").encode("latin-1") or None)
         served: dict[str, int] = {}
         for replica in state.pool.replicas:
             if replica.healthy:
@@ -124,6 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/cluster")
     async def cluster(request: Request) -> dict[str, object]:
         state: RouterState = request.app.state.qvl
+        state.keys.authenticate(request.headers.get("authorization", "").encode("latin-1") or None)
         return {
             "policy": state.settings.router.policy,
             "replicas": [r.describe() for r in state.pool.replicas],
@@ -152,23 +178,39 @@ class ChatCompletions:
 
     def __init__(self, app: FastAPI) -> None:
         self._app = app
+        # Built once: a TLS context per fetched https image would cost tens of milliseconds.
+        self._tls = ssl.create_default_context()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state: RouterState = self._app.state.qvl
         started = time.perf_counter()
+        arrived = time.time()
         headers = dict(scope["headers"])
         given_id = headers.get(b"x-request-id", b"")
         request_id = given_id.decode() if _REQUEST_ID.match(given_id) else secrets.token_hex(16)
         exchange = Exchange(state.proxy, state.cache, state.metrics, send, request_id.encode(), started)
+        settings = state.settings
+        tls = self._tls
+        key: ApiKey | None = None
+        request: ChatRequest | None = None
         try:
-            body = await _read_body(receive, state.settings.router.max_request_bytes)
-            session = headers.get(state.settings.router.session_header.encode())
-            request = parse_chat_request(body, session.decode("latin-1") if session else None)
+            # Who is asking comes first: an unknown caller costs no body parsing.
+            key = state.keys.authenticate(headers.get(b"authorization"))
+            body = await _read_body(receive, settings.router.max_request_bytes, headers.get(b"content-length"))
+            if settings.fetch.enabled:
+                # Remote images become data URLs here, once: replicas never fetch anything.
+                inlined = await inline_remote_images(parse_json_object(body), settings.fetch, settings.limits, tls=tls)
+                body = inlined if inlined is not None else body
+            session = headers.get(settings.router.session_header.encode())
+            request = parse_chat_request(body, session.decode("latin-1") if session else None, settings.limits)
+            state.keys.authorize(key, request.model)
+            await state.quotas.charge(key, request.image_tokens)
         except RouterError as exc:
             await exchange.fail(exc)
             elapsed = time.perf_counter() - started
             state.metrics.record_rejection(exc.code or exc.type)
             state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, NO_LOOKUP, exc.type, elapsed, False)
+            await _audit(state, exchange, arrived, key, request)
             return
         exchange.model = request.model if request.model in state.pool.known_models else UNKNOWN_MODEL
         control = headers.get(b"cache-control")
@@ -183,9 +225,41 @@ class ChatCompletions:
             time.perf_counter() - started,
             request.stream,
         )
+        await _audit(state, exchange, arrived, key, request)
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def _audit(
+    state: RouterState, exchange: Exchange, arrived: float, key: ApiKey | None, request: ChatRequest | None
+) -> None:
+    """One audit line per request, refused ones included; written after the answer went out."""
+    prompt_tokens, completion_tokens = exchange.usage()
+    record = audit_record(
+        request.doc if request is not None else None,
+        request.image_digests if request is not None else (),
+        include_prompts=state.audit.include_prompts,
+        time=arrived,
+        request_id=exchange.request_id.decode(),
+        key_id=key.id if key is not None else "",
+        model=request.model if request is not None else "",
+        cache=exchange.cache_result.decode(),
+        replica=exchange.replica.decode(),
+        status=exchange.status,
+        error_type=exchange.error_type,
+        latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+    try:
+        await state.audit.write(record)
+    except AuditLogError as exc:
+        log.error("audit line for request %s not written: %s", record.request_id, exc)
+
+
+async def _read_body(receive: Receive, limit: int, content_length: bytes | None) -> bytes:
+    """The body, refused as soon as it is known to exceed `limit`: from Content-Length before reading
+    anything, else while reading (a huge body is never held whole)."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise RequestTooLarge(f"request body is over {limit} bytes", code="request_too_large")
     chunks: list[bytes] = []
     size = 0
     while True:

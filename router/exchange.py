@@ -4,8 +4,10 @@ stored), or as an error. Remembers what the request metrics need."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 
+import orjson
 from starlette.types import Send
 
 from cache.flight import AnswerCache
@@ -28,6 +30,7 @@ class Exchange:
     event, that error's status."""
 
     __slots__ = (
+        "answer",
         "cache",
         "cache_result",
         "error_type",
@@ -63,6 +66,8 @@ class Exchange:
         self.status = 0
         self.error_type = ""
         self.finished = False
+        self.answer = b""
+        """The JSON answer, or for a stream the last chunk that carried usage (for the audit log)."""
 
     async def serve(self, request: ChatRequest, cache_control: str | None) -> None:
         """Answer the request; the cache's flight, if any, is always finished (followers never hang)."""
@@ -82,7 +87,8 @@ class Exchange:
         if exc.status >= 500:
             log.warning("request %s failed: %s", self.request_id.decode(), exc.message)
         self.error_type = exc.type
-        await self._start(exc.status, JSON)
+        extra = () if exc.retry_after_s is None else ((b"retry-after", b"%d" % max(1, math.ceil(exc.retry_after_s))),)
+        await self._start(exc.status, JSON, extra)
         self.finished = True
         await self.send({"type": "http.response.body", "body": error_body(exc)})
 
@@ -96,6 +102,7 @@ class Exchange:
         else:
             await self._start(200, JSON)
             body = entry
+        self.answer = entry
         self.finished = True
         await self.send({"type": "http.response.body", "body": body})
 
@@ -115,6 +122,7 @@ class Exchange:
                 self.finished = True
                 await self.send({"type": "http.response.body", "body": upstream.body})
                 complete = True
+                self.answer = upstream.body
                 ok = record and upstream.status == 200 and completion_is_cacheable(upstream.body)
                 return upstream.body if ok else None
             recorder = StreamRecorder() if record else None
@@ -130,6 +138,8 @@ class Exchange:
                 if found := chunk.count(b"data: {"):
                     events += found
                     last_at = time.perf_counter()
+                    if b'"usage":{' in chunk:
+                        self.answer = chunk
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.finished = True
             await self.send({"type": "http.response.body", "body": b""})
@@ -149,7 +159,7 @@ class Exchange:
         finally:
             proxy.close(upstream, complete=complete)
 
-    async def _start(self, status: int, content_type: bytes) -> None:
+    async def _start(self, status: int, content_type: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self.status = status
         await self.send(
             {
@@ -160,6 +170,30 @@ class Exchange:
                     (b"x-request-id", self.request_id),
                     (b"x-qvl-replica", self.replica),
                     (b"x-qvl-cache", self.cache_result),
+                    *extra,
                 ],
             }
         )
+
+    def usage(self) -> tuple[int | None, int | None]:
+        """(prompt_tokens, completion_tokens) of the answer, when it reported them."""
+        answer = self.answer
+        if not answer:
+            return None, None
+        docs = []
+        if answer.lstrip().startswith(b"{"):
+            docs.append(answer)
+        else:
+            docs = [line[6:] for line in answer.split(b"\n") if line.startswith(b"data: {") and b'"usage"' in line]
+        for raw in reversed(docs):
+            try:
+                usage = orjson.loads(raw).get("usage")
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(usage, dict):
+                prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                return (
+                    prompt if isinstance(prompt, int) else None,
+                    completion if isinstance(completion, int) else None,
+                )
+        return None, None

@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from qvl.settings import RouterSettings
+from router.admission import Admission
 from router.edge import ChatRequest
 from router.errors import (
     ModelNotFound,
     NoHealthyReplica,
+    RouterError,
     StreamInterrupted,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -63,8 +65,10 @@ class Proxy:
         client: UpstreamClient,
         settings: RouterSettings,
         metrics: RouterMetrics,
+        admission: Admission,
     ) -> None:
         self._pool = pool
+        self._admission = admission
         self._policy = policy
         self._client = client
         self._max_attempts = settings.max_attempts
@@ -82,6 +86,16 @@ class Proxy:
                 )
             self._metrics.record_rejection("model_not_found")
             raise ModelNotFound(f"model '{request.model}' is not served here", code="model_not_found", param="model")
+        try:
+            candidates = await self._admission.admit(lambda: self._pool.candidates(request.model))
+        except RouterError as exc:
+            self._metrics.record_rejection(exc.code or exc.type)
+            raise
+        if not candidates:
+            self._metrics.record_rejection("no_healthy_replica")
+            raise NoHealthyReplica(
+                f"no healthy replica serves model '{request.model}' right now", code="no_healthy_replica"
+            )
         headers = ((b"content-type", b"application/json"), (b"x-request-id", request_id.encode()))
         failures: list[str] = []
         for attempt in range(self._max_attempts):
@@ -120,31 +134,31 @@ class Proxy:
             if not request.stream or response.status != 200:
                 body = await response.read()
                 response.release()
-                replica.in_flight -= 1
+                self._done(replica)
                 return Upstream(replica, response.status, content_type, body, closed=True)
             first = await response.read_chunk()
             if not first:
                 raise _Retry("disconnect", "ended the stream before the first byte", replica_fault=True)
             return Upstream(replica, response.status, content_type, first, response=response)
         except _Retry:
-            _drop(replica, response)
+            self._drop(replica, response)
             raise
         except ConnectFailed as exc:
-            _drop(replica, response)
+            self._drop(replica, response)
             reason = "connect_timeout" if exc.timeout else "connect"
             raise _Retry(reason, str(exc), replica_fault=True) from None
         except ConnectionLost as exc:
-            _drop(replica, response)
+            self._drop(replica, response)
             raise _Retry("disconnect", str(exc), replica_fault=True) from None
         except TimeoutError:
-            _drop(replica, response)
+            self._drop(replica, response)
             self._metrics.record_upstream_error(replica.name, "timeout")
             raise UpstreamTimeout(
                 f"replica {replica.name} took longer than the request timeout", code="upstream_timeout"
             ) from None
         except BaseException:
             # Cancelled because the client went away: drop the connection so the engine aborts too.
-            _drop(replica, response)
+            self._drop(replica, response)
             raise
 
     async def relay(self, upstream: Upstream) -> AsyncIterator[bytes]:
@@ -171,15 +185,18 @@ class Proxy:
         if upstream.closed:
             return
         upstream.closed = True
-        upstream.replica.in_flight -= 1
+        self._done(upstream.replica)
         if upstream.response is not None:
             if complete:
                 upstream.response.release()
             else:
                 upstream.response.close()
 
+    def _done(self, replica: Replica) -> None:
+        replica.in_flight -= 1
+        self._admission.released()
 
-def _drop(replica: Replica, response: Response | None) -> None:
-    replica.in_flight -= 1
-    if response is not None:
-        response.close()
+    def _drop(self, replica: Replica, response: Response | None) -> None:
+        self._done(replica)
+        if response is not None:
+            response.close()

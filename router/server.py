@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import uvicorn
 
 from qvl.settings import Settings
 from router.app import create_app
+from router.auth import AuthConfigError
 
 log = logging.getLogger("qvl.router")
 
@@ -24,7 +26,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         access_log=False,
         proxy_headers=False,
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=math.ceil(settings.drain.timeout_s),
     )
 
 
@@ -33,6 +35,11 @@ def serve_router(settings: Settings) -> int:
     if not settings.router.replicas:
         log.error("no replicas configured: pass --replica URL (repeatable) or set router.replicas")
         return 2
-    server = uvicorn.Server(uvicorn_config(settings))
+    try:
+        config = uvicorn_config(settings)
+    except AuthConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1

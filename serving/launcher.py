@@ -25,6 +25,7 @@ import uvicorn
 import yaml
 
 from qvl.settings import ReplicaSettings, Settings
+from router.auth import AuthConfigError, KeyRing
 from router.server import uvicorn_config
 from serving.gpu_exporter import exporter_command
 from serving.tiny_model import SERVED_NAME, ensure_tiny_model
@@ -51,6 +52,8 @@ def run_up(settings: Settings) -> int:
     children: list[ReplicaProcess] = []
     exporter: ReplicaProcess | None = None
     try:
+        # The router's keys are checked before any replica starts: a bad keys file fails in a second.
+        KeyRing.from_settings(settings)
         with tempfile.TemporaryDirectory(prefix="qvl-up-") as tmp:
             ports = _replica_ports(settings.up.replica_base_port, settings.up.replicas)
             engine = settings.up.engine
@@ -69,7 +72,7 @@ def run_up(settings: Settings) -> int:
                 say(f"{child.name} healthy at {child.url} after {seconds:.1f}s")
             router = settings.router.model_copy(update={"replicas": [c.url for c in children]})
             return _serve_router(settings.model_copy(update={"router": router}), children, exporter)
-    except (ReplicaStartError, PlacementError) as exc:
+    except (ReplicaStartError, PlacementError, AuthConfigError) as exc:
         print(f"qvl: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -89,8 +89,14 @@ class Cluster:
     tmp: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def start(self, *args: str, port: int | None = None, ready_path: str = "/health", timeout: float = 60) -> Proc:
+    def start(
+        self, *args: str, port: int | None = None, ready_path: str = "/health", timeout: float = 60, auth: bool = False
+    ) -> Proc:
+        """Start `qvl ARGS --port P`. Routers (`router`, `up`) run with --no-auth unless `auth` is set:
+        only the auth tests need keys; they pass them in the environment or a keys file."""
         port = port or free_port()
+        if args[0] in ("router", "up") and not auth:
+            args = (*args, "--no-auth")
         log = self.tmp / f"qvl-{len(self.procs)}-{args[0]}-{port}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with log.open("wb") as out:
@@ -110,11 +116,11 @@ class Cluster:
     def sim(self, *flags: str, model: str = "qwen3-vl-sim", port: int | None = None) -> Proc:
         return self.start("sim", "--model", model, *flags, port=port)
 
-    def router(self, *replicas: Proc, flags: tuple[str, ...] = ()) -> Proc:
+    def router(self, *replicas: Proc, flags: tuple[str, ...] = (), auth: bool = False) -> Proc:
         args = ["router"]
         for replica in replicas:
             args += ["--replica", replica.url]
-        return self.start(*args, *flags, ready_path="/ready")
+        return self.start(*args, *flags, ready_path="/ready", auth=auth)
 
     def wait_ready(self, proc: Proc, path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

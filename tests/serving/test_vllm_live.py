@@ -66,7 +66,7 @@ def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPair]:
 
 def one_vllm_replica(model: Path, run_dir: Path) -> list[str]:
     """`qvl up` arguments for one vLLM replica of `model` with its files under `run_dir`."""
-    return ["up", "--engine", "vllm", "--replicas", "1", "--model", str(model), "--run-dir", str(run_dir)]
+    return ["up", "--engine", "vllm", "--replicas", "1", "--model", str(model), "--run-dir", str(run_dir), "--no-auth"]
 
 
 def router_for(cluster: Cluster, pair: VllmPair, policy: str) -> Proc:
