@@ -35,6 +35,7 @@ from router.errors import InvalidRequest, NoHealthyReplica, RequestTooLarge, Rou
 from router.exchange import Exchange
 from router.fetch import inline_remote_images
 from router.metrics import NO_LOOKUP, UNKNOWN_MODEL, RouterMetrics
+from router.openapi import with_chat_completions
 from router.policies import build_policy
 from router.proxy import Proxy
 from router.quota import Quotas
@@ -73,12 +74,16 @@ def create_app(settings: Settings) -> FastAPI:
         pool = ReplicaPool(settings.router.replicas, settings.router, client)
         store = build_store(settings.cache)
         # The gauges are read at scrape time, by which `cache` exists.
-        metrics = RouterMetrics(lambda: pool.replicas, lambda: cache.store_health())
+        audit = build_audit_log(settings.audit)
+        metrics = RouterMetrics(
+            lambda: pool.replicas,
+            lambda: cache.store_health(),
+            lambda: (audit.lines_written, audit.write_errors, audit.pending) if settings.audit.path else None,
+        )
         cache = AnswerCache(store, settings.cache, metrics)
         admission = Admission(settings.admission)
         proxy = Proxy(pool, build_policy(settings.router), client, settings.router, metrics, admission)
         quotas = Quotas(settings.quota)
-        audit = build_audit_log(settings.audit)
         await audit.start()
         app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache, keys, quotas, audit)
         await asyncio.gather(pool.check_all(), cache.check_store())
@@ -172,6 +177,12 @@ class RouterAPI(FastAPI):
         else:
             await super().__call__(scope, receive, send)
 
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document plus POST /v1/chat/completions, which is no FastAPI route (router/openapi.py)."""
+        if self.openapi_schema is None:
+            self.openapi_schema = with_chat_completions(super().openapi())
+        return self.openapi_schema
+
 
 class ChatCompletions:
     """POST /v1/chat/completions as a raw ASGI app: parse once, proxy, relay, account."""
@@ -231,7 +242,10 @@ class ChatCompletions:
 async def _audit(
     state: RouterState, exchange: Exchange, arrived: float, key: ApiKey | None, request: ChatRequest | None
 ) -> None:
-    """One audit line per request, refused ones included; written after the answer went out."""
+    """One audit line per request, refused ones included; written after the answer went out. Also the
+    per-key request count."""
+    if key is not None and key.id:
+        state.metrics.record_key(key.id, exchange.status)
     prompt_tokens, completion_tokens = exchange.usage()
     record = audit_record(
         request.doc if request is not None else None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.replicas import Replica
@@ -33,9 +33,15 @@ UPSTREAM_ERROR_TYPES = ("connect", "connect_timeout", "disconnect", "http_5xx", 
 class _StateCollector(Collector):
     """Gauges read when Prometheus scrapes: replica state from the pool, store health from the cache."""
 
-    def __init__(self, replicas: Callable[[], Iterable[Replica]], stores: Callable[[], Mapping[str, bool]]) -> None:
+    def __init__(
+        self,
+        replicas: Callable[[], Iterable[Replica]],
+        stores: Callable[[], Mapping[str, bool]],
+        audit: Callable[[], tuple[int, int, int] | None],
+    ) -> None:
         self._replicas = replicas
         self._stores = stores
+        self._audit = audit
 
     def collect(self) -> Iterable[Metric]:
         healthy = GaugeMetricFamily(
@@ -64,7 +70,16 @@ class _StateCollector(Collector):
         )
         for store, up in self._stores().items():
             store_up.add_metric([store], 1.0 if up else 0.0)
-        return [healthy, in_flight, waiting, running, store_up]
+        families: list[Metric] = [healthy, in_flight, waiting, running, store_up]
+        audit = self._audit()
+        if audit is not None:
+            written, errors, pending = audit
+            families.append(CounterMetricFamily("qvl_audit_lines", "Audit lines written to disk", value=written))
+            families.append(
+                CounterMetricFamily("qvl_audit_write_errors", "Failed audit write attempts (retried)", value=errors)
+            )
+            families.append(GaugeMetricFamily("qvl_audit_pending", "Audit lines not yet on disk", value=pending))
+        return families
 
 
 class RouterMetrics:
@@ -74,8 +89,15 @@ class RouterMetrics:
         self,
         replicas: Callable[[], Iterable[Replica]],
         stores: Callable[[], Mapping[str, bool]] = dict,
+        audit: Callable[[], tuple[int, int, int] | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
+        self._by_key = Counter(
+            "qvl_key_requests",
+            "Chat requests by API key id (never the key) and HTTP status; key_id '' when auth is off",
+            ["key_id", "status"],
+            registry=self.registry,
+        )
         self._requests = Counter(
             "qvl_requests",
             "Chat requests answered, by model, the replica that answered (cache, none), HTTP status (for a "
@@ -143,13 +165,16 @@ class RouterMetrics:
         self._cache_stored = Counter(
             "qvl_cache_stored", "Answers written to the cache store", ["store"], registry=self.registry
         )
-        self.registry.register(_StateCollector(replicas, stores))
+        self.registry.register(_StateCollector(replicas, stores, audit))
 
     def record_request(
         self, model: str, replica: str, status: int, cache: str, error_type: str, seconds: float, stream: bool
     ) -> None:
         self._requests.labels(model, replica, str(status), cache, error_type).inc()
         self._duration.labels(model, "true" if stream else "false").observe(seconds)
+
+    def record_key(self, key_id: str, status: int) -> None:
+        self._by_key.labels(key_id, str(status)).inc()
 
     def record_stream_timing(self, model: str, first_token_s: float, inter_token_s: float | None) -> None:
         """A stream answered by a replica: its TTFT, and its mean inter-token gap when it had two events."""

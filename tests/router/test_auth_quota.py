@@ -176,7 +176,8 @@ def test_admission_waits_in_line_and_refuses_when_full_or_late() -> None:
 
 def test_the_router_answers_401_403_and_serves_a_good_key(cluster: Cluster, tmp_path: Path) -> None:
     sim = cluster.sim("--zero-delay")
-    router = cluster.router(sim, flags=("--keys-file", str(keys_file(tmp_path))), auth=True)
+    audit = tmp_path / "audit.log"
+    router = cluster.router(sim, flags=("--keys-file", str(keys_file(tmp_path)), "--audit-log", str(audit)), auth=True)
     url = router.url + "/v1/chat/completions"
     doc = image_chat(MODEL, png_data_url())
     missing = httpx.post(url, json=doc)
@@ -189,7 +190,15 @@ def test_the_router_answers_401_403_and_serves_a_good_key(cluster: Cluster, tmp_
     assert httpx.get(router.url + "/v1/models", headers={"authorization": f"Bearer {GOOD}"}).status_code == 200
     assert httpx.get(router.url + "/health").status_code == 200 and httpx.get(router.url + "/metrics").is_success
     assert metric_sum(router.url, "qvl_rejections_total", reason="missing_api_key") == 1
-    text = httpx.get(router.url + "/metrics").text
+    assert metric_sum(router.url, "qvl_key_requests_total", key_id="storefront", status="200") == 1
+    assert metric_sum(router.url, "qvl_key_requests_total", key_id="batch", status="403") == 1
+    deadline = time.monotonic() + 5
+    while metric_sum(router.url, "qvl_audit_lines_total") < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric_sum(router.url, "qvl_audit_lines_total") == 4 and metric_sum(router.url, "qvl_audit_pending") == 0
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(a["key_id"], a["status"]) for a in lines] == [("", 401), ("", 401), ("batch", 403), ("storefront", 200)]
+    text = httpx.get(router.url + "/metrics").text + audit.read_text()
     assert GOOD not in text and OTHER not in text
 
 
