@@ -165,7 +165,7 @@ def image_parts(messages: Any, limits: LimitSettings) -> list[ImagePart]:
         if not isinstance(message, dict):
             raise InvalidRequest(f"messages[{i}] must be an object", param="messages")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}", param="messages")
         content = message.get("content")
         if content is None or isinstance(content, str):
