@@ -5,7 +5,7 @@ ENGINE ?= cpu
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(ENGINE)
-EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu)
+EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu),ray
 
 .PHONY: install system-deps demo test lint typecheck promcheck pytest bench dashboards-preview clean
 

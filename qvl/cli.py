@@ -15,7 +15,7 @@ from typing import Any
 
 from qvl.settings import Settings, SettingsError, load_settings
 
-Handler = Callable[[Settings], int]
+Handler = Callable[[Settings, argparse.Namespace], int]
 # Flags whose dest starts with this prefix are settings overrides, e.g. "set:router.port".
 _SET = "set:"
 
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings.model_copy(update={"sim": settings.sim.zero_delay()})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Handler = args.handler
-    return handler(settings)
+    return handler(settings, args)
 
 
 def _build_tiny(out: Path, seed: int) -> int:
@@ -53,34 +53,40 @@ def _build_tiny(out: Path, seed: int) -> int:
     return 0
 
 
-def _run_router(settings: Settings) -> int:
+def _run_router(settings: Settings, args: argparse.Namespace) -> int:
     from router.server import serve_router
 
     return serve_router(settings)
 
 
-def _run_sim(settings: Settings) -> int:
+def _run_sim(settings: Settings, args: argparse.Namespace) -> int:
     from serving.sim_app import run_sim
 
     return run_sim(settings.sim, settings.log_level)
 
 
-def _run_up(settings: Settings) -> int:
+def _run_up(settings: Settings, args: argparse.Namespace) -> int:
     from serving.launcher import run_up
 
     return run_up(settings)
 
 
-def _run_replica(settings: Settings) -> int:
+def _run_replica(settings: Settings, args: argparse.Namespace) -> int:
     from serving.launcher import run_replica
 
     return run_replica(settings)
 
 
-def _run_gpu_exporter(settings: Settings) -> int:
+def _run_gpu_exporter(settings: Settings, args: argparse.Namespace) -> int:
     from serving.gpu_exporter import run_gpu_exporter
 
     return run_gpu_exporter(settings.gpu_exporter)
+
+
+def _run_cluster(settings: Settings, args: argparse.Namespace) -> int:
+    from serving.cluster_cli import run_cluster
+
+    return run_cluster(settings, args.cluster_command, count=getattr(args, "count", None), as_json=args.json)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=["round-robin", "least-loaded", "session", "image-affinity"],
     )
     router.add_argument("--load-factor", dest="set:router.load_factor", type=float)
+    router.add_argument(
+        "--registry", dest="set:registry.url", metavar="redis://HOST:PORT/DB", help="find replicas in this registry"
+    )
     router.add_argument("--cache", dest="set:cache.backend", metavar="memory|off|redis://HOST:PORT/DB")
     _edge_flags(router)
 
@@ -159,6 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--port", dest="set:gpu_exporter.port", type=int)
     gpu.add_argument("--node-name", dest="set:gpu_exporter.node_name", help="host label (default: the hostname)")
 
+    _cluster_commands(sub)
+
     model = sub.add_parser("model", help="Build models.", description="Build models.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="WHAT")
     tiny = model_sub.add_parser("tiny", help="Build the tiny random Qwen3-VL checkpoint (offline).")
@@ -166,6 +177,32 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=None, tiny=True)
     return parser
+
+
+def _cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cluster = sub.add_parser(
+        "cluster", help="Replicas on a Ray cluster.", description="Place, inspect, scale and stop replicas on Ray."
+    )
+    actions = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = actions.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=_run_cluster)
+        p.add_argument("--config", type=Path, default=None, help="YAML settings file")
+        p.add_argument("--log-level", dest="set:log_level", choices=["debug", "info", "warning", "error"])
+        p.add_argument("--address", dest="set:cluster.address", metavar="auto|ray://HOST:PORT|HOST:PORT|local")
+        p.add_argument("--name", dest="set:cluster.name", help="cluster name (default qvl)")
+        p.add_argument("--json", action="store_true", help="print the replicas as JSON instead of a table")
+        return p
+
+    up = action("up", "Place replicas (one placement group each) and start them; returns once they are healthy.")
+    up.add_argument("--replicas", dest="set:cluster.replicas", type=int)
+    up.add_argument("--engine", dest="set:cluster.engine", choices=["sim", "vllm"])
+    up.add_argument("--registry", dest="set:registry.url", metavar="redis://HOST:PORT/DB")
+    action("status", "Show every replica: node, GPUs, URL, health, uptime, restarts.")
+    scale = action("scale", "Start or stop replicas until there are N.")
+    scale.add_argument("count", type=int, metavar="N", help="replicas wanted")
+    action("down", "Stop every replica and remove its placement group (and a local Ray head).")
 
 
 def _replica_flags(p: argparse.ArgumentParser, port: bool) -> None:

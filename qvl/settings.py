@@ -20,6 +20,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from qvl.settings_cluster import ClusterSettings, RegistrySettings
 from qvl.settings_edge import (
     AdmissionSettings,
     AuditSettings,
@@ -58,7 +59,8 @@ class RouterSettings(_Section):
     port: int = Field(8000, ge=1, le=65535, description="Port the router listens on.")
     replicas: list[str] = Field(
         default_factory=list,
-        description="Base URLs of engine replicas (vLLM or `qvl sim`), e.g. http://10.0.0.5:8001.",
+        description="Base URLs of engine replicas (vLLM or `qvl sim`), e.g. http://10.0.0.5:8001: the static "
+        "list for one machine. Replicas found in the registry (registry.url) are routed to as well.",
     )
     policy: PolicyName = Field("least-loaded", description="Routing policy used to pick a replica.")
     load_factor: float = Field(
@@ -284,6 +286,10 @@ class Settings(BaseSettings):
     fetch: FetchSettings = Field(default_factory=FetchSettings, description="http(s) image URL fetching.")
     audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit log.")
     drain: DrainSettings = Field(default_factory=DrainSettings, description="Graceful shutdown.")
+    registry: RegistrySettings = Field(
+        default_factory=RegistrySettings, description="The replica registry in Redis (cluster mode)."
+    )
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="Replicas on Ray (`qvl cluster`).")
 
 
 def load_settings(config_file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:

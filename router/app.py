@@ -30,6 +30,7 @@ from qvl.settings import Settings
 from router.admission import Admission
 from router.audit import AuditLogError, AuditSink, audit_record, build_audit_log
 from router.auth import ApiKey, KeyRing
+from router.discovery import RegistryWatch
 from router.edge import ChatRequest, parse_chat_request, parse_json_object
 from router.errors import InvalidRequest, NoHealthyReplica, RequestTooLarge, RouterError, error_body
 from router.exchange import Exchange
@@ -41,6 +42,7 @@ from router.proxy import Proxy
 from router.quota import Quotas
 from router.replicas import ReplicaPool
 from router.upstream import UpstreamClient
+from serving.registry import Registry
 
 log = logging.getLogger("qvl.router")
 
@@ -72,6 +74,15 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = UpstreamClient(connect_timeout_s=settings.router.connect_timeout_s)
         pool = ReplicaPool(settings.router.replicas, settings.router, client)
+        watch = None
+        if settings.registry.url:
+            registry = Registry(
+                settings.registry.url,
+                ttl_s=settings.registry.ttl_s,
+                timeout_s=settings.registry.timeout_s,
+                key_prefix=settings.registry.key_prefix,
+            )
+            watch = RegistryWatch(registry, pool, settings.registry.poll_interval_s)
         store = build_store(settings.cache)
         # The gauges are read at scrape time, by which `cache` exists.
         audit = build_audit_log(settings.audit)
@@ -79,18 +90,25 @@ def create_app(settings: Settings) -> FastAPI:
             lambda: pool.replicas,
             lambda: cache.store_health(),
             lambda: (audit.lines_written, audit.write_errors, audit.pending) if settings.audit.path else None,
+            lambda: None if watch is None else watch.up,
         )
         cache = AnswerCache(store, settings.cache, metrics)
         admission = Admission(settings.admission)
-        proxy = Proxy(pool, build_policy(settings.router), client, settings.router, metrics, admission)
+        proxy = Proxy(
+            pool, build_policy(settings.router, lambda: pool.membership), client, settings.router, metrics, admission
+        )
         quotas = Quotas(settings.quota)
         await audit.start()
         app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache, keys, quotas, audit)
+        if watch is not None:
+            await watch.refresh()
         await asyncio.gather(pool.check_all(), cache.check_store())
         checks = [
             asyncio.create_task(pool.run(), name="replica-checks"),
             asyncio.create_task(cache.run_checks(settings.router.health.interval_s), name="cache-checks"),
         ]
+        if watch is not None:
+            checks.append(asyncio.create_task(watch.run(), name="registry-watch"))
         try:
             yield
         finally:
@@ -103,6 +121,8 @@ def create_app(settings: Settings) -> FastAPI:
             await quotas.close()
             if store is not None:
                 await store.close()
+            if watch is not None:
+                await watch.close()
 
     app = RouterAPI(title="qvl-cluster router", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Registered for method checks (GET answers 405); POSTs are dispatched before the middleware stack.

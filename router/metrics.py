@@ -38,10 +38,12 @@ class _StateCollector(Collector):
         replicas: Callable[[], Iterable[Replica]],
         stores: Callable[[], Mapping[str, bool]],
         audit: Callable[[], tuple[int, int, int] | None],
+        discovery: Callable[[], bool | None],
     ) -> None:
         self._replicas = replicas
         self._stores = stores
         self._audit = audit
+        self._discovery = discovery
 
     def collect(self) -> Iterable[Metric]:
         healthy = GaugeMetricFamily(
@@ -71,6 +73,13 @@ class _StateCollector(Collector):
         for store, up in self._stores().items():
             store_up.add_metric([store], 1.0 if up else 0.0)
         families: list[Metric] = [healthy, in_flight, waiting, running, store_up]
+        registry_up = self._discovery()
+        if registry_up is not None:
+            families.append(
+                GaugeMetricFamily(
+                    "qvl_registry_up", "1 if the router's last read of the replica registry worked", value=registry_up
+                )
+            )
         audit = self._audit()
         if audit is not None:
             written, errors, pending = audit
@@ -90,6 +99,7 @@ class RouterMetrics:
         replicas: Callable[[], Iterable[Replica]],
         stores: Callable[[], Mapping[str, bool]] = dict,
         audit: Callable[[], tuple[int, int, int] | None] = lambda: None,
+        discovery: Callable[[], bool | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self._by_key = Counter(
@@ -165,7 +175,7 @@ class RouterMetrics:
         self._cache_stored = Counter(
             "qvl_cache_stored", "Answers written to the cache store", ["store"], registry=self.registry
         )
-        self.registry.register(_StateCollector(replicas, stores, audit))
+        self.registry.register(_StateCollector(replicas, stores, audit, discovery))
 
     def record_request(
         self, model: str, replica: str, status: int, cache: str, error_type: str, seconds: float, stream: bool

@@ -46,19 +46,27 @@ class LeastLoaded:
         return ra if ra.load <= rb.load else rb
 
 
-class _Ring:
-    """The ring over every replica name seen so far; ejected replicas are skipped, not removed, so
-    their keys come back to them on re-admission and the other keys never move."""
+Membership = Callable[[], frozenset[str]]
 
-    def __init__(self, virtual_nodes: int) -> None:
+
+class _Ring:
+    """The ring over the pool's membership (static list plus registry members, healthy or not), never
+    over arrival order: every router with the same members builds the same ring, and replicas that left
+    the registry leave it (a ring of every name ever seen would grow with each restart on a new port).
+    Ejected replicas are skipped, not removed, so their keys come back to them on re-admission and the
+    other keys never move; skipping a name gives the same owners as a ring without it."""
+
+    def __init__(self, virtual_nodes: int, membership: Membership) -> None:
         self._virtual_nodes = virtual_nodes
+        self._membership = membership
         self._ring = HashRing((), virtual_nodes)
 
     def walk(self, replicas: Sequence[Replica], point: int) -> Iterator[Replica]:
         """`replicas` in clockwise order from `point` (lazily: callers usually take the first)."""
         by_name = {r.name: r for r in replicas}
-        if not by_name.keys() <= self._ring.names:
-            self._ring = HashRing(self._ring.names | by_name.keys(), self._virtual_nodes)
+        members = self._membership()
+        if members != self._ring.names:
+            self._ring = HashRing(members, self._virtual_nodes)
         for name in self._ring.walk(point):
             replica = by_name.get(name)
             if replica is not None:
@@ -69,8 +77,8 @@ class Session:
     """Consistent hashing on the session header, so a conversation keeps its replica's prefix cache.
     Requests without a session id go least-loaded."""
 
-    def __init__(self, virtual_nodes: int, fallback: Policy) -> None:
-        self._ring = _Ring(virtual_nodes)
+    def __init__(self, virtual_nodes: int, membership: Membership, fallback: Policy) -> None:
+        self._ring = _Ring(virtual_nodes, membership)
         self._fallback = fallback
 
     def choose(self, replicas: Sequence[Replica], request: ChatRequest) -> Replica:
@@ -87,9 +95,9 @@ class ImageAffinity:
     with room takes it. Text-only requests go least-loaded.
     """
 
-    def __init__(self, load_factor: float, virtual_nodes: int, fallback: Policy) -> None:
+    def __init__(self, load_factor: float, virtual_nodes: int, membership: Membership, fallback: Policy) -> None:
         self._load_factor = load_factor
-        self._ring = _Ring(virtual_nodes)
+        self._ring = _Ring(virtual_nodes, membership)
         self._fallback = fallback
 
     def capacity(self, replicas: Sequence[Replica]) -> int:
@@ -108,16 +116,17 @@ class ImageAffinity:
         return min(replicas, key=lambda r: r.in_flight)
 
 
-PolicyFactory = Callable[[RouterSettings], Policy]
+PolicyFactory = Callable[[RouterSettings, Membership], Policy]
 
 POLICIES: dict[str, PolicyFactory] = {
-    "round-robin": lambda s: RoundRobin(),
-    "least-loaded": lambda s: LeastLoaded(),
-    "session": lambda s: Session(s.virtual_nodes, LeastLoaded()),
-    "image-affinity": lambda s: ImageAffinity(s.load_factor, s.virtual_nodes, LeastLoaded()),
+    "round-robin": lambda s, m: RoundRobin(),
+    "least-loaded": lambda s, m: LeastLoaded(),
+    "session": lambda s, m: Session(s.virtual_nodes, m, LeastLoaded()),
+    "image-affinity": lambda s, m: ImageAffinity(s.load_factor, s.virtual_nodes, m, LeastLoaded()),
 }
 
 
-def build_policy(settings: RouterSettings) -> Policy:
-    """The policy named by `settings.policy`."""
-    return POLICIES[settings.policy](settings)
+def build_policy(settings: RouterSettings, membership: Membership) -> Policy:
+    """The policy named by `settings.policy`; `membership` names every replica of the pool (the ring's
+    members), healthy or not."""
+    return POLICIES[settings.policy](settings, membership)

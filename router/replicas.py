@@ -1,6 +1,8 @@
 """Replica state and the pool that keeps it fresh: active health checks, queue-depth scrapes, ejection.
 
 A replica starts ejected and is admitted once a health check passes and its models are known.
+Members are the static list (router.replicas) plus, in cluster mode, what the registry lists: `sync`
+adds and drops registry members; static ones stay whatever the registry says.
 It is ejected after `eject_after_failures` consecutive failures, counting failed checks and the
 proxy's connection errors alike, and re-admitted after `readmit_after_successes` passed checks.
 """
@@ -90,10 +92,37 @@ class ReplicaPool:
 
     def __init__(self, urls: list[str], settings: RouterSettings, client: UpstreamClient) -> None:
         self.replicas = [Replica(url=url, name=replica_name(url)) for url in urls]
+        self._static = frozenset(urls)
         self._settings = settings
         self._client = client
         self._check_timeout_s = settings.health.timeout_s
         self._known_models: frozenset[str] = frozenset()
+        self._membership = frozenset(r.name for r in self.replicas)
+
+    @property
+    def membership(self) -> frozenset[str]:
+        """Names of every member, healthy or not: what the consistent-hash ring is built from, so every
+        router with the same static list and registry builds the same ring."""
+        return self._membership
+
+    def sync(self, registered: set[str]) -> list[Replica]:
+        """Make the registry's URLs the dynamic members: add new ones (ejected until a check passes), drop
+        those gone. Returns the added replicas; requests in flight on a dropped one finish normally."""
+        added = [Replica(url=url, name=replica_name(url)) for url in sorted(registered) if url not in self._urls()]
+        dropped = [r for r in self.replicas if r.url not in self._static and r.url not in registered]
+        if not added and not dropped:
+            return []
+        for replica in dropped:
+            log.info("replica %s left the registry; no longer routed to", replica.name)
+        for replica in added:
+            log.info("replica %s joined from the registry", replica.name)
+        self.replicas = [r for r in self.replicas if r not in dropped] + added
+        self._membership = frozenset(r.name for r in self.replicas)
+        self._known_models = frozenset(m for r in self.replicas for m in r.models)
+        return added
+
+    def _urls(self) -> set[str]:
+        return {r.url for r in self.replicas}
 
     def candidates(self, model: str) -> list[Replica]:
         """Healthy replicas that serve `model`."""
@@ -125,9 +154,9 @@ class ReplicaPool:
             replica.healthy = True
             log.info("admitted replica %s serving %s", replica.name, ", ".join(sorted(replica.models)))
 
-    async def check_all(self) -> None:
-        """One round of health checks over every replica, concurrently."""
-        await asyncio.gather(*(self.check(r) for r in self.replicas))
+    async def check_all(self, replicas: list[Replica] | None = None) -> None:
+        """One round of health checks over every replica (or the given ones), concurrently."""
+        await asyncio.gather(*(self.check(r) for r in (self.replicas if replicas is None else replicas)))
 
     async def check(self, replica: Replica) -> None:
         """GET /health, and /v1/models while the replica's models are unknown or it is ejected."""

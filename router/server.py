@@ -32,8 +32,11 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
 
 def serve_router(settings: Settings) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit status."""
-    if not settings.router.replicas:
-        log.error("no replicas configured: pass --replica URL (repeatable) or set router.replicas")
+    if not settings.router.replicas and not settings.registry.url:
+        log.error(
+            "no replicas configured: pass --replica URL (repeatable), set router.replicas, or name the "
+            "replica registry (--registry redis://HOST:PORT/DB, registry.url)"
+        )
         return 2
     try:
         config = uvicorn_config(settings)

@@ -2,6 +2,7 @@
 
 import collections
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -14,6 +15,11 @@ from router.replicas import Replica, parse_queue_metrics, replica_name
 
 def replicas(n: int) -> list[Replica]:
     return [Replica(url=f"http://127.0.0.1:{9000 + i}", name=f"127.0.0.1:{9000 + i}") for i in range(n)]
+
+
+def members(rs: list[Replica]) -> Callable[[], frozenset[str]]:
+    names = frozenset(r.name for r in rs)
+    return lambda: names
 
 
 def request(*digests: str, session: str | None = None) -> ChatRequest:
@@ -30,7 +36,7 @@ def test_registry_names_every_policy() -> None:
     assert set(POLICIES) == {"round-robin", "least-loaded", "session", "image-affinity"}
     rs = replicas(3)
     for name in POLICIES:
-        policy = build_policy(RouterSettings(policy=name))  # type: ignore[arg-type]
+        policy = build_policy(RouterSettings(policy=name), members(rs))  # type: ignore[arg-type]
         chosen = policy.choose(rs, request(digest(1), session="s"))
         assert any(chosen is r for r in rs)
 
@@ -75,7 +81,7 @@ def test_ring_is_consistent_when_a_name_leaves() -> None:
 
 def test_affinity_same_image_same_replica_and_spread_across_images() -> None:
     rs = replicas(4)
-    policy = ImageAffinity(1.25, 160, LeastLoaded())
+    policy = ImageAffinity(1.25, 160, members(rs), LeastLoaded())
     for i in range(50):
         first = policy.choose(rs, request(digest(i)))
         assert all(policy.choose(rs, request(digest(i))) is first for _ in range(3))
@@ -85,7 +91,7 @@ def test_affinity_same_image_same_replica_and_spread_across_images() -> None:
 
 def test_affinity_bounded_load_spills_to_next_replica() -> None:
     rs = replicas(2)
-    policy = ImageAffinity(1.25, 160, LeastLoaded())
+    policy = ImageAffinity(1.25, 160, members(rs), LeastLoaded())
     hot = request(digest(7))
     home = policy.choose(rs, hot)
     other = next(r for r in rs if r is not home)
@@ -104,7 +110,7 @@ def test_affinity_bounded_load_spills_to_next_replica() -> None:
 
 def test_affinity_skips_ejected_owner_and_returns_after() -> None:
     rs = replicas(3)
-    policy = ImageAffinity(1.25, 160, LeastLoaded())
+    policy = ImageAffinity(1.25, 160, members(rs), LeastLoaded())
     req = request(digest(3))
     home = policy.choose(rs, req)
     rest = [r for r in rs if r is not home]
@@ -116,19 +122,34 @@ def test_affinity_skips_ejected_owner_and_returns_after() -> None:
 def test_affinity_text_only_goes_least_loaded() -> None:
     rs = replicas(2)
     rs[0].in_flight = 9
-    policy = ImageAffinity(1.25, 160, LeastLoaded())
+    policy = ImageAffinity(1.25, 160, members(rs), LeastLoaded())
     assert {policy.choose(rs, request()).name for _ in range(10)} == {rs[1].name}
 
 
 def test_session_sticks_and_spreads() -> None:
     rs = replicas(3)
-    policy = Session(160, LeastLoaded())
+    policy = Session(160, members(rs), LeastLoaded())
     seen = collections.Counter()
     for i in range(300):
         first = policy.choose(rs, request(session=f"user-{i}"))
         assert policy.choose(rs, request(session=f"user-{i}")) is first
         seen[first.name] += 1
     assert len(seen) == 3
+
+
+def test_affinity_agrees_across_routers_whatever_order_replicas_arrived_in() -> None:
+    # Two routers with the same membership: one saw the replicas become healthy in one order, the other
+    # in reverse and with one still ejected. Wherever both can route, they pick the same replica.
+    rs = replicas(5)
+    first = ImageAffinity(1.25, 160, members(rs), LeastLoaded())
+    second = ImageAffinity(1.25, 160, members(rs), LeastLoaded())
+    for i in range(200):
+        req = request(digest(i))
+        a = first.choose(rs, req)
+        b = second.choose(list(reversed(rs)), req)
+        assert a is b
+        if a is not rs[4]:
+            assert second.choose(list(reversed(rs[:4])), req) is a
 
 
 @pytest.mark.parametrize(("url", "name"), [("http://10.0.0.5:8001", "10.0.0.5:8001"), ("http://h", "h:80")])

@@ -1,0 +1,315 @@
+"""`qvl cluster up|status|scale|down`: replicas placed on a Ray cluster, one placement group each.
+
+Replica i of cluster NAME is the detached actor `NAME-replica-i` (serving/ray_replica.py) in bundle 0
+of the detached placement group `NAME-replica-i-pg`: `gpus_per_replica` bundles of one GPU each, with
+STRICT_PACK, so a tensor-parallel replica's GPUs are all on one node. Both outlive the command that
+made them; later commands find them by name in Ray's `qvl` namespace. This module runs in a plain
+(synchronous) CLI process: it has no event loop to block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from qvl.settings import Settings, load_settings
+from qvl.settings_cluster import ClusterSettings
+from serving import ray_local
+from serving.ray_replica import ReplicaSupervisor
+
+log = logging.getLogger("qvl.cluster")
+NAMESPACE = "qvl"
+Say = Callable[[str], None]
+
+
+class ClusterError(RuntimeError):
+    """Ray cannot be reached, a replica cannot be placed or started, or there is no such cluster."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of `qvl cluster status`."""
+
+    replica: str
+    node: str
+    gpus: str
+    url: str
+    state: str
+    uptime_s: float | None
+    restarts: int
+
+
+def connect(conf: ClusterSettings, *, start_local: bool, say: Say) -> None:
+    """ray.init against `conf.address`; with `local`, the head this run_dir started (or a new one)."""
+    address = conf.address
+    if address == "local":
+        head = ray_local.running_head(conf)
+        if head is None:
+            if not start_local:
+                raise ClusterError(
+                    f"no local Ray head recorded in {ray_local.record_path(conf)}: start one with "
+                    "`qvl cluster up --address local`"
+                )
+            say("starting a local Ray head" + (f" with {conf.local_gpus} logical GPU(s)" if conf.local_gpus else ""))
+            head = ray_local.start_head(conf)
+            say(f"local Ray head at {head.address}; log {head.log}")
+        address = head.address
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+
+
+def up(settings: Settings, say: Say) -> list[Row]:
+    """Place and start replicas 0..replicas-1 that do not run yet; returns the status rows."""
+    conf = settings.cluster
+    if not settings.registry.url:
+        say("warning: registry.url is empty: replicas are not announced, routers must list their URLs")
+    dead = [i for i in _replica_indexes(conf) if _info(_actor(conf, i)) is None]
+    if dead:
+        say(f"re-placing {len(dead)} replica(s) whose supervisor is gone: {', '.join(_name(conf, i) for i in dead)}")
+        _stop(conf, dead)
+    existing = _replica_indexes(conf)
+    if existing:
+        say(f"{len(existing)} replica(s) of cluster {conf.name!r} already running")
+    _start(settings, [i for i in range(conf.replicas) if i not in existing], say)
+    return status(conf)
+
+
+def scale(settings: Settings, count: int, say: Say) -> list[Row]:
+    """Grow to `count` replicas (with the settings the running ones were started with) or shrink by
+    stopping the highest-numbered ones first."""
+    conf = settings.cluster
+    existing = _replica_indexes(conf)
+    if len(existing) > count:
+        doomed = existing[count:]
+        say(f"stopping {len(doomed)} replica(s): {', '.join(_name(conf, i) for i in doomed)}")
+        _stop(conf, doomed)
+    elif len(existing) < count:
+        for i in existing:
+            info = _info(_actor(conf, i))
+            if info is not None:
+                settings = load_settings(None, info["settings"])
+                break
+        free = (i for i in itertools.count() if i not in existing)
+        _start(settings, [next(free) for _ in range(count - len(existing))], say)
+    return status(conf)
+
+
+def down(conf: ClusterSettings, say: Say) -> int:
+    """Stop every replica of the cluster and remove its placement groups; returns how many."""
+    existing = _replica_indexes(conf)
+    _stop(conf, existing)
+    say(f"stopped {len(existing)} replica(s) of cluster {conf.name!r}")
+    return len(existing)
+
+
+def status(conf: ClusterSettings) -> list[Row]:
+    """One row per replica actor; an actor that does not answer shows state `dead`."""
+    rows = []
+    now = time.time()
+    for i in _replica_indexes(conf):
+        info = _info(_actor(conf, i))
+        if info is None:
+            rows.append(Row(_name(conf, i), "-", "-", "-", "dead", None, 0))
+            continue
+        node = f"{info['node_ip']} ({info['node_id'][:8]})"
+        gpus = ",".join(map(str, info["gpus"])) or "-"
+        uptime = now - info["started_at"] if info["healthy"] else None
+        rows.append(Row(info["replica"], node, gpus, info["url"], info["state"], uptime, info["restarts"]))
+    return rows
+
+
+def replica_infos(conf: ClusterSettings) -> list[dict[str, Any]]:
+    """Every answering replica's `info()` (for `status --json` and tests), settings left out."""
+    found = []
+    for i in _replica_indexes(conf):
+        info = _info(_actor(conf, i))
+        if info is not None:
+            info.pop("settings", None)
+            found.append(info)
+    return found
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("REPLICA", "NODE", "GPUS", "URL", "HEALTHY", "UPTIME", "RESTARTS")
+    lines = [
+        (
+            r.replica,
+            r.node,
+            r.gpus,
+            r.url,
+            "yes" if r.state == "healthy" else f"no ({r.state})",
+            _duration(r.uptime_s),
+            str(r.restarts),
+        )
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
+    return "\n".join(
+        "  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [head, *lines]
+    )
+
+
+def as_json(conf: ClusterSettings) -> str:
+    return json.dumps(replica_infos(conf), indent=2)
+
+
+# -- placement ---------------------------------------------------------------------------------
+
+
+def _start(settings: Settings, indexes: list[int], say: Say) -> None:
+    conf = settings.cluster
+    if not indexes:
+        return
+    gpus = conf.gpus_per_replica if conf.gpus_per_replica is not None else settings.replica.tensor_parallel_size
+    dumped = settings.model_dump(mode="json", exclude={"api_keys"})
+    started: dict[int, tuple[ActorHandle, ray.ObjectRef]] = {}
+    try:
+        for i in indexes:
+            pg = _place(conf, i, gpus, say)
+            actor = (
+                ray.remote(ReplicaSupervisor)
+                .options(
+                    name=_name(conf, i),
+                    namespace=NAMESPACE,
+                    lifetime="detached",
+                    num_cpus=conf.cpus_per_replica,
+                    num_gpus=1 if gpus else 0,
+                    max_restarts=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+                )
+                .remote(_name(conf, i), dumped, pg)
+            )
+            started[i] = (actor, actor.start.remote())
+        _wait_started(conf, started, settings.replica.startup_timeout_s, say)
+    except BaseException:
+        _stop(conf, list(started))
+        raise
+
+
+def _place(conf: ClusterSettings, index: int, gpus: int, say: Say) -> PlacementGroup:
+    bundles: list[dict[str, float]] = [{"GPU": 1.0} for _ in range(gpus)] or [{}]
+    if conf.cpus_per_replica:
+        bundles[0]["CPU"] = conf.cpus_per_replica
+    if not bundles[0]:
+        raise ClusterError("a replica needs at least one GPU or CPU: set gpus_per_replica or cpus_per_replica")
+    name = _name(conf, index)
+    pg = placement_group(bundles, strategy="STRICT_PACK", name=f"{name}-pg", lifetime="detached")
+    if not pg.wait(conf.placement_timeout_s):
+        remove_placement_group(pg)
+        free = {k: v for k, v in ray.available_resources().items() if k in ("GPU", "CPU")}
+        raise ClusterError(
+            f"cannot place {name}: it needs {gpus} GPU(s) and {conf.cpus_per_replica} CPU(s) on one node "
+            f"(STRICT_PACK), and none was free within {conf.placement_timeout_s:.0f}s; free in the whole "
+            f"cluster: {free}"
+        )
+    where = f"{gpus} GPU bundle(s)" if gpus else "CPUs only"
+    say(f"{name}: placement group ready ({where}, STRICT_PACK)")
+    return pg
+
+
+def _wait_started(
+    conf: ClusterSettings,
+    started: dict[int, tuple[ActorHandle, ray.ObjectRef]],
+    timeout_s: float,
+    say: Say,
+) -> None:
+    pending = {ref: i for i, (_, ref) in started.items()}
+    began = time.monotonic()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=15)
+        for ref in done:
+            i = pending.pop(ref)
+            try:
+                info = ray.get(ref)
+            except RayError as exc:
+                raise ClusterError(f"{_name(conf, i)} did not start: {_cause(exc)}") from None
+            say(f"{info['replica']} healthy at {info['url']} on {info['node_ip']} (GPUs {info['gpus'] or '-'})")
+        waited = time.monotonic() - began
+        if pending and not done:
+            if waited > timeout_s + 30:
+                raise ClusterError(f"replicas still starting after {waited:.0f}s: {sorted(pending.values())}")
+            say(f"still starting {len(pending)} replica(s) ({waited:.0f}s)")
+
+
+def _stop(conf: ClusterSettings, indexes: list[int]) -> None:
+    stopping = []
+    for i in indexes:
+        actor = _actor(conf, i)
+        if actor is not None:
+            stopping.append((actor, actor.stop.remote()))
+    for actor, ref in stopping:
+        try:
+            ray.get(ref, timeout=60)
+        except (RayError, GetTimeoutError) as exc:
+            log.warning("replica did not stop cleanly: %s", _cause(exc))
+        ray.kill(actor, no_restart=True)
+    for i in indexes:
+        with contextlib.suppress(ValueError):  # never placed, or already removed
+            remove_placement_group(ray.util.get_placement_group(f"{_name(conf, i)}-pg"))
+
+
+# -- lookups -----------------------------------------------------------------------------------
+
+
+def _name(conf: ClusterSettings, index: int) -> str:
+    return f"{conf.name}-replica-{index}"
+
+
+def _replica_indexes(conf: ClusterSettings) -> list[int]:
+    """Replicas with a live actor or a placement group (whose actor may have died: status shows it)."""
+    prefix = f"{conf.name}-replica-"
+    names = [str(n) for n in ray.util.list_named_actors()]
+    names += [
+        str(pg["name"]).removesuffix("-pg")
+        for pg in ray.util.placement_group_table().values()
+        if pg.get("state") != "REMOVED" and str(pg.get("name", "")).endswith("-pg")
+    ]
+    return sorted({int(n.removeprefix(prefix)) for n in names if n.startswith(prefix) and n[len(prefix) :].isdigit()})
+
+
+def _actor(conf: ClusterSettings, index: int) -> ActorHandle | None:
+    try:
+        return ray.get_actor(_name(conf, index), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def _info(actor: ActorHandle | None) -> dict[str, Any] | None:
+    if actor is None:
+        return None
+    try:
+        info: dict[str, Any] = ray.get(actor.info.remote(), timeout=10)
+    except (RayActorError, GetTimeoutError):
+        return None
+    return info
+
+
+def _cause(exc: BaseException) -> str:
+    """The remote exception's own message (RayTaskError wraps it with a traceback)."""
+    cause = getattr(exc, "cause", None)
+    return str(cause if cause is not None else exc).strip()[-4000:]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

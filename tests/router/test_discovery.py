@@ -1,0 +1,144 @@
+"""Routers that find replicas in the registry (real Redis, real `qvl sim` replicas, real routers):
+members join and leave routing without a restart, two routers agree on image affinity, and a
+registry outage keeps the last membership instead of emptying the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import Cluster, Proc, image_chat, metric_sum, png_data_url
+
+from serving.registry import Member, Registry
+
+MODEL = "qwen3-vl-sim"
+TTL_S = 2.0
+POLL_S = 0.25
+
+
+def announce(url: str, replica: Proc, replica_id: str, ttl_s: float = TTL_S) -> None:
+    """One announcement, never renewed: the entry lasts ttl_s."""
+
+    async def run() -> None:
+        registry = Registry(url, ttl_s=ttl_s)
+        await registry.announce(Member(replica_id, MODEL, replica.url, 1, "node-a", time.time()))
+        await registry.close()
+
+    asyncio.run(run())
+
+
+class Heartbeats:
+    """Replicas' heartbeats (Registry.heartbeat) on an event loop in a thread of their own."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._registries: list[Registry] = []
+
+    def beat(self, replica: Proc, replica_id: str) -> None:
+        registry = Registry(self._url, ttl_s=TTL_S)
+        self._registries.append(registry)
+        member = Member(replica_id, MODEL, replica.url, 1, "node-a", time.time())
+        asyncio.run_coroutine_threadsafe(self._start(registry, member), self._loop).result(5)
+
+    @staticmethod
+    async def _start(registry: Registry, member: Member) -> None:
+        asyncio.get_running_loop().create_task(registry.heartbeat(member))
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            for registry in self._registries:
+                await registry.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+def routed(router: Proc) -> set[str]:
+    """Names of the replicas this router routes to now (healthy members)."""
+    doc = httpx.get(router.url + "/v1/cluster", timeout=5).json()
+    return {r["name"] for r in doc["replicas"] if r["healthy"]}
+
+
+def wait_for(condition, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until `condition()` held; fails after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, "condition not met in time"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def registry_router(cluster: Cluster, url: str) -> Proc:
+    """A router with no static replicas: everything it routes to comes from the registry."""
+    return cluster.start("router", "--registry", url, "--policy", "image-affinity", ready_path="/health")
+
+
+def test_members_join_and_leave_routing_within_the_ttl(cluster: Cluster, redis_server, monkeypatch) -> None:
+    monkeypatch.setenv("QVL_REGISTRY__POLL_INTERVAL_S", str(POLL_S))
+    a, b = cluster.sim(), cluster.sim()
+    router = registry_router(cluster, redis_server.url)
+    assert routed(router) == set()
+    announce(redis_server.url, a, "a")
+    announce(redis_server.url, b, "b")
+    wait_for(lambda: routed(router) == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}, timeout=5)
+    answer = httpx.post(router.url + "/v1/chat/completions", json=image_chat(MODEL, png_data_url()), timeout=10)
+    assert answer.status_code == 200
+    # Nobody re-announces: both stay healthy (their servers run) but their entries expire.
+    took = wait_for(lambda: routed(router) == set(), timeout=TTL_S + 3)
+    assert took <= TTL_S + POLL_S + 1.0
+    assert a.popen.poll() is None and httpx.get(a.url + "/health").status_code == 200
+
+
+def test_two_routers_send_the_same_image_to_the_same_replica(
+    cluster: Cluster, redis_server, monkeypatch, request: pytest.FixtureRequest
+) -> None:
+    monkeypatch.setenv("QVL_REGISTRY__POLL_INTERVAL_S", str(POLL_S))
+    sims = [cluster.sim() for _ in range(3)]
+    beats = Heartbeats(redis_server.url)
+    request.addfinalizer(beats.close)
+    for i, sim in enumerate(sims):
+        beats.beat(sim, f"r{i}")
+    routers = [registry_router(cluster, redis_server.url) for _ in range(2)]
+    names = {f"127.0.0.1:{s.port}" for s in sims}
+    for router in routers:
+        wait_for(lambda r=router: routed(r) == names, timeout=5)
+    owners = set()
+    for i in range(12):
+        body = image_chat(MODEL, png_data_url((i * 20, 40, 90)), temperature=0.7)
+        picked = {
+            httpx.post(r.url + "/v1/chat/completions", json=body, timeout=10).headers["x-qvl-replica"]
+            for r in routers
+            for _ in range(2)
+        }
+        if len(picked) != 1:
+            texts = [httpx.post(r.url + "/v1/chat/completions", json=body).text[:300] for r in routers]
+            raise AssertionError(f"image {i} went to {picked}: {texts}")
+        owners |= picked
+    assert len(owners) >= 2  # affinity spreads images; it does not pin everything on one replica
+
+
+def test_a_registry_outage_keeps_the_last_membership(cluster: Cluster, redis_server, monkeypatch) -> None:
+    monkeypatch.setenv("QVL_REGISTRY__POLL_INTERVAL_S", str(POLL_S))
+    monkeypatch.setenv("QVL_REGISTRY__TIMEOUT_S", "0.3")
+    sim = cluster.sim()
+    announce(redis_server.url, sim, "only", ttl_s=60)
+    router = registry_router(cluster, redis_server.url)
+    wait_for(lambda: routed(router) == {f"127.0.0.1:{sim.port}"}, timeout=5)
+    assert metric_sum(router.url, "qvl_registry_up") == 1
+    redis_server.kill()
+    wait_for(lambda: metric_sum(router.url, "qvl_registry_up") == 0, timeout=5)
+    time.sleep(1.0)
+    assert routed(router) == {f"127.0.0.1:{sim.port}"}
+    body = image_chat(MODEL, png_data_url(), temperature=0.7)
+    assert httpx.post(router.url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
