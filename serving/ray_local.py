@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +44,7 @@ def running_head(conf: ClusterSettings) -> LocalHead | None:
         head = LocalHead(**json.loads(record_path(conf).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    try:
-        os.kill(head.pid, 0)
-    except OSError:
-        return None
-    return head
+    return head if _alive(head.pid) else None
 
 
 def start_head(conf: ClusterSettings, timeout_s: float = 60) -> LocalHead:
@@ -76,18 +71,28 @@ def start_head(conf: ClusterSettings, timeout_s: float = 60) -> LocalHead:
         argv.append(f"--num-cpus={conf.local_cpus}")
     log = run_dir / "ray-head.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    with log.open("ab") as out:
-        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    # posix_spawn, not Popen: the head is meant to outlive this process, and a Popen object dropped
+    # while its child runs is a resource leak as far as Python can tell.
+    pid = os.posix_spawn(
+        argv[0],
+        argv,
+        env,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ],
+        setsid=True,
+    )
     address = f"{_node_ip()}:{port}"
     deadline = time.monotonic() + timeout_s
     # `ray start` prints this once the GCS and the raylet are both up, and drivers can connect.
     while not (_accepts(address) and "Ray runtime started" in log.read_text(errors="replace")):
-        if popen.poll() is not None or time.monotonic() > deadline:
-            stop_head(LocalHead(popen.pid, address, str(temp_dir), str(log)), grace_s=0)
+        if not _alive(pid) or time.monotonic() > deadline:
+            stop_head(LocalHead(pid, address, str(temp_dir), str(log)), grace_s=0)
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise LocalHeadError(f"the local Ray head did not start; last lines of {log}:\n{tail}")
         time.sleep(0.3)
-    head = LocalHead(popen.pid, address, str(temp_dir), str(log))
+    head = LocalHead(pid, address, str(temp_dir), str(log))
     record_path(conf).write_text(json.dumps(asdict(head)))
     return head
 
@@ -103,6 +108,8 @@ def stop_head(head: LocalHead, grace_s: float = 5) -> None:
     for pid in _session_members(head.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    time.sleep(0.1)
+    _alive(head.pid)  # reaps it when it is our child (a test's fixture)
 
 
 def forget(conf: ClusterSettings) -> None:
@@ -121,6 +128,8 @@ def _session_members(sid: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):  # reap it if it is our child and has exited
+        os.waitpid(pid, os.WNOHANG)
     try:
         os.kill(pid, 0)
     except OSError:

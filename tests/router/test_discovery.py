@@ -52,9 +52,10 @@ class Heartbeats:
 
     def close(self) -> None:
         async def stop() -> None:
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            beating = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in beating:
+                task.cancel()
+            await asyncio.gather(*beating, return_exceptions=True)
             for registry in self._registries:
                 await registry.close()
 
