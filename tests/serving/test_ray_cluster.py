@@ -55,7 +55,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     head = ray_local.start_head(ClusterSettings(local_gpus=2, local_cpus=4, run_dir=str(tmp)))
     log = tmp / "worker.log"
     ray = str(Path(sys.executable).parent / "ray")
-    argv = [ray, "start", f"--address={head.address}", "--block", "--num-gpus=2", "--num-cpus=4", "--disable-usage-stats"]
+    argv = [ray, "start", f"--address={head.address}", "--block", "--num-gpus=2", "--num-cpus=4"]
+    argv.append("--disable-usage-stats")
     with log.open("wb") as out:
         worker = subprocess.Popen(
             argv,
