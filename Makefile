@@ -13,9 +13,11 @@ install: system-deps $(STAMP)
 
 # redis-server: the tests start their own on free ports, and `--cache redis://...` needs one.
 # prometheus (with promtool): checks of deploy/prometheus, and the live dashboard tests run their own.
+# docker-compose: validates deploy/compose.yaml offline (`docker-compose config`; no Docker engine needed).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing (apt-get)"; \

@@ -22,18 +22,11 @@ _SET = "set:"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, build the settings tree once, and run the chosen subcommand."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     if getattr(args, "tiny", False):
         return _build_tiny(args.out, args.seed)
-    overrides: dict[str, Any] = {}
-    for dest, value in vars(args).items():
-        if dest.startswith(_SET) and value is not None:
-            _put(overrides, dest.removeprefix(_SET).split("."), value)
     try:
-        if getattr(args, "engine_args", None):
-            overrides.setdefault("replica", {})["engine_args"] = _engine_args(args.engine_args)
-        settings = load_settings(args.config, overrides)
+        settings = settings_for(args)
     except SettingsError as exc:
         print(f"qvl: {exc}", file=sys.stderr)
         return 2
@@ -42,6 +35,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Handler = args.handler
     return handler(settings, args)
+
+
+def parse_command(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
+    """What `qvl ARGV` would run with: its parsed arguments and settings (used to check deployment
+    files against the code). Raises SystemExit for unknown flags, SettingsError for bad values."""
+    args = _parser().parse_args(argv)
+    return args, settings_for(args)
+
+
+def settings_for(args: argparse.Namespace) -> Settings:
+    """The settings tree of parsed arguments: their --config file, the environment, then their flags."""
+    overrides: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(_SET) and value is not None:
+            _put(overrides, dest.removeprefix(_SET).split("."), value)
+    if getattr(args, "engine_args", None):
+        overrides.setdefault("replica", {})["engine_args"] = _engine_args(args.engine_args)
+    return load_settings(getattr(args, "config", None), overrides)
 
 
 def _build_tiny(out: Path, seed: int) -> int:

@@ -1,0 +1,286 @@
+"""The deployment files against their schemas and against the code: deploy/compose.yaml through
+`docker-compose config`, the Kubernetes manifests through kubernetes-validate's bundled API schemas
+(KubeRay's RayCluster by its required fields, its pod templates as core PodTemplates), and every `qvl`
+command, QVL_* variable, settings file and port they use through the code that would read them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import ROOT
+
+from qvl.cli import parse_command
+from qvl.settings import RouterSettings, Settings, load_settings
+
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.37.0"
+COMPOSE_ENV = {"QVL_API_KEYS": "test-key", "PATH": "/usr/bin:/bin"}
+
+
+def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (path.name, doc)
+        for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return data
+
+
+def docker_compose() -> str:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is not installed; `make install` installs it (apt-get install docker-compose)")
+    return binary
+
+
+# -- schemas ------------------------------------------------------------------------------------
+
+
+def test_compose_file_is_valid() -> None:
+    done = subprocess.run(
+        [docker_compose(), "-f", str(DEPLOY / "compose.yaml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=COMPOSE_ENV,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_compose_refuses_to_start_without_api_keys() -> None:
+    done = subprocess.run(
+        [docker_compose(), "-f", str(DEPLOY / "compose.yaml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode != 0 and "QVL_API_KEYS" in done.stderr
+
+
+def test_compose_validation_rejects_a_broken_file(tmp_path: Path) -> None:
+    # The check above can fail: an unknown service option is refused.
+    broken = compose()
+    broken["services"]["router"]["replicaz"] = 2
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    done = subprocess.run(
+        [docker_compose(), "-f", str(path), "config", "-q"], capture_output=True, text=True, env=COMPOSE_ENV
+    )
+    assert done.returncode != 0 and "replicaz" in done.stderr
+
+
+def test_compose_reserves_one_gpu_per_replica() -> None:
+    services = compose()["services"]
+    gpus = {}
+    for name in ("replica-0", "replica-1"):
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        gpus[name] = tuple(device["device_ids"])
+    assert len(set(gpus.values())) == 2
+
+
+@pytest.mark.parametrize(("source", "doc"), [d for d in k8s_docs() if d[1]["kind"] != "RayCluster"])
+def test_kubernetes_manifest_matches_its_api_schema(source: str, doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_validation_rejects_an_unknown_field() -> None:
+    (deployment,) = [d for name, d in k8s_docs() if name == "router.yaml" and d["kind"] == "Deployment"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["comand"] = ["qvl"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def ray_cluster() -> dict[str, Any]:
+    (doc,) = [d for _, d in k8s_docs() if d["kind"] == "RayCluster"]
+    return doc
+
+
+def test_raycluster_has_kuberays_required_fields_and_valid_pod_templates() -> None:
+    doc = ray_cluster()
+    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
+    spec = doc["spec"]
+    assert spec["rayVersion"] == _pinned("ray")
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    for name, group in groups:
+        assert isinstance(group.get("rayStartParams", {}), dict)
+        assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values()), name
+        template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": name},
+            "template": group["template"],
+        }
+        kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert int(gpus) >= 1
+
+
+# -- the files against the code -------------------------------------------------------------------
+
+
+def qvl_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv after `qvl`) of every qvl command in compose and the Kubernetes manifests."""
+    found = []
+    for name, service in compose()["services"].items():
+        command = service.get("command")
+        if isinstance(command, list) and command[0] == "qvl":
+            found.append((f"compose:{name}", command[1:]))
+    for source, doc in k8s_docs():
+        spec = doc.get("spec", {})
+        pod = spec.get("template", {}).get("spec", {})
+        for container in pod.get("containers", []):
+            argv = container.get("command", []) + container.get("args", [])
+            if argv and argv[0] == "qvl":
+                found.append((f"{source}:{container['name']}", argv[1:]))
+    return found
+
+
+def config_maps(tmp_path: Path) -> dict[str, Path]:
+    """Every settings file of the ConfigMaps, written out as the pods see it (mount path -> local file)."""
+    files = {}
+    for _, doc in k8s_docs():
+        if doc["kind"] == "ConfigMap":
+            for key, text in doc["data"].items():
+                local = tmp_path / key
+                local.write_text(text)
+                files[f"/etc/qvl/{key}"] = local
+    return files
+
+
+def test_every_qvl_command_parses_and_its_settings_load(tmp_path: Path) -> None:
+    commands = qvl_commands()
+    assert {where.split(":")[0] for where, _ in commands} >= {"compose", "router.yaml", "cluster-up-job.yaml"}
+    mounted = config_maps(tmp_path)
+    for where, argv in commands:
+        argv = [str(mounted.get(a, a)) for a in argv]
+        args, settings = parse_command(argv)  # unknown flags exit, bad values raise
+        assert args.handler is not None, where
+
+
+def setting_exists(path: list[str]) -> bool:
+    model: Any = Settings
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        model = fields[part].annotation
+    return True
+
+
+def test_every_qvl_variable_names_a_setting() -> None:
+    names = set()
+    for service in compose()["services"].values():
+        names |= {k for k in service.get("environment", {}) if k.startswith("QVL_")}
+    for _, doc in k8s_docs():
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            names |= {e["name"] for e in container.get("env", []) if e["name"].startswith("QVL_")}
+        for group in doc.get("spec", {}).get("workerGroupSpecs", []):
+            for container in group["template"]["spec"]["containers"]:
+                names |= {e["name"] for e in container.get("env", []) if e["name"].startswith("QVL_")}
+    assert {"QVL_API_KEYS", "QVL_QUOTA__BACKEND", "QVL_REPLICA__RUN_DIR"} <= names
+    for name in names:
+        assert setting_exists(name.removeprefix("QVL_").lower().split("__")), name
+    assert not setting_exists(["router", "replicaz"])
+
+
+def test_example_cluster_configs_load() -> None:
+    for path in (DEPLOY / "ray").glob("*.yaml"):
+        load_settings(path)
+
+
+def test_ports_agree_across_the_files(tmp_path: Path) -> None:
+    services = compose()["services"]
+    router_argv = dict(a.split("=", 1) for a in services["router"]["command"][2:] if "=" in a)
+    port = int(router_argv["--port"])
+    assert services["router"]["ports"] == [f"{port}:{port}"]
+    routers = _targets("routers")
+    assert routers == [f"router:{port}"]
+    for name in ("replica-0", "replica-1"):
+        replica_port = int(dict(a.split("=", 1) for a in services[name]["command"][2:] if "=" in a)["--port"])
+        assert f"{name}:{replica_port}" in _targets("vllm")
+        assert f"http://{name}:{replica_port}" in router_argv.values() or any(
+            a == f"--replica=http://{name}:{replica_port}" for a in services["router"]["command"]
+        )
+        assert f":{replica_port}/health" in " ".join(services[name]["healthcheck"]["test"])
+    exporter = dict(a.split("=", 1) for a in services["gpu-exporter"]["command"][2:] if "=" in a)
+    assert _targets("gpu") == [f"gpu-exporter:{exporter['--port']}"]
+
+    # Kubernetes: the router's settings file, its container port, Service and scrape annotation.
+    mounted = config_maps(tmp_path)
+    router_settings = load_settings(mounted["/etc/qvl/settings.yaml"]).router
+    (deployment,) = [d for n, d in k8s_docs() if n == "router.yaml" and d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]
+    (container_port,) = pod["spec"]["containers"][0]["ports"]
+    assert container_port["containerPort"] == router_settings.port
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(router_settings.port)
+    assert router_settings.host == "0.0.0.0"
+
+    # The cluster-up job reaches the head Service KubeRay creates, on the Ray Client port it exposes.
+    job_argv = next(argv for where, argv in qvl_commands() if where.startswith("cluster-up-job.yaml"))
+    address = job_argv[job_argv.index("--address") + 1]
+    head = ray_cluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    client_port = next(p["containerPort"] for p in head["ports"] if p["name"] == "client")
+    assert address == f"ray://{ray_cluster()['metadata']['name']}-head-svc:{client_port}"
+
+    # nginx: upstreams on the router port; body size and read timeout no tighter than the router's.
+    nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    upstreams = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", nginx, re.MULTILINE)
+    assert len(upstreams) >= 2 and {int(p) for _, p in upstreams} == {RouterSettings().port}
+    body_mb = int(re.search(r"client_max_body_size (\d+)m;", nginx).group(1))  # type: ignore[union-attr]
+    assert body_mb * 1024 * 1024 == RouterSettings().max_request_bytes
+    read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", nginx).group(1))  # type: ignore[union-attr]
+    assert read_timeout > RouterSettings().request_timeout_s
+
+
+def test_redis_urls_name_services_that_exist(tmp_path: Path) -> None:
+    services = compose()["services"]
+    text = yaml.safe_dump(services)
+    assert set(re.findall(r"redis://([\w.-]+):6379", text)) <= set(services)
+    k8s_services = {d["metadata"]["name"] for _, d in k8s_docs() if d["kind"] == "Service"}
+    for local in config_maps(tmp_path).values():
+        settings = load_settings(local)
+        for url in (settings.registry.url, settings.cache.backend, settings.quota.backend):
+            if url.startswith("redis://"):
+                host = url.removeprefix("redis://").split(":")[0].split(".")[0]
+                assert host in k8s_services, url
+
+
+def test_compose_prometheus_keeps_the_job_names_and_passes_promtool(tmp_path: Path) -> None:
+    shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    in_compose = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
+    names = [job["job_name"] for job in in_compose["scrape_configs"]]
+    assert names == [job["job_name"] for job in shipped["scrape_configs"]]
+    # Laid out as the compose file mounts it: /etc/prometheus/{prometheus.yml,rules,targets}.
+    shutil.copy(DEPLOY / "compose" / "prometheus.yml", tmp_path / "prometheus.yml")
+    shutil.copytree(DEPLOY / "prometheus" / "rules", tmp_path / "rules")
+    shutil.copytree(DEPLOY / "compose" / "targets", tmp_path / "targets")
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool is missing; `make install` installs prometheus"
+    done = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _targets(job: str) -> list[str]:
+    groups = yaml.safe_load((DEPLOY / "compose" / "targets" / job / "compose.json").read_text())
+    return [t for group in groups for t in group["targets"]]
+
+
+def _pinned(package: str) -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    match = re.search(rf'"{package}==([\d.]+)"', text)
+    assert match is not None
+    return match.group(1)
