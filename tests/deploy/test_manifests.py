@@ -169,6 +169,8 @@ def test_every_qvl_command_parses_and_its_settings_load(tmp_path: Path) -> None:
         argv = [str(mounted.get(a, a)) for a in argv]
         args, settings = parse_command(argv)  # unknown flags exit, bad values raise
         assert args.handler is not None, where
+        if args.command == "cluster":
+            assert settings.registry.url, f"{where}: cluster replicas must announce to a registry"
 
 
 def setting_exists(path: list[str]) -> bool:
