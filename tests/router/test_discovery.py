@@ -97,6 +97,7 @@ def test_members_join_and_leave_routing_within_the_ttl(cluster: Cluster, redis_s
     assert answer.status_code == 200
     # Nobody re-announces: both stay healthy (their servers run) but their entries expire.
     took = wait_for(lambda: routed(router) == set(), timeout=TTL_S + 3)
+    # The registry's contract (registry.ttl_s), not a speed target: gone within ttl + poll (+ slack).
     assert took <= TTL_S + POLL_S + 1.0
     assert a.popen.poll() is None and httpx.get(a.url + "/health").status_code == 200
 

@@ -194,6 +194,7 @@ def test_supervision_registry_and_two_routers(ray_cluster: RayCluster, redis_ser
         os.kill(frozen["supervisor_pid"], signal.SIGSTOP)
         try:
             took = wait_for(lambda: all(frozen["url"] not in routed(r) for r in routers), timeout=TTL_S + 5)
+            # The registry's contract (registry.ttl_s), not a speed target: gone within ttl + poll (+ slack).
             assert took <= TTL_S + POLL_S + 1.5
             assert httpx.get(frozen["url"] + "/health", timeout=5).status_code == 200
         finally:
