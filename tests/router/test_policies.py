@@ -168,3 +168,22 @@ def test_parse_queue_metrics_sums_label_sets() -> None:
     running, waiting = parse_queue_metrics(text)
     assert waiting == 5.0
     assert running == 7.0
+
+
+def test_pool_sync_adds_and_drops_registry_members_but_keeps_static_ones() -> None:
+    from router.replicas import ReplicaPool
+    from router.upstream import UpstreamClient
+
+    static = "http://10.0.0.1:8000"
+    pool = ReplicaPool([static], RouterSettings(replicas=[static]), UpstreamClient(connect_timeout_s=1))
+    added = pool.sync({"http://10.0.0.2:8000", "http://10.0.0.3:8000"})
+    assert [r.name for r in added] == ["10.0.0.2:8000", "10.0.0.3:8000"]
+    assert not any(r.healthy for r in added)  # admitted only after a health check passes
+    assert pool.membership == {"10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"}
+    kept = pool.replicas[1]
+    assert pool.sync({"http://10.0.0.2:8000", "http://10.0.0.3:8000"}) == []
+    assert pool.replicas[1] is kept  # an unchanged member keeps its state (health, in-flight counts)
+    pool.sync({"http://10.0.0.3:8000"})
+    assert pool.membership == {"10.0.0.1:8000", "10.0.0.3:8000"}
+    pool.sync(set())  # the static replica stays whatever the registry says
+    assert [r.url for r in pool.replicas] == [static]
