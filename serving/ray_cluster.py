@@ -64,7 +64,7 @@ def connect(conf: ClusterSettings, *, start_local: bool, say: Say) -> None:
                 )
             say("starting a local Ray head" + (f" with {conf.local_gpus} logical GPU(s)" if conf.local_gpus else ""))
             head = ray_local.start_head(conf)
-            say(f"local Ray head at {head.address}; log {head.log}")
+            say(f"local Ray head at {head.address} (Ray Client: {head.client_address}); log {head.log}")
         address = head.address
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)

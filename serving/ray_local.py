@@ -32,6 +32,7 @@ class LocalHead:
     address: str
     temp_dir: str
     log: str
+    client_address: str = ""
 
 
 def record_path(conf: ClusterSettings) -> Path:
@@ -92,7 +93,7 @@ def start_head(conf: ClusterSettings, timeout_s: float = 60) -> LocalHead:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise LocalHeadError(f"the local Ray head did not start; last lines of {log}:\n{tail}")
         time.sleep(0.3)
-    head = LocalHead(pid, address, str(temp_dir), str(log))
+    head = LocalHead(pid, address, str(temp_dir), str(log), f"ray://{address.rpartition(':')[0]}:{client_port}")
     record_path(conf).write_text(json.dumps(asdict(head)))
     return head
 

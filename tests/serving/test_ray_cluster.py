@@ -33,10 +33,12 @@ class RayCluster:
     worker_pid: int
     tmp: Path
 
-    def qvl(self, *args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        """`qvl cluster ARGS --address <this cluster>`; its stdout, stderr and status."""
+    def qvl(
+        self, *args: str, env: dict[str, str], check: bool = True, address: str = ""
+    ) -> subprocess.CompletedProcess[str]:
+        """`qvl cluster ARGS --address <this cluster's GCS>`; its stdout, stderr and status."""
         done = subprocess.run(
-            [sys.executable, "-m", "qvl", "cluster", *args, "--address", self.head.address],
+            [sys.executable, "-m", "qvl", "cluster", *args, "--address", address or self.head.address],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -136,6 +138,9 @@ def test_tensor_parallel_replicas_are_packed_on_one_node_each(ray_cluster: RayCl
     assert len({r["node_id"] for r in placed}) == 2
     assert all(r["healthy"] for r in placed)
     assert set(registry_urls(redis_server.url)) == {"tp-replica-0", "tp-replica-1"}
+    # The same replicas seen through Ray Client (ray://), as a machine outside the cluster would.
+    remote = ray_cluster.qvl("status", "--config", str(SIM_CONFIG), env=env, address=ray_cluster.head.client_address)
+    assert [line.split()[0] for line in remote.stdout.splitlines()[1:]] == ["tp-replica-0", "tp-replica-1"]
 
     # Every GPU is taken: a third replica cannot be placed, and says why instead of hanging.
     more = ray_cluster.qvl("scale", "3", "--config", str(SIM_CONFIG), env=env, check=False)
