@@ -218,6 +218,27 @@ def test_supervision_registry_and_two_routers(ray_cluster: RayCluster, redis_ser
     assert registry_urls(redis_server.url) == {}
 
 
+def test_restarts_are_bounded(ray_cluster: RayCluster, redis_server) -> None:
+    env = cluster_env("budget", redis_server.url, ray_cluster.tmp, QVL_CLUSTER__MAX_RESTARTS="1")
+    ray_cluster.qvl("up", "--config", str(SIM_CONFIG), "--replicas", "1", env=env)
+    try:
+        (first,) = replicas(ray_cluster, env)
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_for(
+            lambda: replicas(ray_cluster, env)[0]["restarts"] == 1 and replicas(ray_cluster, env)[0]["healthy"], 30
+        )
+        (second,) = replicas(ray_cluster, env)
+        os.kill(second["pid"], signal.SIGKILL)
+        # The budget (one restart per window) is spent: it stays down, out of the registry, and says so.
+        wait_for(lambda: replicas(ray_cluster, env)[0]["state"] == "failed", 30)
+        assert registry_urls(redis_server.url) == {}
+        status = ray_cluster.qvl("status", "--config", str(SIM_CONFIG), env=env).stdout
+        assert "no (failed)" in status
+        assert "exited with status -9" in replicas(ray_cluster, env)[0]["last_exit"]
+    finally:
+        ray_cluster.qvl("down", "--config", str(SIM_CONFIG), env=env)
+
+
 @pytest.mark.vllm
 def test_a_real_vllm_cpu_replica_on_ray(ray_cluster: RayCluster, redis_server, cluster: Cluster) -> None:
     model = build_tiny_model(ray_cluster.tmp / "tiny").path
