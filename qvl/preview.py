@@ -17,7 +17,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import psutil
 
 from qvl.promstack import DASHBOARDS_DIR, PanelQuery, PrometheusServer, dashboard_queries, live_form, write_config
 from qvl.traffic import ShopTraffic
+from serving.procs import free_port
 
 MODEL = "Qwen/Qwen3-VL-8B-Instruct"
 DRAWN = ("overview", "replicas", "cache")
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qvl-preview-") as tmp:
         work = Path(tmp)
         up, url = _start_cluster(work)
-        prometheus = PrometheusServer(work, _free_port())
+        prometheus = PrometheusServer(work, free_port())
         try:
             replicas = [r["url"].removeprefix("http://") for r in httpx.get(url + "/v1/cluster").json()["replicas"]]
             targets = {"qvl-router": [url.removeprefix("http://")], "qvl-vllm": replicas}
@@ -149,7 +149,7 @@ def _unit_label(unit: str) -> str:
 def _start_cluster(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     config = work / "qvl.yaml"
     config.write_text(SETTINGS)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (work / "qvl-up.log").open("wb")
     command = [sys.executable, "-m", "qvl", "up", "--config", str(config), "--port", str(port), "--no-auth"]
@@ -186,12 +186,6 @@ def _stop(up: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _say(message: str) -> None:

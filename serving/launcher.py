@@ -8,11 +8,9 @@ replicas (not simulated ones) the launcher also starts this host's GPU exporter,
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ from qvl.settings import ReplicaSettings, Settings
 from router.auth import AuthConfigError, KeyRing
 from router.server import uvicorn_config
 from serving.gpu_exporter import exporter_command
+from serving.procs import die_with_parent, free_port, port_free
 from serving.tiny_model import SERVED_NAME, ensure_tiny_model
 from serving.vllm_replica import (
     PlacementError,
@@ -41,7 +40,6 @@ from serving.vllm_replica import (
 )
 
 log = logging.getLogger("qvl.up")
-_PR_SET_PDEATHSIG = 1
 
 
 def run_up(settings: Settings) -> int:
@@ -161,7 +159,7 @@ def _spawn_gpu_exporter(settings: Settings, log_dir: Path | None) -> ReplicaProc
     if not settings.up.gpu_exporter:
         return None
     conf = settings.gpu_exporter
-    if not _port_free(conf.host, conf.port):
+    if not port_free(conf.host, conf.port):
         say(f"GPU exporter not started: {conf.host}:{conf.port} is in use (another exporter on this host?)")
         return None
     log = None if log_dir is None else log_dir / f"gpu-exporter-{conf.port}.log"
@@ -184,17 +182,6 @@ def _spawn_gpu_exporter(settings: Settings, log_dir: Path | None) -> ReplicaProc
     say(f"GPU exporter at {url}/metrics" + (f"; log {log}" if log else ""))
     # Not a replica (the router never sees it), but the same handle: poll, terminate, stop the group.
     return ReplicaProcess(name="gpu-exporter", url=url, popen=popen, log=log)
-
-
-def _port_free(host: str, port: int) -> bool:
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter's server does
-            s.bind((host, port))
-    except OSError:
-        return False
-    return True
 
 
 def _spawn_sim(config: Path, port: int, index: int) -> ReplicaProcess:
@@ -256,18 +243,10 @@ def _restore_signals(previous: dict[int, Callable[[int, FrameType | None], objec
 def _replica_ports(base: int, count: int) -> list[int]:
     if base:
         return [base + i for i in range(count)]
-    ports = []
-    for _ in range(count):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(int(s.getsockname()[1]))
-    return ports
+    return [free_port() for _ in range(count)]
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: a replica must not outlive a killed launcher.
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+_die_with_parent = die_with_parent(signal.SIGTERM)  # a replica must not outlive a killed launcher
 
 
 def _stop(children: list[ReplicaProcess], exporter: ReplicaProcess | None = None) -> None:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qvl.settings_cluster import ClusterSettings
+from serving.procs import free_port
 
 
 class LocalHeadError(RuntimeError):
@@ -54,7 +55,7 @@ def start_head(conf: ClusterSettings, timeout_s: float = 60) -> LocalHead:
     run_dir.mkdir(parents=True, exist_ok=True)
     # Ray puts unix sockets under its temp dir: keep the path short whatever run_dir is.
     temp_dir = Path(tempfile.gettempdir()) / f"qvl-ray-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:10]}"
-    port, client_port = _free_port(), _free_port()
+    port, client_port = free_port(""), free_port("")
     argv = [
         str(Path(sys.executable).parent / "ray"),
         "start",
@@ -152,9 +153,3 @@ def _node_ip() -> str:
     import ray
 
     return str(ray.util.get_node_ip_address())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])

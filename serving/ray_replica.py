@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +31,15 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qvl.settings import Settings, load_settings
+from serving.procs import die_with_parent, free_port, port_free
 from serving.registry import Member, Registry, RegistryUnavailable
 from serving.tiny_model import SERVED_NAME, ensure_tiny_model
-from serving.vllm_replica import Device, served_name, vllm_command, vllm_env
+from serving.vllm_replica import Device, ReplicaProcess, answers_health, served_name, vllm_command, vllm_env
 
 log = logging.getLogger("qvl.cluster.replica")
 State = Literal["starting", "healthy", "unhealthy", "restarting", "failed", "stopped"]
 # A replica that answers no health check this many times in a row is restarted (a hung server).
 _HUNG_AFTER_FAILED_CHECKS = 3
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,7 @@ class ReplicaSupervisor:
         self._id = replica_id
         self._pg = placement_group
         self._state: State = "starting"
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._server: ReplicaProcess | None = None
         self._placement: Placement | None = None
         self._port = 0
         self._started_at = 0.0
@@ -90,10 +86,11 @@ class ReplicaSupervisor:
         """Start the server and wait until it is healthy; then supervise it. Returns `info()`.
         Raises RuntimeError (its log's tail in the message) when the first start fails."""
         self._placement = await self._place()
-        self._port = await asyncio.to_thread(_free_port, self._host())
+        self._port = free_port(self._host())
         await self._launch()
         if not await self._wait_healthy():
-            message = f"{self._id} did not become healthy: {self._last_exit}\n{self._log_tail()}"
+            tail = self._server.log_tail() if self._server is not None else "(not started)"
+            message = f"{self._id} did not become healthy: {self._last_exit}\n{tail}"
             await self.stop()
             raise RuntimeError(message)
         self._tasks = [asyncio.create_task(self._supervise()), asyncio.create_task(self._heartbeat())]
@@ -113,7 +110,7 @@ class ReplicaSupervisor:
             "healthy": self._state == "healthy",
             "started_at": self._started_at,
             "restarts": self._restarts_total,
-            "pid": self._popen.pid if self._popen is not None else None,
+            "pid": self._server.popen.pid if self._server is not None else None,
             "supervisor_pid": os.getpid(),
             "last_exit": self._last_exit,
             "engine": self._settings.cluster.engine,
@@ -166,12 +163,14 @@ class ReplicaSupervisor:
         argv, env = await asyncio.to_thread(self._prepare)
         # Forked from the event loop's thread, which lives as long as the actor: PR_SET_PDEATHSIG
         # fires when the forking *thread* ends, so a worker thread of to_thread could kill the server.
-        with self._log_path().open("ab") as out:
-            self._popen = subprocess.Popen(  # noqa: ASYNC220
+        log_path = self._workdir / "server.log"
+        with log_path.open("ab") as out:
+            popen = subprocess.Popen(  # noqa: ASYNC220
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
             )
+        self._server = ReplicaProcess(name=self._id, url=self.url, popen=popen, log=log_path)
         self._started_at = time.time()
-        log.info("%s: server started (pid %d) at %s", self._id, self._popen.pid, self.url)
+        log.info("%s: server started (pid %d) at %s", self._id, popen.pid, self.url)
 
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
         """The server's argv and environment; builds the tiny model on this node if no model is set."""
@@ -198,26 +197,9 @@ class ReplicaSupervisor:
             Path(env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
         return argv, env
 
-    def _log_path(self) -> Path:
-        return self._workdir / "server.log"
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self._log_path().read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def _kill(self, grace_s: float = 20) -> None:
-        popen = self._popen
-        if popen is None or popen.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGTERM)
-            try:
-                popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(popen.pid, signal.SIGKILL)
-                popen.wait(10)
+    def _kill(self) -> None:
+        if self._server is not None:
+            self._server.stop()
 
     async def _wait_healthy(self) -> bool:
         """Until /health answers 200 (True), or the process exits or startup_timeout_s passes (False)."""
@@ -226,7 +208,7 @@ class ReplicaSupervisor:
         while time.monotonic() < deadline:
             if self._exited():
                 return False
-            if await asyncio.to_thread(_healthy, self.url):
+            if await asyncio.to_thread(answers_health, self.url):
                 self._state = "healthy"
                 return True
             await asyncio.sleep(0.5)
@@ -235,8 +217,8 @@ class ReplicaSupervisor:
         return False
 
     def _exited(self) -> bool:
-        assert self._popen is not None
-        code = self._popen.poll()
+        assert self._server is not None
+        code = self._server.popen.poll()
         if code is None:
             return False
         self._last_exit = f"server exited with status {code} at {time.strftime('%H:%M:%S')}"
@@ -251,7 +233,7 @@ class ReplicaSupervisor:
             await asyncio.sleep(conf.health_interval_s)
             if self._exited():
                 log.warning("%s: %s", self._id, self._last_exit)
-            elif await asyncio.to_thread(_healthy, self.url):
+            elif await asyncio.to_thread(answers_health, self.url):
                 failed_checks = 0
                 self._state = "healthy"
                 continue
@@ -293,8 +275,8 @@ class ReplicaSupervisor:
             self._restarts_total += 1
             log.info("%s: restart %d in %.1fs", self._id, self._restarts_total, delay)
             await asyncio.sleep(delay)
-            if not await asyncio.to_thread(_port_free, self._host(), self._port):
-                self._port = await asyncio.to_thread(_free_port, self._host())
+            if not port_free(self._host(), self._port):
+                self._port = free_port(self._host())
             await self._launch()
             if await self._wait_healthy():
                 await self._announce()
@@ -324,32 +306,6 @@ class ReplicaSupervisor:
             log.warning("%s: cannot announce to the registry: %s", self._id, exc)
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        # As the servers bind: connections of the dead server in TIME_WAIT must not move the replica.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def _die_with_parent() -> None:
-    # The server must not outlive its supervisor: with it gone nobody would withdraw or restart it.
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+# Forked from the event loop's thread (see _launch): the server must not outlive its supervisor,
+# with it gone nobody would withdraw or restart it.
+_die_with_parent = die_with_parent(signal.SIGKILL)

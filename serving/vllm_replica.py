@@ -201,7 +201,7 @@ class ReplicaProcess:
                     f"{self.name} exited with status {code} before it was healthy; last lines of "
                     f"{self.log or 'its output'}:\n{self.log_tail()}"
                 )
-            if _healthy(self.url):
+            if answers_health(self.url):
                 return time.monotonic() - started
             now = time.monotonic()
             if now - started > timeout_s:
@@ -316,7 +316,8 @@ def _flag(name: str, value: Any) -> list[str]:
     return [option, str(value)]
 
 
-def _healthy(url: str) -> bool:
+def answers_health(url: str) -> bool:
+    """Whether GET url/health answers 200 within 2 s (blocking)."""
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as resp:
             return int(resp.status) == 200
