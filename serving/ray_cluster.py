@@ -31,6 +31,7 @@ from serving.ray_replica import ReplicaSupervisor
 
 log = logging.getLogger("qvl.cluster")
 NAMESPACE = "qvl"
+CLIENT_ATTEMPTS = 3
 Say = Callable[[str], None]
 
 
@@ -66,10 +67,19 @@ def connect(conf: ClusterSettings, *, start_local: bool, say: Say) -> None:
             head = ray_local.start_head(conf)
             say(f"local Ray head at {head.address} (Ray Client: {head.client_address}); log {head.log}")
         address = head.address
-    try:
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+    # Ray Client starts a server process per connection on the head; on a busy head that start can
+    # time out once (Ray's "Initialization failure from server"), and the next try usually works.
+    attempts = CLIENT_ATTEMPTS if address.startswith("ray://") else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            if attempt == attempts:
+                raise ClusterError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+            say(f"connecting to {address} failed ({str(exc).strip().splitlines()[0]}); retrying ({attempt}/{attempts})")
+            ray.shutdown()
+            time.sleep(2.0 * attempt)
 
 
 def up(settings: Settings, say: Say) -> list[Row]:
