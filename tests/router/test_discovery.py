@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Cluster, Proc, image_chat, metric_sum, png_data_url
+from conftest import Cluster, Proc, image_chat, metric_sum, png_data_url, wait_for
 
 from serving.registry import Member, Registry
 
@@ -69,15 +69,6 @@ def routed(router: Proc) -> set[str]:
     """Names of the replicas this router routes to now (healthy members)."""
     doc = httpx.get(router.url + "/v1/cluster", timeout=5).json()
     return {r["name"] for r in doc["replicas"] if r["healthy"]}
-
-
-def wait_for(condition, timeout: float) -> float:  # type: ignore[no-untyped-def]
-    """Seconds until `condition()` held; fails after `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, "condition not met in time"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def registry_router(cluster: Cluster, url: str) -> Proc:

@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, Cluster, Proc, image_chat, png_data_url
+from conftest import ROOT, Cluster, Proc, image_chat, png_data_url, wait_for
 
 from qvl.settings_cluster import ClusterSettings
 from serving import ray_local
@@ -114,14 +114,6 @@ def registry_urls(redis_url: str) -> dict[str, str]:
 def routed(router: Proc) -> set[str]:
     doc = httpx.get(router.url + "/v1/cluster", timeout=5).json()
     return {r["url"] for r in doc["replicas"] if r["healthy"]}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, "condition not met in time"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def test_tensor_parallel_replicas_are_packed_on_one_node_each(ray_cluster: RayCluster, redis_server) -> None:
