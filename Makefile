@@ -64,7 +64,7 @@ test: lint typecheck promcheck pytest
 
 # PNG plots of the main dashboard panels from a live Prometheus scraping `qvl up --engine sim` under load.
 dashboards-preview: install
-	$(BIN)/python -m qvl.preview --out docs/dashboards
+	$(BIN)/python -m tools.preview --out docs/dashboards
 
 bench: install
 	$(BIN)/python -m benchmarks.router_overhead --stream

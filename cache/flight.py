@@ -19,18 +19,31 @@ import logging
 import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from cache.keys import cache_key
 from cache.policy import CacheDecision, decide
 from cache.store import CacheStore, CacheUnavailable
 from qvl.settings import CacheSettings
-from router.edge import ChatRequest
 
 log = logging.getLogger("qvl.cache")
 
 Result = Literal["hit", "miss", "coalesced", "bypass"]
 T = TypeVar("T")
+
+
+class CacheableRequest(Protocol):
+    """What the cache reads of a request (the router's edge builds one; cache/ knows nothing of the router)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The parsed body; read-only."""
+        ...
+
+    @property
+    def image_digests(self) -> tuple[str, ...]: ...
 
 
 class CacheMetrics(Protocol):
@@ -100,7 +113,7 @@ class AnswerCache:
             await asyncio.sleep(interval_s)
             await self.check_store()
 
-    async def begin(self, request: ChatRequest, cache_control: str | None) -> Lookup:
+    async def begin(self, request: CacheableRequest, cache_control: str | None) -> Lookup:
         """Decide, look up, and join or lead a flight; never raises for store failures."""
         store = self._store
         decision = decide(request.doc, cache_control, self._settings.deterministic_only)

@@ -14,7 +14,7 @@ import contextlib
 import math
 from collections.abc import Callable
 
-from qvl.settings_edge import AdmissionSettings
+from qvl.settings import AdmissionSettings
 from router.errors import Overloaded
 from router.replicas import Replica
 

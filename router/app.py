@@ -85,19 +85,19 @@ def create_app(settings: Settings) -> FastAPI:
             watch = RegistryWatch(registry, pool, settings.registry.poll_interval_s)
         store = build_store(settings.cache)
         # The gauges are read at scrape time, by which `cache` exists.
-        audit = build_audit_log(settings.audit)
+        audit = build_audit_log(settings.router.audit)
         metrics = RouterMetrics(
             lambda: pool.replicas,
             lambda: cache.store_health(),
-            lambda: (audit.lines_written, audit.write_errors, audit.pending) if settings.audit.path else None,
+            lambda: (audit.lines_written, audit.write_errors, audit.pending) if settings.router.audit.path else None,
             lambda: None if watch is None else watch.up,
         )
         cache = AnswerCache(store, settings.cache, metrics)
-        admission = Admission(settings.admission)
+        admission = Admission(settings.router.admission)
         proxy = Proxy(
             pool, build_policy(settings.router, lambda: pool.membership), client, settings.router, metrics, admission
         )
-        quotas = Quotas(settings.quota)
+        quotas = Quotas(settings.router.quota)
         await audit.start()
         app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache, keys, quotas, audit)
         if watch is not None:
@@ -228,12 +228,14 @@ class ChatCompletions:
             # Who is asking comes first: an unknown caller costs no body parsing.
             key = state.keys.authenticate(headers.get(b"authorization"))
             body = await _read_body(receive, settings.router.max_request_bytes, headers.get(b"content-length"))
-            if settings.fetch.enabled:
+            if settings.router.fetch.enabled:
                 # Remote images become data URLs here, once: replicas never fetch anything.
-                inlined = await inline_remote_images(parse_json_object(body), settings.fetch, settings.limits, tls=tls)
+                inlined = await inline_remote_images(
+                    parse_json_object(body), settings.router.fetch, settings.router.limits, tls=tls
+                )
                 body = inlined if inlined is not None else body
             session = headers.get(settings.router.session_header.encode())
-            request = parse_chat_request(body, session.decode("latin-1") if session else None, settings.limits)
+            request = parse_chat_request(body, session.decode("latin-1") if session else None, settings.router.limits)
             state.keys.authorize(key, request.model)
             await state.quotas.charge(key, request.image_tokens)
         except RouterError as exc:

@@ -53,7 +53,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from qvl.settings_edge import AuditSettings
+from qvl.settings import AuditSettings
 
 log = logging.getLogger("qvl.router.audit")
 

@@ -62,18 +62,18 @@ class KeyRing:
     def from_settings(cls, settings: Settings) -> KeyRing:
         """Read the keys file and QVL_API_KEYS; raises AuthConfigError when auth is on and no key exists."""
         keys: dict[str, ApiKey] = {}
-        if settings.auth.keys_file:
-            keys.update(_read_keys_file(Path(settings.auth.keys_file)))
+        if settings.router.auth.keys_file:
+            keys.update(_read_keys_file(Path(settings.router.auth.keys_file)))
         for key in (k.strip() for k in settings.api_keys.get_secret_value().split(",")):
             if key:
                 digest = key_hash(key)
                 keys.setdefault(digest, ApiKey(id=f"env-{digest[:8]}", models=None))
-        if settings.auth.enabled and not keys:
+        if settings.router.auth.enabled and not keys:
             raise AuthConfigError(
                 "auth is on but no API key is configured: set QVL_API_KEYS or auth.keys_file, "
                 "or turn auth off explicitly with --no-auth (auth.enabled: false)"
             )
-        return cls(keys, settings.auth.enabled)
+        return cls(keys, settings.router.auth.enabled)
 
     def __len__(self) -> int:
         return len(self._keys)

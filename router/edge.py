@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from qvl.dataurl import DataURLError, decode_image_data_url
-from qvl.settings_edge import LimitSettings
+from qvl.settings import LimitSettings
 from router.errors import InvalidRequest
 from router.images import inspect_image
 

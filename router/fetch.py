@@ -44,7 +44,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httptools
 import orjson
 
-from qvl.settings_edge import FetchSettings, LimitSettings
+from qvl.settings import FetchSettings, LimitSettings
 from router.edge import ImagePart, image_parts
 from router.errors import InvalidRequest
 from router.images import inspect_image

@@ -20,7 +20,7 @@ from typing import Protocol
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from qvl.settings_edge import QuotaSettings
+from qvl.settings import QuotaSettings
 from router.auth import ApiKey
 from router.errors import InvalidRequest, QuotaUnavailable, RateLimited
 

@@ -26,7 +26,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         access_log=False,
         proxy_headers=False,
         lifespan="on",
-        timeout_graceful_shutdown=math.ceil(settings.drain.timeout_s),
+        timeout_graceful_shutdown=math.ceil(settings.router.drain.timeout_s),
     )
 
 

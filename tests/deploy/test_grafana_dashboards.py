@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from qvl.promstack import GRAFANA_MACROS, VARIABLE, dashboard_queries, iter_panels, live_form
+from tools.promstack import GRAFANA_MACROS, VARIABLE, dashboard_queries, iter_panels, live_form
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 DASHBOARDS = GRAFANA / "dashboards"

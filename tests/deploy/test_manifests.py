@@ -193,7 +193,7 @@ def test_every_qvl_variable_names_a_setting() -> None:
         for group in doc.get("spec", {}).get("workerGroupSpecs", []):
             for container in group["template"]["spec"]["containers"]:
                 names |= {e["name"] for e in container.get("env", []) if e["name"].startswith("QVL_")}
-    assert {"QVL_API_KEYS", "QVL_QUOTA__BACKEND", "QVL_REPLICA__RUN_DIR"} <= names
+    assert {"QVL_API_KEYS", "QVL_ROUTER__QUOTA__BACKEND", "QVL_REPLICA__RUN_DIR"} <= names
     for name in names:
         assert setting_exists(name.removeprefix("QVL_").lower().split("__")), name
     assert not setting_exists(["router", "replicaz"])
@@ -255,7 +255,7 @@ def test_redis_urls_name_services_that_exist(tmp_path: Path) -> None:
     k8s_services = {d["metadata"]["name"] for _, d in k8s_docs() if d["kind"] == "Service"}
     for local in config_maps(tmp_path).values():
         settings = load_settings(local)
-        for url in (settings.registry.url, settings.cache.backend, settings.quota.backend):
+        for url in (settings.registry.url, settings.cache.backend, settings.router.quota.backend):
             if url.startswith("redis://"):
                 host = url.removeprefix("redis://").split(":")[0].split(".")[0]
                 assert host in k8s_services, url

@@ -31,7 +31,8 @@ import psutil
 import pytest
 from conftest import Cluster, Proc, RedisServer, free_port, image_chat, png_data_url
 
-from qvl.promstack import (
+from loadtests.traffic import ShopTraffic
+from tools.promstack import (
     DASHBOARDS_DIR,
     PanelQuery,
     PrometheusServer,
@@ -41,7 +42,6 @@ from qvl.promstack import (
     recording_rules,
     write_config,
 )
-from qvl.traffic import ShopTraffic
 
 MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 FAKE_NVML = Path(__file__).resolve().parents[1] / "serving" / "fake_nvml"

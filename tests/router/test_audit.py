@@ -18,7 +18,7 @@ import orjson
 import pytest
 from conftest import image_chat, png_data_url
 
-from qvl.settings_edge import AuditSettings
+from qvl.settings import AuditSettings
 from router.audit import (
     AuditLog,
     AuditLogError,

@@ -14,8 +14,7 @@ import pytest
 from conftest import Cluster, image_chat, metric_sum, png_data_url
 from pydantic import SecretStr
 
-from qvl.settings import Settings
-from qvl.settings_edge import AdmissionSettings, AuthSettings, QuotaSettings
+from qvl.settings import AdmissionSettings, AuthSettings, QuotaSettings, RouterSettings, Settings
 from router.admission import Admission
 from router.auth import ANONYMOUS, ApiKey, AuthConfigError, KeyRing
 from router.errors import Overloaded, PermissionDenied, QuotaUnavailable, RateLimited, Unauthenticated
@@ -44,7 +43,9 @@ def keys_file(tmp_path: Path) -> Path:
 
 
 def settings(tmp_path: Path, **auth: object) -> Settings:
-    return Settings(auth=AuthSettings(keys_file=str(keys_file(tmp_path)), **auth))  # type: ignore[arg-type]
+    return Settings(
+        router=RouterSettings(auth=AuthSettings(keys_file=str(keys_file(tmp_path)), **auth))  # type: ignore[arg-type]
+    )
 
 
 def test_keys_are_kept_hashed_and_known_by_id(tmp_path: Path) -> None:
@@ -78,7 +79,10 @@ def test_env_keys_allow_every_model_and_auth_on_without_keys_refuses_to_start(tm
     assert key.models is None and key.id == "env-" + hashlib.sha256(OTHER.encode()).hexdigest()[:8]
     with pytest.raises(AuthConfigError, match="no API key is configured"):
         KeyRing.from_settings(Settings())
-    assert KeyRing.from_settings(Settings(auth=AuthSettings(enabled=False))).authenticate(None) is ANONYMOUS
+    assert (
+        KeyRing.from_settings(Settings(router=RouterSettings(auth=AuthSettings(enabled=False)))).authenticate(None)
+        is ANONYMOUS
+    )
 
 
 @pytest.mark.parametrize(
@@ -99,7 +103,7 @@ def test_a_bad_keys_file_names_the_problem_not_the_key(tmp_path: Path, text: str
     path = tmp_path / "keys.yaml"
     path.write_text(text)
     with pytest.raises(AuthConfigError, match=message) as caught:
-        KeyRing.from_settings(Settings(auth=AuthSettings(keys_file=str(path))))
+        KeyRing.from_settings(Settings(router=RouterSettings(auth=AuthSettings(keys_file=str(path)))))
     assert "sk-0123456789abcdef" not in str(caught.value)
 
 
@@ -214,7 +218,7 @@ def test_auth_off_needs_the_flag_and_warns(cluster: Cluster) -> None:
 def test_a_key_over_its_rate_gets_429_with_retry_after(cluster: Cluster, tmp_path: Path) -> None:
     sim = cluster.sim("--zero-delay")
     config = tmp_path / "qvl.yaml"
-    config.write_text("quota: {burst_s: 2}\n")  # 120/min: a bucket of 4 requests
+    config.write_text("router: {quota: {burst_s: 2}}\n")  # 120/min: a bucket of 4 requests
     router = cluster.router(sim, flags=("--keys-file", str(keys_file(tmp_path)), "--config", str(config)), auth=True)
     headers = {"authorization": f"Bearer {GOOD}"}
     statuses = []
@@ -236,7 +240,7 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(cluster: Cluster, tmp_pat
 def test_a_full_replica_queue_answers_503_with_retry_after(cluster: Cluster, tmp_path: Path) -> None:
     sim = cluster.sim("--ttft-base-ms", "400", "--output-tokens", "2")
     config = tmp_path / "qvl.yaml"
-    config.write_text("admission: {max_in_flight_per_replica: 2, queue_size: 2, queue_timeout_s: 5}\n")
+    config.write_text("router: {admission: {max_in_flight_per_replica: 2, queue_size: 2, queue_timeout_s: 5}}\n")
     router = cluster.router(sim, flags=("--config", str(config)))
 
     async def burst() -> list[httpx.Response]:

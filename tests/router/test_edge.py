@@ -10,7 +10,8 @@ import pytest
 from conftest import image_chat, png_data_url
 from PIL import Image
 
-from qvl.settings_edge import LimitSettings
+from qvl.images import tokens_for_size
+from qvl.settings import LimitSettings
 from router.edge import (
     MAX_JSON_DEPTH,
     decode_data_url,
@@ -20,7 +21,6 @@ from router.edge import (
     parse_json_object,
 )
 from router.errors import InvalidRequest
-from serving.image_tokens import tokens_for_size
 
 
 def body(doc: object) -> bytes:

@@ -23,7 +23,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from qvl.settings_edge import FetchSettings, LimitSettings
+from qvl.settings import FetchSettings, LimitSettings
 from router.edge import parse_chat_request
 from router.errors import InvalidRequest
 from router.fetch import check_url, forbidden_address, host_allowed, inline_remote_images, parse_ipv4

@@ -28,7 +28,7 @@ import orjson
 import pytest
 from test_fetch import PUBLIC_IP, ROOT, chat, png
 
-from qvl.settings_edge import FetchSettings, LimitSettings
+from qvl.settings import FetchSettings, LimitSettings
 from router.edge import parse_chat_request, parse_json_object
 from router.errors import InvalidRequest
 from router.fetch import inline_remote_images

@@ -133,11 +133,12 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Pr
     try:
         sim = cluster.sim("--zero-delay")
         limits = tmp / "limits.yaml"
-        limits.write_text("router: {max_request_bytes: 8388608}\nlimits: {max_image_bytes: 2097152, max_images: 16}\n")
+        limits.write_text("router: {max_request_bytes: 8388608, limits: {max_image_bytes: 2097152, max_images: 16}}\n")
         router = cluster.router(sim, flags=("--config", str(limits)))
         fetching = tmp / "fetch.yaml"
         fetching.write_text(
-            "fetch:\n  enabled: true\n  allowed_hosts: ['127.0.0.1', '::1', '[::1]', '169.254.169.254', '2130706433',\n"
+            "router:\n fetch:\n  enabled: true\n"
+            "  allowed_hosts: ['127.0.0.1', '::1', '[::1]', '169.254.169.254', '2130706433',\n"
             "    '0x7f000001', '127.1', localhost, '10.0.0.8', '*.example']\n"
         )
         fetcher = cluster.router(sim, flags=("--config", str(fetching)))

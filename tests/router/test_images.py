@@ -11,10 +11,10 @@ import zlib
 import pytest
 from PIL import Image
 
-from qvl.settings_edge import LimitSettings
+from qvl.images import image_dimensions, image_tokens, sniff_format
+from qvl.settings import LimitSettings
 from router.errors import InvalidRequest
-from router.images import image_dimensions, inspect_image, sniff_format
-from serving.image_tokens import image_tokens
+from router.images import inspect_image
 
 LIMITS = LimitSettings()
 

@@ -42,7 +42,7 @@ import psutil
 import pytest
 from conftest import ROOT, Cluster, Proc, RedisServer, image_chat, metric_sum
 
-from qvl.traffic import QUESTIONS, product_photo
+from loadtests.traffic import QUESTIONS, product_photo
 
 MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 API_KEY = "sk-qvl-soak-0123456789abcdef"

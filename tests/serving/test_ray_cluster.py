@@ -18,8 +18,8 @@ import httpx
 import pytest
 from conftest import ROOT, Cluster, Proc, image_chat, png_data_url, wait_for
 
-from qvl.settings_cluster import ClusterSettings
-from serving import ray_local
+from qvl.settings import ClusterSettings
+from serving.ray import local as ray_local
 from serving.tiny_model import SERVED_NAME, build_tiny_model
 
 SIM_CONFIG = ROOT / "deploy" / "ray" / "cluster.sim.yaml"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from qvl.settings import SimSettings
-from serving.sim_engine import ImageInput, LatencyModel, RequestRejected, SimEngine, SimRequest
+from serving.sim.engine import ImageInput, LatencyModel, RequestRejected, SimEngine, SimRequest
 
 ZERO = SimSettings(model="m").zero_delay()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from qvl.settings import Settings
-from serving.ray_local import LocalHeadError
+from serving.ray.local import LocalHeadError
 
 
 def say(message: str) -> None:
@@ -16,7 +16,8 @@ def run_cluster(settings: Settings, action: str, *, count: int | None = None, as
     """Run one action (up, status, scale, down); returns the exit status (1 with a one-line reason)."""
     import ray
 
-    from serving import ray_cluster, ray_local
+    from serving.ray import cluster as ray_cluster
+    from serving.ray import local as ray_local
 
     conf = settings.cluster
     try:

@@ -19,8 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qvl.settings_cluster import ClusterSettings
-from serving.procs import free_port
+from qvl.procs import free_port
+from qvl.settings import ClusterSettings
 
 
 class LocalHeadError(RuntimeError):

@@ -22,11 +22,11 @@ from types import FrameType
 import uvicorn
 import yaml
 
+from qvl.procs import die_with_parent, free_port, port_free
 from qvl.settings import ReplicaSettings, Settings
 from router.auth import AuthConfigError, KeyRing
 from router.server import uvicorn_config
 from serving.gpu_exporter import exporter_command
-from serving.procs import die_with_parent, free_port, port_free
 from serving.tiny_model import SERVED_NAME, ensure_tiny_model
 from serving.vllm_replica import (
     PlacementError,

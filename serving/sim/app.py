@@ -22,11 +22,11 @@ HTTP API
     (`BadRequestError`), both as OpenAI-style JSON errors. `x-request-id` is echoed. A client that
     disconnects, queued or mid-stream, has its request cancelled at once.
 
-Latency model (milliseconds; see serving/sim_engine.py)
+Latency model (milliseconds; see serving/sim/engine.py)
     TTFT = queueing + ttft_base + ttft_per_prompt_token * (text characters / 4)
                     + ttft_per_image_token * image tokens of each image not in the mm cache
     ITL  = itl_base + itl_per_running * (running requests - 1)
-    Image tokens follow Qwen3-VL's smart resize (serving/image_tokens.py). At most `max_running`
+    Image tokens follow Qwen3-VL's smart resize (qvl/images.py). At most `max_running`
     requests decode at once; the rest queue, first in first out. The mm cache is an LRU of
     `mm_cache_items` image digests (SHA-256 of the decoded bytes). A request generates
     `output_tokens` tokens (finish "stop"), or fewer if `max_tokens` asks for fewer (finish "length").
@@ -57,10 +57,10 @@ from typing import Any
 import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
+from qvl.images import ImageTokenCounter
 from qvl.settings import SimSettings
-from serving.image_tokens import ImageTokenCounter
-from serving.sim_engine import Generation, RequestRejected, SimEngine
-from serving.sim_openai import (
+from serving.sim.engine import Generation, RequestRejected, SimEngine
+from serving.sim.openai_api import (
     ApiError,
     BadRequest,
     ChatCall,

@@ -1,7 +1,7 @@
 """The Ray actor that runs one replica's server on the node Ray placed it on, and keeps it running.
 
 `ReplicaSupervisor` is an async Ray actor, created in bundle 0 of the replica's placement group
-(serving/ray_cluster.py). It learns its GPUs from Ray (its own bundle's, plus one probe task per
+(serving/ray/cluster.py). It learns its GPUs from Ray (its own bundle's, plus one probe task per
 other bundle), starts `vllm serve` (or `qvl sim`) with exactly those GPUs, announces the replica
 in the registry while it is healthy, and restarts the server when it exits or stops answering,
 with exponential backoff and at most `cluster.max_restarts` restarts per `cluster.restart_window_s`.
@@ -30,8 +30,8 @@ import yaml
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from qvl.procs import die_with_parent, free_port, port_free
 from qvl.settings import Settings, load_settings
-from serving.procs import die_with_parent, free_port, port_free
 from serving.registry import Member, Registry, RegistryUnavailable
 from serving.tiny_model import SERVED_NAME, ensure_tiny_model
 from serving.vllm_replica import Device, ReplicaProcess, answers_health, served_name, vllm_command, vllm_env

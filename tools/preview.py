@@ -1,12 +1,12 @@
 """`make dashboards-preview`: PNG plots of the dashboards' time-series panels, drawn with matplotlib from a
-live Prometheus that scraped `qvl up --engine sim` under shop traffic (qvl/traffic.py).
+live Prometheus that scraped `qvl up --engine sim` under shop traffic (loadtests/traffic.py).
 
 Nothing is faked: the plots run each panel's own PromQL (deploy/grafana/dashboards) through Prometheus'
 range API, with Grafana's `$__rate_interval` read as `--window`. Two thirds into the run one replica is
 SIGKILLed, so the error, retry and health panels show a failover. The GPU dashboard is not drawn: this
 command runs on machines without GPUs, where the exporter has nothing to report.
 
-    python -m qvl.preview --out docs/dashboards [--seconds 90] [--concurrency 12]
+    python -m tools.preview --out docs/dashboards [--seconds 90] [--concurrency 12]
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any
 import httpx
 import psutil
 
-from qvl.promstack import DASHBOARDS_DIR, PanelQuery, PrometheusServer, dashboard_queries, live_form, write_config
-from qvl.traffic import ShopTraffic
-from serving.procs import free_port
+from loadtests.traffic import ShopTraffic
+from qvl.procs import free_port
+from tools.promstack import DASHBOARDS_DIR, PanelQuery, PrometheusServer, dashboard_queries, live_form, write_config
 
 MODEL = "Qwen/Qwen3-VL-8B-Instruct"
 DRAWN = ("overview", "replicas", "cache")
@@ -45,7 +45,7 @@ _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qvl.preview", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.preview", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/dashboards"), help="folder for the PNG files")
     parser.add_argument("--seconds", type=float, default=90.0, help="how long to send traffic")
     parser.add_argument("--concurrency", type=int, default=12, help="closed-loop clients")

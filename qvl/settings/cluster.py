@@ -1,21 +1,18 @@
-"""Settings sections of cluster mode: the replica registry in Redis and replicas placed on Ray.
-Part of the one settings tree in qvl/settings.py."""
+"""Cluster mode's part of the settings tree: the replica registry in Redis and replicas placed on Ray."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from qvl.settings.base import EngineName, Section, redis_url
 
 
-class RegistrySettings(_Section):
+class RegistrySettings(Section):
     """Where replicas announce themselves and routers find them (both read this section)."""
 
-    url: str = Field(
+    url: Annotated[str, redis_url("")] = Field(
         "",
         description="Redis URL of the replica registry, e.g. redis://10.0.0.2:6379/0. Empty: no registry "
         "(the router uses router.replicas only). Routers and `qvl cluster` replicas must name the same one.",
@@ -30,15 +27,8 @@ class RegistrySettings(_Section):
     timeout_s: float = Field(1.0, gt=0, description="Seconds one registry read or write may take.")
     key_prefix: str = Field("qvl:", description="Prefix of the registry's Redis keys (one cluster per prefix).")
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"registry URL must be empty or redis://HOST:PORT/DB, got {value!r}")
-        return value
 
-
-class ClusterSettings(_Section):
+class ClusterSettings(Section):
     """Replicas on a Ray cluster (`qvl cluster up|status|scale|down`)."""
 
     address: str = Field(
@@ -52,7 +42,7 @@ class ClusterSettings(_Section):
         description="Cluster name: prefix of the Ray actor and placement-group names, so several clusters can "
         "share one Ray cluster.",
     )
-    engine: Literal["sim", "vllm"] = Field("vllm", description="Engine of every replica (sim: load tests only).")
+    engine: EngineName = Field("vllm", description="Engine of every replica (sim: load tests only).")
     replicas: int = Field(2, ge=0, le=256, description="Number of replicas `qvl cluster up` places.")
     gpus_per_replica: int | None = Field(
         None,

@@ -1,6 +1,6 @@
 """`qvl cluster up|status|scale|down`: replicas placed on a Ray cluster, one placement group each.
 
-Replica i of cluster NAME is the detached actor `NAME-replica-i` (serving/ray_replica.py) in bundle 0
+Replica i of cluster NAME is the detached actor `NAME-replica-i` (serving/ray/supervisor.py) in bundle 0
 of the detached placement group `NAME-replica-i-pg`: `gpus_per_replica` bundles of one GPU each, with
 STRICT_PACK, so a tensor-parallel replica's GPUs are all on one node. Both outlive the command that
 made them; later commands find them by name in Ray's `qvl` namespace. This module runs in a plain
@@ -24,10 +24,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from qvl.settings import Settings, load_settings
-from qvl.settings_cluster import ClusterSettings
-from serving import ray_local
-from serving.ray_replica import ReplicaSupervisor
+from qvl.settings import ClusterSettings, Settings, load_settings
+from serving.ray import local as ray_local
+from serving.ray.supervisor import ReplicaSupervisor
 
 log = logging.getLogger("qvl.cluster")
 NAMESPACE = "qvl"

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from serving.image_tokens import (
+from qvl.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
     FACTOR,
@@ -56,7 +56,7 @@ def test_custom_bounds() -> None:
     assert tokens_for_size(4096, 4096, max_pixels=1024 * 1024) == 32 * 32
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP"])
 def test_encoded_images(fmt: str) -> None:
     data = encoded((1280, 720), fmt)
     assert image_size(data) == (1280, 720)
@@ -83,6 +83,12 @@ def test_counter_memoises_by_digest() -> None:
 def test_undecodable_bytes(data: bytes) -> None:
     with pytest.raises(ImageError):
         image_tokens(data)
+
+
+def test_formats_the_edge_refuses_are_not_read() -> None:
+    # One header reader for the edge and the simulated engine: what the edge would refuse, neither reads.
+    with pytest.raises(ImageError, match="not JPEG, PNG, WebP or BMP"):
+        image_size(encoded((64, 48), "GIF"))
 
 
 def test_extreme_aspect_ratio_is_refused() -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from qvl.settings import SimSettings
-from serving.sim_metrics import SimMetrics
+from serving.sim.metrics import SimMetrics
 
 
 class RequestRejected(ValueError):

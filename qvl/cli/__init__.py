@@ -71,19 +71,19 @@ def _run_router(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run_sim(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.sim_app import run_sim
+    from serving.sim.app import run_sim
 
     return run_sim(settings.sim, settings.log_level)
 
 
 def _run_up(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.launcher import run_up
+    from qvl.cli.up import run_up
 
     return run_up(settings)
 
 
 def _run_replica(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.launcher import run_replica
+    from qvl.cli.up import run_replica
 
     return run_replica(settings)
 
@@ -95,7 +95,7 @@ def _run_gpu_exporter(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run_cluster(settings: Settings, args: argparse.Namespace) -> int:
-    from serving.cluster_cli import run_cluster
+    from qvl.cli.cluster import run_cluster
 
     return run_cluster(settings, args.cluster_command, count=getattr(args, "count", None), as_json=args.json)
 
@@ -276,10 +276,10 @@ def _edge_flags(parser: argparse.ArgumentParser) -> None:
     """Flags of the router's edge, shared by `qvl router` and `qvl up`."""
     parser.add_argument(
         "--no-auth",
-        dest="set:auth.enabled",
+        dest="set:router.auth.enabled",
         action="store_const",
         const=False,
         help="accept requests without an API key (prints a warning; for local trials only)",
     )
-    parser.add_argument("--keys-file", dest="set:auth.keys_file", metavar="PATH", help="YAML file of API keys")
-    parser.add_argument("--audit-log", dest="set:audit.path", metavar="PATH", help="audit log file (JSON lines)")
+    parser.add_argument("--keys-file", dest="set:router.auth.keys_file", metavar="PATH", help="YAML file of API keys")
+    parser.add_argument("--audit-log", dest="set:router.audit.path", metavar="PATH", help="audit log file (JSON lines)")

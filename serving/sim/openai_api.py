@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import orjson
 
 from qvl.dataurl import DataURLError, decode_image_data_url
-from serving.image_tokens import ImageError, ImageTokenCounter
-from serving.sim_engine import ImageInput, SimRequest
+from qvl.images import ImageError, ImageTokenCounter
+from serving.sim.engine import ImageInput, SimRequest
 
 # Made-up output: a small vocabulary cycled deterministically per request.
 WORDS = (

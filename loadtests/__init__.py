@@ -1,0 +1,1 @@
+"""Load tests and capacity planning (top layer): traffic generators, workloads, reports."""

@@ -1,0 +1,179 @@
+"""The router's part of the settings tree: listening, replicas, routing, health checks, and the edge
+(API keys, quotas, admission, input limits, image fetching, the audit log, graceful drain) nested under it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from qvl.settings.base import Section, redis_url
+
+PolicyName = Literal["round-robin", "least-loaded", "session", "image-affinity"]
+
+
+class AuthSettings(Section):
+    enabled: bool = Field(
+        True,
+        description="Require `Authorization: Bearer <key>`. Off only when set false explicitly (`--no-auth`); "
+        "start-up then prints a warning.",
+    )
+    keys_file: str = Field(
+        "",
+        description="YAML file of API keys: a list of {id, key or sha256, models, requests_per_minute, "
+        "image_tokens_per_minute}. Keys from QVL_API_KEYS (comma-separated) are added to it.",
+    )
+
+
+class QuotaSettings(Section):
+    backend: Annotated[str, redis_url("memory")] = Field(
+        "memory",
+        description="Where per-key token buckets live: memory (per router) or a Redis URL (shared by every router).",
+    )
+    requests_per_minute: float = Field(
+        0, ge=0, description="Default request rate per API key (0: unlimited); a key may set its own."
+    )
+    image_tokens_per_minute: float = Field(
+        0, ge=0, description="Default image-token rate per API key (0: unlimited); a key may set its own."
+    )
+    burst_s: float = Field(
+        10.0, gt=0, description="Bucket size in seconds of the rate: how much a key may send at once after idling."
+    )
+    redis_timeout_s: float = Field(
+        0.05, gt=0, description="redis: seconds one quota check may take before the request is refused with 503."
+    )
+
+
+class AdmissionSettings(Section):
+    max_in_flight_per_replica: int = Field(
+        64, ge=1, description="Requests this router sends to one replica at once; more wait in the queue."
+    )
+    queue_size: int = Field(
+        256, ge=0, description="Requests that may wait for a replica slot; beyond it new ones get 503 at once."
+    )
+    queue_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for a replica slot before the request gets 503 with Retry-After."
+    )
+
+
+class LimitSettings(Section):
+    max_images: int = Field(16, ge=0, description="Images per request.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Decoded bytes per image.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1024, description="Pixels (width x height, read from the image header) per image."
+    )
+    image_formats: list[str] = Field(
+        default_factory=lambda: ["jpeg", "png", "webp", "bmp"],
+        description="Accepted image formats, recognised from the bytes (not the data URL's media type).",
+    )
+    max_messages: int = Field(256, ge=1, description="Messages per request.")
+    max_tokens: int = Field(32768, ge=1, description="Largest accepted max_tokens / max_completion_tokens.")
+
+    @field_validator("image_formats")
+    @classmethod
+    def _formats(cls, value: list[str]) -> list[str]:
+        known = {"jpeg", "png", "webp", "bmp"}
+        if unknown := set(value) - known:
+            raise ValueError(f"image formats must be among {sorted(known)}, got {sorted(unknown)}")
+        return value
+
+
+class FetchSettings(Section):
+    enabled: bool = Field(
+        False, description="Fetch http(s) image URLs at the edge (off: only data: URLs are accepted)."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names image URLs may name (exact, or `*.example.com`); required when fetching is on.",
+    )
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image body fetched.")
+    timeout_s: float = Field(5.0, gt=0, description="Seconds one image fetch may take, connect to last byte.")
+    max_redirects: int = Field(
+        0, ge=0, le=5, description="Redirects followed (each target re-checked like the first URL); 0 refuses them."
+    )
+
+
+class AuditSettings(Section):
+    path: str = Field("", description="Audit log file (JSON lines); empty: no audit log.")
+    max_bytes: int = Field(100 * 1024 * 1024, ge=1024, description="Rotate the audit log when it reaches this size.")
+    backups: int = Field(10, ge=1, description="Rotated audit files kept (audit.log.1 ... .N).")
+    include_prompts: bool = Field(False, description="Write the prompt text into audit lines (never image bytes).")
+    queue_size: int = Field(
+        100_000, ge=100, description="Lines waiting for the writer; when full, requests wait (nothing is dropped)."
+    )
+
+
+class DrainSettings(Section):
+    timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: seconds in-flight requests may take to finish before the router exits."
+    )
+
+
+class HealthSettings(Section):
+    interval_s: float = Field(1.0, gt=0, description="Seconds between active health checks of each replica.")
+    timeout_s: float = Field(1.0, gt=0, description="Seconds a health check (GET /health) may take.")
+    eject_after_failures: int = Field(
+        2, ge=1, description="Consecutive failed checks or connection errors before a replica is ejected."
+    )
+    readmit_after_successes: int = Field(
+        1, ge=1, description="Consecutive passed checks before an ejected replica takes traffic again."
+    )
+
+
+class RouterSettings(Section):
+    host: str = Field("127.0.0.1", description="Address the router listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the router listens on.")
+    replicas: list[str] = Field(
+        default_factory=list,
+        description="Base URLs of engine replicas (vLLM or `qvl sim`), e.g. http://10.0.0.5:8001: the static "
+        "list for one machine. Replicas found in the registry (registry.url) are routed to as well.",
+    )
+    policy: PolicyName = Field("least-loaded", description="Routing policy used to pick a replica.")
+    load_factor: float = Field(
+        1.25,
+        gt=1.0,
+        description="image-affinity: no replica takes more than this times the mean in-flight load.",
+    )
+    virtual_nodes: int = Field(
+        160, ge=1, le=4096, description="Points per replica on the consistent-hash ring (session, affinity)."
+    )
+    session_header: str = Field(
+        "x-session-id", description="Request header whose value pins a conversation (session policy)."
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Replicas tried per request before giving up (retries happen before "
+        "the first byte reaches the client).",
+    )
+    connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to open a connection to a replica.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a whole upstream request may take, streaming included."
+    )
+    max_request_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest accepted request body, images included."
+    )
+    load_scrape_interval_s: float = Field(
+        1.0, gt=0, description="Seconds between scrapes of each replica's /metrics queue depth."
+    )
+    health: HealthSettings = Field(default_factory=HealthSettings, description="Active health checking.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys at the router.")
+    quota: QuotaSettings = Field(default_factory=QuotaSettings, description="Per-key rate limits.")
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings, description="Backpressure.")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Input limits checked at the edge.")
+    fetch: FetchSettings = Field(default_factory=FetchSettings, description="http(s) image URL fetching.")
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit log.")
+    drain: DrainSettings = Field(default_factory=DrainSettings, description="Graceful shutdown.")
+
+    @field_validator("replicas")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        cleaned = []
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"replica URL must start with http:// or https://, got {url!r}")
+            cleaned.append(url.rstrip("/"))
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("replica URLs must be distinct")
+        return cleaned

@@ -1,0 +1,1 @@
+"""Replicas on a Ray cluster (`qvl cluster`): placement groups, supervising actors, a local Ray head."""

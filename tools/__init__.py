@@ -1,0 +1,1 @@
+"""Development tools, not part of the installed runtime: the dashboards preview and its local Prometheus."""
