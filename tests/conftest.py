@@ -3,8 +3,6 @@ processes) and `redis_server` (a redis-server the test can kill, pause and resta
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import shutil
 import signal
@@ -12,65 +10,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> float:
-    """Seconds until `condition()` held, polling every `interval`; fails the test after `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, "condition not met in time"
-        time.sleep(interval)
-    return time.monotonic() - started
-
-
-def metric_sum(url: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` at `url`/metrics whose labels include `labels` (0 if none)."""
-    text = httpx.get(url + "/metrics", timeout=5).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
-def png_data_url(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48)) -> str:
-    """A small, real PNG as a data URL; a different colour gives a different image digest."""
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def image_chat(model: str, image_url: str, text: str = "What is in this photo?", **extra: object) -> dict:
-    return {
-        "model": model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": text},
-                    {"type": "image_url", "image_url": {"url": image_url}},
-                ],
-            }
-        ],
-        **extra,
-    }
+from qvl.procs import free_port
 
 
 @dataclass

@@ -6,7 +6,7 @@ import textwrap
 
 import orjson
 import pytest
-from conftest import image_chat, png_data_url
+from support.chat import image_chat, png_data_url
 
 from cache.keys import KEY_VERSION, NON_OUTPUT_FIELDS, cache_key, image_parts
 from router.edge import parse_chat_request

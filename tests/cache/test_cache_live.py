@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from conftest import Cluster, Proc, image_chat, metric_sum, png_data_url
+from conftest import Cluster, Proc
+from support.chat import image_chat, png_data_url
+from support.metrics import metric_sum
 
 MODEL = "qwen3-vl-sim"
 

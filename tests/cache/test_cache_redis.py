@@ -7,11 +7,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
-from conftest import free_port
 from redis.asyncio import Redis
 
 from cache.redis_store import RedisStore
 from cache.store import CacheStore, CacheUnavailable
+from qvl.procs import free_port
 
 # Generous for calls that must succeed on a loaded machine; failures are tested with FAST.
 OK_TIMEOUT = 1.0

@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 
 from qvl.cli import parse_command
 from qvl.settings import RouterSettings, Settings, load_settings

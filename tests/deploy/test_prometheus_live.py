@@ -29,9 +29,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import Cluster, Proc, RedisServer, free_port, image_chat, png_data_url
+from conftest import Cluster, Proc, RedisServer
+from support.chat import image_chat, png_data_url
 
 from loadtests.traffic import ShopTraffic
+from qvl.procs import free_port
 from tools.promstack import (
     DASHBOARDS_DIR,
     PanelQuery,

@@ -2,8 +2,8 @@
 
 import re
 
-from conftest import ROOT
 from pydantic import BaseModel
+from support import ROOT
 
 from qvl.settings import Settings
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import image_chat, png_data_url
+from support.chat import image_chat, png_data_url
 
 from qvl.settings import AuditSettings
 from router.audit import (

@@ -10,7 +10,10 @@ import time
 
 import httpx
 import pytest
-from conftest import Cluster, Proc, image_chat, metric_sum, png_data_url, wait_for
+from conftest import Cluster, Proc
+from support.chat import image_chat, png_data_url
+from support.metrics import metric_sum
+from support.polling import wait_for
 
 from serving.registry import Member, Registry
 

@@ -7,8 +7,8 @@ import zlib
 
 import orjson
 import pytest
-from conftest import image_chat, png_data_url
 from PIL import Image
+from support.chat import image_chat, png_data_url
 
 from qvl.images import tokens_for_size
 from qvl.settings import LimitSettings

@@ -6,7 +6,9 @@ import base64
 import hashlib
 
 import httpx
-from conftest import Cluster, image_chat, metric_sum, png_data_url
+from conftest import Cluster
+from support.chat import image_chat, png_data_url
+from support.metrics import metric_sum
 
 MODEL = "qwen3-vl-sim"
 

@@ -17,13 +17,14 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 import schemathesis
-from conftest import Cluster, Proc, image_chat, png_data_url
+from conftest import Cluster, Proc
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
     response_schema_conformance,
     status_code_conformance,
 )
+from support.chat import image_chat, png_data_url
 
 from router.openapi import CHAT_PATH
 

@@ -40,7 +40,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import ROOT, Cluster, Proc, RedisServer, image_chat, metric_sum
+from conftest import Cluster, Proc, RedisServer
+from support import ROOT
+from support.chat import image_chat
+from support.metrics import metric_sum
 
 from loadtests.traffic import QUESTIONS, product_photo
 

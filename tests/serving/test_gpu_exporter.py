@@ -16,10 +16,12 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from conftest import ROOT, Cluster, Proc, free_port
+from conftest import Cluster, Proc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support import ROOT
 
+from qvl.procs import free_port
 from qvl.settings import GpuExporterSettings, load_settings
 from serving.gpu_exporter import GpuCollector, Nvml, exporter_command
 

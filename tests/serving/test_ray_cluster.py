@@ -16,7 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, Cluster, Proc, image_chat, png_data_url, wait_for
+from conftest import Cluster, Proc
+from support import ROOT
+from support.chat import image_chat, png_data_url
+from support.polling import wait_for
 
 from qvl.settings import ClusterSettings
 from serving.ray import local as ray_local

@@ -10,8 +10,9 @@ import httpx
 import openai
 import orjson
 import pytest
-from conftest import Cluster, Proc, image_chat, png_data_url
+from conftest import Cluster, Proc
 from prometheus_client.parser import text_string_to_metric_families
+from support.chat import image_chat, png_data_url
 
 MODEL = "qwen3-vl-sim"
 # A 64x48 PNG is scaled up to 320x224 by Qwen3-VL's resize: 10 x 7 image tokens.

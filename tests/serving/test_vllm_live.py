@@ -20,9 +20,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import Cluster, Proc, free_port, image_chat, png_data_url
+from conftest import Cluster, Proc
 from PIL import Image
+from support.chat import image_chat, png_data_url
 
+from qvl.procs import free_port
 from qvl.settings import ReplicaSettings
 from serving.tiny_model import SERVED_NAME, build_tiny_model
 from serving.vllm_replica import ReplicaPlan, ReplicaProcess, ReplicaStartError, launch, plan_replicas
