@@ -13,11 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from qvl.cli.flags import SET_PREFIX, setting_flag
 from qvl.settings import Settings, SettingsError, load_settings
 
 Handler = Callable[[Settings, argparse.Namespace], int]
-# Flags whose dest starts with this prefix are settings overrides, e.g. "set:router.port".
-_SET = "set:"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,8 +47,8 @@ def settings_for(args: argparse.Namespace) -> Settings:
     """The settings tree of parsed arguments: their --config file, the environment, then their flags."""
     overrides: dict[str, Any] = {}
     for dest, value in vars(args).items():
-        if dest.startswith(_SET) and value is not None:
-            _put(overrides, dest.removeprefix(_SET).split("."), value)
+        if dest.startswith(SET_PREFIX) and value is not None:
+            _put(overrides, dest.removeprefix(SET_PREFIX).split("."), value)
     if getattr(args, "engine_args", None):
         overrides.setdefault("replica", {})["engine_args"] = _engine_args(args.engine_args)
     return load_settings(getattr(args, "config", None), overrides)
@@ -100,6 +99,34 @@ def _run_cluster(settings: Settings, args: argparse.Namespace) -> int:
     return run_cluster(settings, args.cluster_command, count=getattr(args, "count", None), as_json=args.json)
 
 
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of every subcommand that runs with settings."""
+    p.add_argument("--config", type=Path, default=None, metavar="PATH", help="YAML settings file")
+    setting_flag(p, "--log-level", "log_level")
+
+
+def _edge_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the router's edge, shared by `qvl router` and `qvl up`."""
+    setting_flag(
+        parser,
+        "--no-auth",
+        "router.auth.enabled",
+        action="store_const",
+        const=False,
+        help="accept requests without an API key (prints a warning; for local trials only)",
+    )
+    setting_flag(parser, "--keys-file", "router.auth.keys_file")
+    setting_flag(parser, "--audit-log", "router.audit.path")
+
+
+def _routing_flags(p: argparse.ArgumentParser) -> None:
+    """Router flags shared by `qvl router` and `qvl up`."""
+    setting_flag(p, "--host", "router.host")
+    setting_flag(p, "--port", "router.port")
+    setting_flag(p, "--policy", "router.policy")
+    setting_flag(p, "--cache", "cache.backend", metavar="BACKEND")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qvl", description="qvl-cluster: Qwen3-VL serving cluster")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,85 +134,63 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(handler=handler)
-        p.add_argument("--config", type=Path, default=None, help="YAML settings file")
-        p.add_argument("--log-level", dest="set:log_level", choices=["debug", "info", "warning", "error"])
+        _common_flags(p)
         return p
 
     router = command("router", _run_router, "Run the OpenAI-compatible router in front of replicas.")
-    router.add_argument("--host", dest="set:router.host")
-    router.add_argument("--port", dest="set:router.port", type=int)
-    router.add_argument(
+    _routing_flags(router)
+    setting_flag(
+        router,
         "--replica",
-        dest="set:router.replicas",
+        "router.replicas",
         action="append",
-        metavar="URL",
-        help="replica base URL (repeat)",
+        help="a replica's base URL, e.g. http://10.0.0.5:8001 (repeat)",
     )
-    router.add_argument(
-        "--policy",
-        dest="set:router.policy",
-        choices=["round-robin", "least-loaded", "session", "image-affinity"],
-    )
-    router.add_argument("--load-factor", dest="set:router.load_factor", type=float)
-    router.add_argument(
-        "--registry", dest="set:registry.url", metavar="redis://HOST:PORT/DB", help="find replicas in this registry"
-    )
-    router.add_argument("--cache", dest="set:cache.backend", metavar="memory|off|redis://HOST:PORT/DB")
+    setting_flag(router, "--load-factor", "router.load_factor", metavar="FACTOR")
+    setting_flag(router, "--registry", "registry.url", metavar="URL")
     _edge_flags(router)
 
     sim = command("sim", _run_sim, "Run the simulated engine: vLLM's HTTP API and metrics, no GPU (load tests).")
-    sim.add_argument("--host", dest="set:sim.host")
-    sim.add_argument("--port", dest="set:sim.port", type=int)
-    sim.add_argument("--model", dest="set:sim.model")
-    sim.add_argument("--max-running", dest="set:sim.max_running", type=int)
-    sim.add_argument("--output-tokens", dest="set:sim.output_tokens", type=int)
-    sim.add_argument("--mm-cache-items", dest="set:sim.mm_cache_items", type=int)
-    for field in (
-        "ttft_base",
-        "ttft_per_prompt_token",
-        "ttft_per_image_token",
-        "itl_base",
-        "itl_per_running",
-    ):
-        sim.add_argument(f"--{field.replace('_', '-')}-ms", dest=f"set:sim.{field}_ms", type=float)
+    setting_flag(sim, "--host", "sim.host")
+    setting_flag(sim, "--port", "sim.port")
+    setting_flag(sim, "--model", "sim.model")
+    setting_flag(sim, "--max-running", "sim.max_running")
+    setting_flag(sim, "--output-tokens", "sim.output_tokens")
+    setting_flag(sim, "--mm-cache-items", "sim.mm_cache_items")
+    for field in ("ttft_base", "ttft_per_prompt_token", "ttft_per_image_token", "itl_base", "itl_per_running"):
+        setting_flag(sim, f"--{field.replace('_', '-')}-ms", f"sim.{field}_ms")
     sim.add_argument("--zero-delay", action="store_true", help="set every latency term to zero")
 
     up = command("up", _run_up, "Start local replicas and a router in front of them, in the foreground.")
-    up.add_argument("--engine", dest="set:up.engine", choices=["sim", "vllm"])
-    up.add_argument("--replicas", dest="set:up.replicas", type=int)
-    up.add_argument("--port", dest="set:router.port", type=int)
-    up.add_argument("--host", dest="set:router.host")
-    up.add_argument(
-        "--policy",
-        dest="set:router.policy",
-        choices=["round-robin", "least-loaded", "session", "image-affinity"],
-    )
-    up.add_argument("--cache", dest="set:cache.backend", metavar="memory|off|redis://HOST:PORT/DB")
+    setting_flag(up, "--engine", "up.engine")
+    setting_flag(up, "--replicas", "up.replicas")
+    _routing_flags(up)
     _edge_flags(up)
-    up.add_argument(
-        "--model", dest="set:up.model", help="checkpoint directory (vllm; default: the tiny test model) or name (sim)"
-    )
-    _replica_flags(up, port=False)
+    setting_flag(up, "--model", "up.model", metavar="MODEL")
+    _replica_flags(up)
 
     replica = command("replica", _run_replica, "Run one vLLM replica in the foreground.")
-    replica.add_argument("--model", dest="set:replica.model", help="checkpoint directory (default: tiny test model)")
-    replica.add_argument("--served-model-name", dest="set:replica.served_model_name")
-    replica.add_argument("--host", dest="set:replica.host")
-    replica.add_argument("--port", dest="set:replica.port", type=int)
-    _replica_flags(replica, port=True)
+    setting_flag(replica, "--model", "replica.model", metavar="PATH")
+    setting_flag(replica, "--served-model-name", "replica.served_model_name")
+    setting_flag(replica, "--host", "replica.host")
+    setting_flag(replica, "--port", "replica.port")
+    _replica_flags(replica)
 
     gpu = command("gpu-exporter", _run_gpu_exporter, "Serve this host's GPU telemetry (NVML) as Prometheus metrics.")
-    gpu.add_argument("--host", dest="set:gpu_exporter.host")
-    gpu.add_argument("--port", dest="set:gpu_exporter.port", type=int)
-    gpu.add_argument("--node-name", dest="set:gpu_exporter.node_name", help="host label (default: the hostname)")
+    setting_flag(gpu, "--host", "gpu_exporter.host")
+    setting_flag(gpu, "--port", "gpu_exporter.port")
+    setting_flag(gpu, "--node-name", "gpu_exporter.node_name")
 
     _cluster_commands(sub)
 
     model = sub.add_parser("model", help="Build models.", description="Build models.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="WHAT")
-    tiny = model_sub.add_parser("tiny", help="Build the tiny random Qwen3-VL checkpoint (offline).")
-    tiny.add_argument("--out", type=Path, required=True, help="directory to write the checkpoint to")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny_help = "Build the tiny random Qwen3-VL checkpoint (offline)."
+    tiny = model_sub.add_parser("tiny", help=tiny_help, description=tiny_help)
+    tiny.add_argument("--out", type=Path, required=True, metavar="PATH", help="directory to write the checkpoint to")
+    tiny.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seed of the random weights (default: %(default)s)"
+    )
     tiny.set_defaults(handler=None, tiny=True)
     return parser
 
@@ -199,43 +204,37 @@ def _cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = actions.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(handler=_run_cluster)
-        p.add_argument("--config", type=Path, default=None, help="YAML settings file")
-        p.add_argument("--log-level", dest="set:log_level", choices=["debug", "info", "warning", "error"])
-        p.add_argument("--address", dest="set:cluster.address", metavar="auto|ray://HOST:PORT|HOST:PORT|local")
-        p.add_argument("--name", dest="set:cluster.name", help="cluster name (default qvl)")
+        _common_flags(p)
+        setting_flag(p, "--address", "cluster.address", metavar="ADDRESS")
+        setting_flag(p, "--name", "cluster.name")
         p.add_argument("--json", action="store_true", help="print the replicas as JSON instead of a table")
         return p
 
     up = action("up", "Place replicas (one placement group each) and start them; returns once they are healthy.")
-    up.add_argument("--replicas", dest="set:cluster.replicas", type=int)
-    up.add_argument("--engine", dest="set:cluster.engine", choices=["sim", "vllm"])
-    up.add_argument("--registry", dest="set:registry.url", metavar="redis://HOST:PORT/DB")
+    setting_flag(up, "--replicas", "cluster.replicas")
+    setting_flag(up, "--engine", "cluster.engine")
+    setting_flag(up, "--registry", "registry.url", metavar="URL")
     action("status", "Show every replica: node, GPUs, URL, health, uptime, restarts.")
     scale = action("scale", "Start or stop replicas until there are N.")
     scale.add_argument("count", type=int, metavar="N", help="replicas wanted")
     action("down", "Stop every replica and remove its placement group (and a local Ray head).")
 
 
-def _replica_flags(p: argparse.ArgumentParser, port: bool) -> None:
+def _replica_flags(p: argparse.ArgumentParser) -> None:
     """Engine flags shared by `qvl replica` and `qvl up` (they set replica.* settings)."""
-    p.add_argument("--device", dest="set:replica.device", choices=["auto", "cpu", "gpu"])
-    p.add_argument("--gpus", dest="set:replica.gpus", type=_int_list, help="GPU indexes to use, e.g. 0,1,2,3")
-    p.add_argument("--tensor-parallel-size", "--tp", dest="set:replica.tensor_parallel_size", type=int)
-    p.add_argument("--max-num-seqs", dest="set:replica.max_num_seqs", type=int)
-    p.add_argument("--max-model-len", dest="set:replica.max_model_len", type=int)
-    p.add_argument("--gpu-memory-utilization", dest="set:replica.gpu_memory_utilization", type=float)
-    p.add_argument("--kv-cache-memory-bytes", dest="set:replica.kv_cache_memory_bytes", type=int)
-    p.add_argument("--dtype", dest="set:replica.dtype")
-    p.add_argument("--quantization", dest="set:replica.quantization")
-    p.add_argument("--enforce-eager", dest="set:replica.enforce_eager", action=argparse.BooleanOptionalAction)
-    p.add_argument("--run-dir", dest="set:replica.run_dir", help="logs, caches and the tiny model go here")
-    p.add_argument(
-        "--gpu-exporter",
-        dest="set:up.gpu_exporter",
-        action=argparse.BooleanOptionalAction,
-        help="also start this host's GPU exporter (vllm engine)",
-    )
-    p.add_argument("--gpu-exporter-port", dest="set:gpu_exporter.port", type=int)
+    setting_flag(p, "--device", "replica.device")
+    setting_flag(p, "--gpus", "replica.gpus", type=_int_list, metavar="I,J,...")
+    setting_flag(p, "--tensor-parallel-size", "replica.tensor_parallel_size", aliases=("--tp",))
+    setting_flag(p, "--max-num-seqs", "replica.max_num_seqs")
+    setting_flag(p, "--max-model-len", "replica.max_model_len", metavar="TOKENS")
+    setting_flag(p, "--gpu-memory-utilization", "replica.gpu_memory_utilization", metavar="FRACTION")
+    setting_flag(p, "--kv-cache-memory-bytes", "replica.kv_cache_memory_bytes")
+    setting_flag(p, "--dtype", "replica.dtype")
+    setting_flag(p, "--quantization", "replica.quantization", metavar="METHOD")
+    setting_flag(p, "--enforce-eager", "replica.enforce_eager")
+    setting_flag(p, "--run-dir", "replica.run_dir")
+    setting_flag(p, "--gpu-exporter", "up.gpu_exporter")
+    setting_flag(p, "--gpu-exporter-port", "gpu_exporter.port")
     p.add_argument(
         "--engine-arg",
         dest="engine_args",
@@ -266,20 +265,3 @@ def _put(tree: dict[str, Any], path: list[str], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
-def _edge_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of the router's edge, shared by `qvl router` and `qvl up`."""
-    parser.add_argument(
-        "--no-auth",
-        dest="set:router.auth.enabled",
-        action="store_const",
-        const=False,
-        help="accept requests without an API key (prints a warning; for local trials only)",
-    )
-    parser.add_argument("--keys-file", dest="set:router.auth.keys_file", metavar="PATH", help="YAML file of API keys")
-    parser.add_argument("--audit-log", dest="set:router.audit.path", metavar="PATH", help="audit log file (JSON lines)")
