@@ -1,12 +1,13 @@
 """Every metric the router exports, declared here and used only through `record_*` methods.
 
 Labels are bounded: model (only models some replica serves; anything else is `_unknown`), replica
-(host:port, `cache` or `none`), HTTP status, cache result, error type, failure reason. Never a request
-id, key id, user id or image digest. Replica and store gauges are read at scrape time, so the hot path
-never touches them.
+(host:port, `cache` or `none`), HTTP status, cache result, error type, failure reason, and on
+`qvl_key_requests_total` alone the API key's id (the operator-chosen name from the keys file, never the
+key itself). Never a request id, user id, key or image digest. Replica and store gauges are read at
+scrape time, so the hot path never touches them.
 
 Latency buckets span 5 ms to 120 s: a cache hit is a few ms, a long answer on a loaded 8B replica is
-tens of seconds, and request_timeout_s defaults to 300 s (anything above 120 s lands in +Inf).
+tens of seconds, and router.request_timeout_s defaults to 600 s (anything above 120 s lands in +Inf).
 """
 
 from __future__ import annotations

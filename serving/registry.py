@@ -6,7 +6,8 @@ Layout (under a key prefix, `qvl:` by default):
 
 A replica whose heartbeat stops drops out of `members()` once its expiry passes, without anyone
 cleaning up; readers prune expired entries as they go. Both scripts read Redis' own clock, so the
-hosts' clocks never matter. First step of the Ray cluster mode (issue 7): the router does not read it yet.
+hosts' clocks never matter. Replicas on Ray announce themselves here (serving/ray/supervisor.py); every
+router polls it and routes to its members beside router.replicas (router/discovery.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""The `qvl` command: one entry, a subcommand per role (router, sim, up, replica, gpu-exporter).
+"""The `qvl` command: one entry, a subcommand per role (router, sim, up, replica, gpu-exporter,
+cluster up|status|scale|down, model tiny); `python -m qvl` and `python -m qvl.cli` run it too.
 
-Every subcommand takes `--config FILE` (YAML) and reads `QVL_*` variables; its flags win over both.
+Every subcommand that runs with settings takes `--config FILE` (YAML) and reads `QVL_*` variables; its
+flags win over both. Flags that set a settings field are added with `setting_flag` (qvl/cli/flags.py),
+which takes their help text from the field.
 """
 
 from __future__ import annotations
