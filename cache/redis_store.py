@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from cache.store import CacheUnavailable
+from qvl.redis_errors import redis_unavailable
 
 _T = TypeVar("_T")
 
@@ -156,12 +157,9 @@ class RedisStore:
                 await client.aclose()
 
     async def _call(self, op: Callable[[], Awaitable[_T]], extra_s: float = 0.0) -> _T:
-        try:
+        with redis_unavailable(CacheUnavailable):
             async with asyncio.timeout(self._timeout_s + extra_s):
                 return await op()
-        except (RedisError, OSError, TimeoutError) as exc:
-            # The type name only: the message may carry the server's address.
-            raise CacheUnavailable(f"redis: {type(exc).__name__}") from exc
 
     async def _close_pubsub(self, pubsub: PubSub) -> None:
         with contextlib.suppress(RedisError, OSError):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import RedisError
 
+from qvl.redis_errors import redis_unavailable
 from qvl.settings import QuotaSettings
 from router.auth import ApiKey
 from router.errors import InvalidRequest, QuotaUnavailable, RateLimited
@@ -113,13 +113,9 @@ class RedisBuckets:
         args: list[float] = []
         for t in takes:
             args += [t.rate, t.capacity, t.amount]
-        try:
+        with redis_unavailable(_quota_unavailable, "the quota store did not answer; try again shortly"):
             async with asyncio.timeout(self._timeout_s):
                 result = await self._script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise QuotaUnavailable(
-                "the quota store did not answer; try again shortly", code="quota_unavailable", retry_after_s=1
-            ) from exc
         return float(result)
 
     async def close(self) -> None:
@@ -169,6 +165,10 @@ class Quotas:
 
     async def close(self) -> None:
         await self._store.close()
+
+
+def _quota_unavailable(message: str) -> QuotaUnavailable:
+    return QuotaUnavailable(message, code="quota_unavailable", retry_after_s=1)
 
 
 def _pick(own: float | None, default: float) -> float:

@@ -23,6 +23,8 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from qvl.redis_errors import redis_unavailable
+
 log = logging.getLogger("qvl.registry")
 _T = TypeVar("_T")
 
@@ -123,8 +125,6 @@ class Registry:
             await self._client.aclose()
 
     async def _call(self, work: Awaitable[_T]) -> _T:
-        try:
+        with redis_unavailable(RegistryUnavailable):
             async with asyncio.timeout(self._timeout_s):
                 return await work
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise RegistryUnavailable(f"redis: {type(exc).__name__}") from exc
