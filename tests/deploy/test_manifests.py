@@ -24,10 +24,18 @@ K8S_VERSION = "1.37.0"
 COMPOSE_ENV = {"QVL_API_KEYS": "test-key", "PATH": "/usr/bin:/bin"}
 
 
+def matching(folder: Path, pattern: str) -> list[Path]:
+    """The files of `folder` matching `pattern`, sorted; fails when there are none (a moved folder or a
+    renamed suffix must not turn the tests that loop over them into tests of nothing)."""
+    paths = sorted(folder.glob(pattern))
+    assert paths, f"no {pattern} in {folder}"
+    return paths
+
+
 def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
     return [
         (path.name, doc)
-        for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
+        for path in matching(DEPLOY / "k8s", "*.yaml")
         for doc in yaml.safe_load_all(path.read_text())
         if doc
     ]
@@ -200,8 +208,13 @@ def test_every_qvl_variable_names_a_setting() -> None:
 
 
 def test_example_cluster_configs_load() -> None:
-    for path in (DEPLOY / "ray").glob("*.yaml"):
+    for path in matching(DEPLOY / "ray", "*.yaml"):
         load_settings(path)
+
+
+def test_a_glob_that_matches_nothing_fails(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match=r"no \*\.yaml in"):
+        matching(tmp_path, "*.yaml")
 
 
 def test_ports_agree_across_the_files(tmp_path: Path) -> None:

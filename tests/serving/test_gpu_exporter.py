@@ -1,5 +1,6 @@
 """`qvl gpu-exporter`: real processes scraped over HTTP, against this machine's missing NVML and against a
-substitute `pynvml` (tests/serving/fake_nvml) whose values and faults the test sets in a JSON file."""
+substitute `pynvml` (tests/serving/fake_nvml) whose values and faults the test sets in a JSON file; against a
+real NVML in tests/gpu."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from conftest import Cluster, Proc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ROOT
+from support.nvml import nvml_works
 
 from qvl.procs import free_port
 from qvl.settings import GpuExporterSettings, load_settings
@@ -105,20 +107,9 @@ def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return state
 
 
-def real_nvml_works() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # ImportError, or any NVMLError: there is no usable NVML here
-        return False
-    pynvml.nvmlShutdown()
-    return True
-
-
 def test_without_nvml_it_serves_up_0_and_warns_once(cluster: Cluster) -> None:
-    if real_nvml_works():
-        pytest.skip("this host has NVML; test_real_nvml covers it")
+    if nvml_works():
+        pytest.skip("this host has NVML; tests/gpu covers it")
     exporter = cluster.start("gpu-exporter", ready_path="/metrics")
     host = socket.gethostname()
     for _ in range(5):
@@ -281,19 +272,3 @@ def test_settings_from_env_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("QVL_UP__GPU_EXPORTER", "false")
     env = load_settings(overrides={"gpu_exporter": {"node_name": "n"}})
     assert (env.gpu_exporter.port, env.gpu_exporter.node_name, env.up.gpu_exporter) == (9911, "n", False)
-
-
-@pytest.mark.gpu
-def test_real_nvml() -> None:
-    if not real_nvml_works():
-        pytest.skip("no NVML here (no NVIDIA driver or GPU)")
-    collector = GpuCollector("h")
-    try:
-        series = collected(collector)
-    finally:
-        collector.close()
-    assert series[("qvl_gpu_exporter_up", (("host", "h"),))] == 1.0
-    totals = [v for (name, _), v in series.items() if name == "qvl_gpu_memory_total_bytes"]
-    assert totals and all(v > 0 for v in totals)
-    ratios = [v for (name, _), v in series.items() if name == "qvl_gpu_utilization_ratio"]
-    assert len(ratios) == len(totals) and all(0 <= v <= 1 for v in ratios)
