@@ -28,7 +28,8 @@ import aiohttp
 import psutil
 from PIL import Image
 
-from benchmarks.common import RESULTS, free_port, start_qvl
+from benchmarks.common import RESULTS, start_qvl
+from qvl.procs import free_port
 from qvl.settings import ReplicaSettings
 from serving.tiny_model import SERVED_NAME, ensure_tiny_model
 from serving.vllm_replica import detect_gpus, launch, plan_replicas
@@ -99,8 +100,8 @@ def main() -> int:
     replica = launch(plan, "127.0.0.1")
     router = None
     try:
-        startup_s = replica.wait_healthy(spec.startup_timeout_s)
-        rss_idle = tree_rss_mib(replica.popen.pid)
+        startup_s = replica.wait_ready(spec.startup_timeout_s)
+        rss_idle = tree_rss_mib(replica.pid)
         print(f"healthy after {startup_s:.1f}s, {rss_idle:.0f} MiB", flush=True)
         router_port = free_port()
         router = start_qvl(["router", "--replica", replica.url, "--no-auth"], router_port, "/ready")
@@ -125,11 +126,10 @@ def main() -> int:
                 f"concurrent {concurrent:.2f}s, ratio {concurrent / sequential:.2f}",
                 flush=True,
             )
-        rss_loaded = tree_rss_mib(replica.popen.pid)
+        rss_loaded = tree_rss_mib(replica.pid)
     finally:
         if router is not None:
-            router.terminate()
-            router.wait(10)
+            router.stop(10)
         replica.stop()
     report(plan.device, name, args, startup_s, rss_idle, rss_loaded, rounds)
     return 0

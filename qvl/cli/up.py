@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,57 +18,49 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
-import yaml
 
-from qvl.procs import die_with_parent, free_port, port_free
-from qvl.settings import ReplicaSettings, Settings
+from qvl.procs import Child, StartError, die_with_parent, free_port, port_free, spawn
+from qvl.settings import Settings
 from router.auth import AuthConfigError, KeyRing
 from router.server import uvicorn_config
+from serving.engines import ENGINES, Engine
 from serving.gpu_exporter import exporter_command
-from serving.tiny_model import SERVED_NAME, ensure_tiny_model
-from serving.vllm_replica import (
-    PlacementError,
-    ReplicaPlan,
-    ReplicaProcess,
-    ReplicaStartError,
-    detect_gpus,
-    launch,
-    plan_replicas,
-    served_name,
-)
+from serving.vllm_replica import PlacementError
 
 log = logging.getLogger("qvl.up")
 
 
 def run_up(settings: Settings) -> int:
     """Start replicas, wait until each is healthy, serve the router until a signal; returns exit status."""
-    settings = _apply_up_model(settings)
+    engine = ENGINES[settings.up.engine]
+    if settings.up.model is not None:
+        settings = engine.with_model(settings, settings.up.model)
     stop_requested: list[int] = []
     previous = _trap_signals(stop_requested)
-    children: list[ReplicaProcess] = []
-    exporter: ReplicaProcess | None = None
+    children: list[Child] = []
+    exporter: Child | None = None
     try:
         # The router's keys are checked before any replica starts: a bad keys file fails in a second.
         KeyRing.from_settings(settings)
         with tempfile.TemporaryDirectory(prefix="qvl-up-") as tmp:
             ports = _replica_ports(settings.up.replica_base_port, settings.up.replicas)
-            engine = settings.up.engine
-            say(f"starting {len(ports)} {engine} replica(s) on ports {', '.join(map(str, ports))}")
-            if engine == "sim":
-                config = Path(tmp) / "settings.yaml"
-                config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-                children = [_spawn_sim(config, port, i) for i, port in enumerate(ports)]
-                timeout = settings.up.ready_timeout_s
-            else:
-                exporter = _spawn_gpu_exporter(settings, log_dir=Path(settings.replica.run_dir).resolve())
-                children = _spawn_vllm(settings.replica, ports)
-                timeout = max(settings.up.ready_timeout_s, settings.replica.startup_timeout_s)
+            say(f"starting {len(ports)} {settings.up.engine} replica(s) on ports {', '.join(map(str, ports))}")
+            local = engine.local(settings, len(ports))
+            run_dir = Path(settings.replica.run_dir).resolve()
+            if local.gpu_exporter:
+                exporter = _spawn_gpu_exporter(settings, log_dir=run_dir)
+            for port, gpus in zip(ports, local.gpus, strict=True):
+                workdir = (run_dir if local.log_name else Path(tmp)) / f"replica-{port}"
+                log_file = workdir / local.log_name if local.log_name else None
+                children.append(_spawn_replica(engine, settings, local.host, port, gpus, workdir, log_file))
             for child in children:
-                seconds = child.wait_healthy(timeout, progress=say, cancelled=lambda: bool(stop_requested))
+                seconds = child.wait_ready(
+                    local.startup_timeout_s, progress=say, cancelled=lambda: bool(stop_requested)
+                )
                 say(f"{child.name} healthy at {child.url} after {seconds:.1f}s")
             router = settings.router.model_copy(update={"replicas": [c.url for c in children]})
             return _serve_router(settings.model_copy(update={"router": router}), children, exporter)
-    except (ReplicaStartError, PlacementError, AuthConfigError) as exc:
+    except (StartError, PlacementError, AuthConfigError) as exc:
         print(f"qvl: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -82,19 +72,21 @@ def run_replica(settings: Settings) -> int:
     """`qvl replica`: one vLLM server in the foreground (its log on this terminal) until a signal."""
     stop_requested: list[int] = []
     previous = _trap_signals(stop_requested)
-    replica: ReplicaProcess | None = None
-    exporter: ReplicaProcess | None = None
+    replica: Child | None = None
+    exporter: Child | None = None
     try:
+        engine, spec = ENGINES["vllm"], settings.replica
         exporter = _spawn_gpu_exporter(settings, log_dir=None)
-        model, spec = _model_for(settings.replica)
-        (plan,) = _plans(spec, model, [spec.port])
-        replica = launch(plan, spec.host, log_to_file=False)
-        seconds = replica.wait_healthy(spec.startup_timeout_s, progress=say, cancelled=lambda: bool(stop_requested))
-        say(f"ready at {replica.url} serving {spec.served_model_name} ({plan.device}) after {seconds:.1f}s")
-        while replica.popen.poll() is None and not stop_requested:
+        (gpus,) = engine.local(settings, 1).gpus
+        workdir = Path(spec.run_dir).resolve() / f"replica-{spec.port}"
+        command = engine.command(settings, spec.host, spec.port, gpus, workdir)
+        replica = spawn(f"replica-{spec.port}", command.argv, url=f"http://{spec.host}:{spec.port}", env=command.env)
+        seconds = replica.wait_ready(spec.startup_timeout_s, progress=say, cancelled=lambda: bool(stop_requested))
+        say(f"ready at {replica.url} serving {engine.served_model(settings)} ({command.summary}) after {seconds:.1f}s")
+        while replica.poll() is None and not stop_requested:
             time.sleep(0.5)
         return 0 if stop_requested else int(replica.popen.returncode or 0)
-    except (ReplicaStartError, PlacementError) as exc:
+    except (StartError, PlacementError) as exc:
         print(f"qvl: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -111,48 +103,18 @@ def say(message: str) -> None:
     print(f"qvl: {message}", flush=True)
 
 
-def _apply_up_model(settings: Settings) -> Settings:
-    if settings.up.model is None:
-        return settings
-    if settings.up.engine == "sim":
-        return settings.model_copy(update={"sim": settings.sim.model_copy(update={"model": settings.up.model})})
-    return settings.model_copy(update={"replica": settings.replica.model_copy(update={"model": settings.up.model})})
+def _spawn_replica(
+    engine: Engine, settings: Settings, host: str, port: int, gpus: tuple[int, ...], workdir: Path, log: Path | None
+) -> Child:
+    command = engine.command(settings, host, port, gpus, workdir)
+    name = f"replica-{port}"
+    child = spawn(name, command.argv, url=f"http://{host}:{port}", log=log, env=command.env, preexec=_die_with_parent)
+    note = f"; log {log}" if log is not None else ""
+    say(f"{name}: {command.summary} serving {engine.served_model(settings)}{note}")
+    return child
 
 
-def _model_for(spec: ReplicaSettings) -> tuple[str, ReplicaSettings]:
-    """The checkpoint to serve and the spec with its served name filled in; builds the tiny model if none."""
-    if spec.model is not None:
-        model = spec.model
-        if not Path(model).exists():
-            raise ReplicaStartError(f"model path {model} does not exist (models are never downloaded)")
-    else:
-        target = Path(spec.run_dir).resolve() / "tiny-model"
-        say(f"no model given: using the tiny test model at {target} (built on first use)")
-        model = str(ensure_tiny_model(target))
-        if spec.served_model_name is None:
-            spec = spec.model_copy(update={"served_model_name": SERVED_NAME})
-    if spec.served_model_name is None:
-        spec = spec.model_copy(update={"served_model_name": served_name(spec, model)})
-    return model, spec
-
-
-def _plans(spec: ReplicaSettings, model: str, ports: list[int]) -> list[ReplicaPlan]:
-    gpus = spec.gpus if spec.gpus is not None else detect_gpus()
-    return plan_replicas(spec, model, ports, gpus, Path(spec.run_dir).resolve(), os.environ)
-
-
-def _spawn_vllm(spec: ReplicaSettings, ports: list[int]) -> list[ReplicaProcess]:
-    model, spec = _model_for(spec)
-    children = []
-    for plan in _plans(spec, model, ports):
-        child = launch(plan, spec.host, preexec=_die_with_parent)
-        where = f"GPUs {','.join(map(str, plan.gpus))}" if plan.gpus else "the CPU"
-        say(f"{plan.name}: vLLM on {where} serving {spec.served_model_name}; log {child.log}")
-        children.append(child)
-    return children
-
-
-def _spawn_gpu_exporter(settings: Settings, log_dir: Path | None) -> ReplicaProcess | None:
+def _spawn_gpu_exporter(settings: Settings, log_dir: Path | None) -> Child | None:
     """Start the host's `qvl gpu-exporter` without waiting for it (it answers within a second, and with
     `up 0` where there is no NVML). None when switched off, or when its port is taken: one exporter per
     host, and another `qvl replica` or `qvl up` here already started it (or something else holds the port)."""
@@ -163,34 +125,14 @@ def _spawn_gpu_exporter(settings: Settings, log_dir: Path | None) -> ReplicaProc
         say(f"GPU exporter not started: {conf.host}:{conf.port} is in use (another exporter on this host?)")
         return None
     log = None if log_dir is None else log_dir / f"gpu-exporter-{conf.port}.log"
-    out = None
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        out = log.open("wb")
-    try:
-        popen = subprocess.Popen(
-            exporter_command(conf, settings.log_level),
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-    finally:
-        if out is not None:
-            out.close()
     url = f"http://{conf.host}:{conf.port}"
+    command = exporter_command(conf, settings.log_level)
+    exporter = spawn("gpu-exporter", command, url=url, log=log, preexec=_die_with_parent)
     say(f"GPU exporter at {url}/metrics" + (f"; log {log}" if log else ""))
-    # Not a replica (the router never sees it), but the same handle: poll, terminate, stop the group.
-    return ReplicaProcess(name="gpu-exporter", url=url, popen=popen, log=log)
+    return exporter
 
 
-def _spawn_sim(config: Path, port: int, index: int) -> ReplicaProcess:
-    argv = [sys.executable, "-m", "qvl", "sim", "--config", str(config), "--port", str(port)]
-    popen = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
-    return ReplicaProcess(name=f"replica-{index}", url=f"http://127.0.0.1:{port}", popen=popen, log=None)
-
-
-def _serve_router(settings: Settings, children: list[ReplicaProcess], exporter: ReplicaProcess | None) -> int:
+def _serve_router(settings: Settings, children: list[Child], exporter: Child | None) -> int:
     config = uvicorn_config(settings)
     server = uvicorn.Server(config)
 
@@ -210,7 +152,7 @@ def _serve_router(settings: Settings, children: list[ReplicaProcess], exporter: 
             watched = [*children, *([exporter] if exporter is not None else [])]
             while True:
                 for child in watched:
-                    code = child.popen.poll()
+                    code = child.poll()
                     if code is not None and child.name not in reported:
                         reported.add(child.name)
                         log.error("%s (%s) exited with status %s", child.name, child.url, code)
@@ -249,7 +191,7 @@ def _replica_ports(base: int, count: int) -> list[int]:
 _die_with_parent = die_with_parent(signal.SIGTERM)  # a replica must not outlive a killed launcher
 
 
-def _stop(children: list[ReplicaProcess], exporter: ReplicaProcess | None = None) -> None:
+def _stop(children: list[Child], exporter: Child | None = None) -> None:
     everything = [*children, *([exporter] if exporter is not None else [])]
     for child in everything:
         child.terminate()  # all at once: each vLLM replica takes seconds to shut down

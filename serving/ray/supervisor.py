@@ -2,12 +2,13 @@
 
 `ReplicaSupervisor` is an async Ray actor, created in bundle 0 of the replica's placement group
 (serving/ray/cluster.py). It learns its GPUs from Ray (its own bundle's, plus one probe task per
-other bundle), starts `vllm serve` (or `qvl sim`) with exactly those GPUs, announces the replica
-in the registry while it is healthy, and restarts the server when it exits or stops answering,
+other bundle), starts its engine's server (serving/engines.py) with exactly those GPUs, announces the
+replica in the registry while it is healthy, and restarts the server when it exits or stops answering,
 with exponential backoff and at most `cluster.max_restarts` restarts per `cluster.restart_window_s`.
 
-Every blocking step (process start and stop, health checks, building the tiny model) runs in a
-thread: the actor's event loop only waits, so `info()` answers while a replica is starting.
+Every blocking step (process stop, health checks, building the tiny model) runs in a thread: the
+actor's event loop only waits, so `info()` answers while a replica is starting. Only the fork itself
+stays on the loop's thread (see `_launch`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -26,15 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ray
-import yaml
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from qvl.procs import die_with_parent, free_port, port_free
+from qvl.procs import Child, answers, die_with_parent, free_port, port_free, spawn
 from qvl.settings import Settings, load_settings
+from serving.engines import ENGINES, ReplicaCommand
 from serving.registry import Member, Registry, RegistryUnavailable
-from serving.tiny_model import SERVED_NAME, ensure_tiny_model
-from serving.vllm_replica import Device, ReplicaProcess, answers_health, served_name, vllm_command, vllm_env
 
 log = logging.getLogger("qvl.cluster.replica")
 State = Literal["starting", "healthy", "unhealthy", "restarting", "failed", "stopped"]
@@ -68,7 +65,8 @@ class ReplicaSupervisor:
         self._id = replica_id
         self._pg = placement_group
         self._state: State = "starting"
-        self._server: ReplicaProcess | None = None
+        self._engine = ENGINES[self._settings.cluster.engine]
+        self._server: Child | None = None
         self._placement: Placement | None = None
         self._port = 0
         self._started_at = 0.0
@@ -110,11 +108,11 @@ class ReplicaSupervisor:
             "healthy": self._state == "healthy",
             "started_at": self._started_at,
             "restarts": self._restarts_total,
-            "pid": self._server.popen.pid if self._server is not None else None,
+            "pid": self._server.pid if self._server is not None else None,
             "supervisor_pid": os.getpid(),
             "last_exit": self._last_exit,
             "engine": self._settings.cluster.engine,
-            "model": self._served_model(),
+            "model": self._engine.served_model(self._settings),
             "settings": self._settings.model_dump(mode="json", exclude={"api_keys"}),
         }
 
@@ -150,52 +148,27 @@ class ReplicaSupervisor:
         assert self._placement is not None
         return self._settings.cluster.replica_host or self._placement.node_ip
 
-    def _served_model(self) -> str:
-        if self._settings.cluster.engine == "sim":
-            return self._settings.sim.model
-        spec = self._settings.replica
-        if spec.model is None:
-            return spec.served_model_name or SERVED_NAME
-        return served_name(spec, spec.model)
-
     async def _launch(self) -> None:
         self._state = "starting"
-        argv, env = await asyncio.to_thread(self._prepare)
+        command = await asyncio.to_thread(self._prepare)
         # Forked from the event loop's thread, which lives as long as the actor: PR_SET_PDEATHSIG
         # fires when the forking *thread* ends, so a worker thread of to_thread could kill the server.
-        log_path = self._workdir / "server.log"
-        with log_path.open("ab") as out:
-            popen = subprocess.Popen(  # noqa: ASYNC220
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
-            )
-        self._server = ReplicaProcess(name=self._id, url=self.url, popen=popen, log=log_path)
+        self._server = spawn(
+            self._id,
+            command.argv,
+            url=self.url,
+            log=self._workdir / "server.log",
+            append=True,
+            env=command.env,
+            preexec=_die_with_parent,
+        )
         self._started_at = time.time()
-        log.info("%s: server started (pid %d) at %s", self._id, popen.pid, self.url)
+        log.info("%s: %s started (pid %d) at %s", self._id, command.summary, self._server.pid, self.url)
 
-    def _prepare(self) -> tuple[list[str], dict[str, str]]:
-        """The server's argv and environment; builds the tiny model on this node if no model is set."""
+    def _prepare(self) -> ReplicaCommand:
+        """The server's command (blocking: the vllm engine builds the tiny model on this node if no model is set)."""
         assert self._placement is not None
-        self._workdir.mkdir(parents=True, exist_ok=True)
-        host, port = self._host(), self._port
-        if self._settings.cluster.engine == "sim":
-            config = self._workdir / "settings.yaml"
-            config.write_text(yaml.safe_dump(self._settings.model_dump(mode="json", exclude={"api_keys"})))
-            argv = [sys.executable, "-m", "qvl", "sim", "--config", str(config), "--host", host, "--port", str(port)]
-            env = dict(os.environ)
-        else:
-            spec = self._settings.replica
-            model = spec.model
-            if model is None:
-                model = str(ensure_tiny_model(Path(spec.run_dir).resolve() / "tiny-model"))
-                spec = spec.model_copy(update={"served_model_name": spec.served_model_name or SERVED_NAME})
-            elif not Path(model).exists():
-                raise RuntimeError(f"model path {model} does not exist on node {self._placement.node_ip}")
-            gpus = self._placement.gpus
-            device: Device = "gpu" if gpus and spec.device != "cpu" else "cpu"
-            argv = vllm_command(spec, model, host, port, device)
-            env = vllm_env(os.environ, device, gpus, self._workdir)
-            Path(env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
-        return argv, env
+        return self._engine.command(self._settings, self._host(), self._port, self._placement.gpus, self._workdir)
 
     def _kill(self) -> None:
         if self._server is not None:
@@ -208,7 +181,7 @@ class ReplicaSupervisor:
         while time.monotonic() < deadline:
             if self._exited():
                 return False
-            if await asyncio.to_thread(answers_health, self.url):
+            if await asyncio.to_thread(answers, self.url + "/health"):
                 self._state = "healthy"
                 return True
             await asyncio.sleep(0.5)
@@ -218,7 +191,7 @@ class ReplicaSupervisor:
 
     def _exited(self) -> bool:
         assert self._server is not None
-        code = self._server.popen.poll()
+        code = self._server.poll()
         if code is None:
             return False
         self._last_exit = f"server exited with status {code} at {time.strftime('%H:%M:%S')}"
@@ -233,7 +206,7 @@ class ReplicaSupervisor:
             await asyncio.sleep(conf.health_interval_s)
             if self._exited():
                 log.warning("%s: %s", self._id, self._last_exit)
-            elif await asyncio.to_thread(answers_health, self.url):
+            elif await asyncio.to_thread(answers, self.url + "/health"):
                 failed_checks = 0
                 self._state = "healthy"
                 continue
@@ -294,7 +267,7 @@ class ReplicaSupervisor:
             return
         member = Member(
             replica_id=self._id,
-            model=self._served_model(),
+            model=self._engine.served_model(self._settings),
             url=self.url,
             tensor_parallel_size=max(1, len(self._placement.gpus)),
             node=self._placement.node_ip,

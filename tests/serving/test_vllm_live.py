@@ -24,10 +24,10 @@ from conftest import Cluster, Proc
 from PIL import Image
 from support.chat import image_chat, png_data_url
 
-from qvl.procs import free_port
+from qvl.procs import Child, StartError, free_port, spawn
 from qvl.settings import ReplicaSettings
 from serving.tiny_model import SERVED_NAME, build_tiny_model
-from serving.vllm_replica import ReplicaPlan, ReplicaProcess, ReplicaStartError, launch, plan_replicas
+from serving.vllm_replica import ReplicaPlan, launch, plan_replicas
 
 pytestmark = pytest.mark.vllm
 MODEL = SERVED_NAME
@@ -38,12 +38,12 @@ STARTUP_S = 300
 class VllmPair:
     model: Path
     plans: list[ReplicaPlan]
-    replicas: list[ReplicaProcess]
+    replicas: list[Child]
 
     def restart(self, index: int) -> None:
         self.replicas[index].stop()
         self.replicas[index] = launch(self.plans[index], "127.0.0.1")
-        self.replicas[index].wait_healthy(STARTUP_S)
+        self.replicas[index].wait_ready(STARTUP_S)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPair]:
     pair = VllmPair(model, plans, replicas)
     try:
         for replica in replicas:
-            replica.wait_healthy(STARTUP_S)
+            replica.wait_ready(STARTUP_S)
         yield pair
     finally:
         for replica in pair.replicas:
@@ -191,7 +191,7 @@ def test_a_killed_replica_is_ejected_and_requests_finish_on_the_other(cluster: C
 
             tasks = [asyncio.create_task(one(d)) for d in docs]
             await asyncio.sleep(1.0)
-            os.killpg(victim.popen.pid, signal.SIGKILL)
+            victim.kill()
             return await asyncio.gather(*tasks)
 
     try:
@@ -247,8 +247,8 @@ def test_a_replica_that_cannot_start_fails_with_its_log(tmp_path: Path) -> None:
     spec = ReplicaSettings(device="cpu", run_dir=str(tmp_path))
     (plan,) = plan_replicas(spec, str(empty), [free_port()], [], tmp_path, os.environ)
     replica = launch(plan, "127.0.0.1")
-    with pytest.raises(ReplicaStartError) as info:
-        replica.wait_healthy(STARTUP_S)
+    with pytest.raises(StartError) as info:
+        replica.wait_ready(STARTUP_S)
     message = str(info.value)
     assert message.startswith(f"{plan.name} exited with status")
     assert str(plan.workdir / "vllm.log") in message
@@ -260,36 +260,30 @@ def test_sigint_while_vllm_starts_stops_everything(cluster: Cluster, vllm_pair: 
     import sys
 
     exporter_port = free_port()
-    up = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qvl",
-            *one_vllm_replica(vllm_pair.model, tmp_path),
-            "--port",
-            str(free_port()),
-            "--gpu-exporter-port",
-            str(exporter_port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    port = ""
+    argv = [
+        sys.executable,
+        "-m",
+        "qvl",
+        *one_vllm_replica(vllm_pair.model, tmp_path),
+        "--port",
+        str(free_port()),
+        "--gpu-exporter-port",
+        str(exporter_port),
+    ]
+    up = spawn("qvl up", argv, log=tmp_path / "up.log", env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        assert up.stdout is not None
-        for line in up.stdout:  # wait until the replica process exists
-            if match := re.search(r"on ports (\d+)", line):
-                port = match.group(1)
-            if "vLLM on the CPU" in line:
-                break
+        # Until the replica process exists.
+        up.wait_ready(120, check=lambda: "vLLM on the CPU" in up.output(), interval_s=0.1)
         time.sleep(2)
-        up.send_signal(signal.SIGINT)
-        out, _ = up.communicate(timeout=60)
+        up.popen.send_signal(signal.SIGINT)  # the launcher alone, as a terminal's ^C would reach it
+        up.popen.wait(60)
     finally:
         if up.poll() is None:
             up.kill()
-    assert up.returncode == 1
+    out = up.output()
+    match = re.search(r"on ports (\d+)", out)
+    port = match.group(1) if match else ""
+    assert up.poll() == 1
     assert "start-up interrupted" in out and "stopped 1 replica(s) and the GPU exporter" in out
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{exporter_port}/metrics", timeout=2)

@@ -1,0 +1,151 @@
+"""The engine registry: what a launcher needs to start a replica of each engine, by name.
+
+An `Engine` turns the settings into the command and environment of one replica on a host, port and set
+of GPUs, and says which model that replica serves. The local launcher (`qvl up`) and the Ray supervisor
+look engines up in `ENGINES` (keyed by the `EngineName` of the settings) and never branch on the name.
+
+- `vllm`: `python -m vllm.entrypoints.openai.api_server` (serving/vllm_replica.py); without a model
+  setting it serves the tiny test model, built on first use under `replica.run_dir`.
+- `sim`: `python -m qvl sim --config FILE` (serving/sim/), its settings written into the replica's workdir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Protocol
+
+import yaml
+
+from qvl.procs import StartError
+from qvl.settings import EngineName, Settings
+from serving.tiny_model import SERVED_NAME, ensure_tiny_model
+from serving.vllm_replica import detect_gpus, layout, plan_replica, served_name
+
+log = logging.getLogger("qvl.engines")
+
+
+@dataclass(frozen=True)
+class ReplicaCommand:
+    """How to start one replica: argv, its whole environment, and what runs where (for messages)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    summary: str
+    """For example "vLLM on GPUs 0,1", "vLLM on the CPU", "simulated engine"."""
+
+
+@dataclass(frozen=True)
+class LocalLayout:
+    """How `qvl up` runs replicas of an engine on this host."""
+
+    host: str
+    """Address the replicas listen on."""
+    gpus: list[tuple[int, ...]]
+    """Each replica's GPUs, one entry per replica (() for none)."""
+    startup_timeout_s: float
+    """How long the launcher waits for each replica to become healthy."""
+    log_name: str | None
+    """The file a replica's output goes to, in a lasting workdir under `replica.run_dir` (caches live there
+    too); None: the workdir is temporary and the output is the launcher's own."""
+    gpu_exporter: bool
+    """Whether the host's GPU exporter belongs beside these replicas."""
+
+
+class Engine(Protocol):
+    """One engine a replica can run. `command` may block (it may build files, such as the tiny model)."""
+
+    def served_model(self, settings: Settings) -> str:
+        """The model name a replica answers to (what the router and the registry list); builds nothing."""
+        ...
+
+    def with_model(self, settings: Settings, model: str) -> Settings:
+        """The settings with every replica serving `model` (a checkpoint for vllm, a name for sim)."""
+        ...
+
+    def local(self, settings: Settings, replicas: int) -> LocalLayout:
+        """Where `replicas` replicas run on this host. Raises PlacementError (a ValueError) when they do not fit."""
+        ...
+
+    def command(self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path) -> ReplicaCommand:
+        """One replica on `host:port` with exactly `gpus`, its files under `workdir` (created). Raises
+        StartError when it cannot start here (a model path that does not exist)."""
+        ...
+
+
+class VllmEngine:
+    """`vllm serve` (serving/vllm_replica.py)."""
+
+    def served_model(self, settings: Settings) -> str:
+        spec = settings.replica
+        if spec.model is None:
+            return spec.served_model_name or SERVED_NAME
+        return served_name(spec, spec.model)
+
+    def with_model(self, settings: Settings, model: str) -> Settings:
+        return settings.model_copy(update={"replica": settings.replica.model_copy(update={"model": model})})
+
+    def local(self, settings: Settings, replicas: int) -> LocalLayout:
+        spec = settings.replica
+        available = spec.gpus if spec.gpus is not None else detect_gpus()
+        return LocalLayout(
+            host=spec.host,
+            gpus=layout(spec, replicas, available),
+            startup_timeout_s=max(settings.up.ready_timeout_s, spec.startup_timeout_s),
+            log_name="vllm.log",
+            gpu_exporter=True,
+        )
+
+    def command(self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path) -> ReplicaCommand:
+        spec = settings.replica
+        model = spec.model
+        if model is None:
+            target = Path(spec.run_dir).resolve() / "tiny-model"
+            log.info("no model given: serving the tiny test model at %s (built on first use)", target)
+            model = str(ensure_tiny_model(target))
+        elif not Path(model).exists():
+            host_name = socket.gethostname()
+            raise StartError(f"model path {model} does not exist on {host_name} (models are never downloaded)")
+        spec = spec.model_copy(update={"served_model_name": self.served_model(settings)})
+        plan = plan_replica(spec, model, host, port, gpus, workdir, os.environ)
+        Path(plan.env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        where = f"GPUs {','.join(map(str, plan.gpus))}" if plan.device == "gpu" else "the CPU"
+        return ReplicaCommand(plan.command, plan.env, f"vLLM on {where}")
+
+
+class SimEngine:
+    """The simulated engine, `qvl sim` (serving/sim/): vLLM's HTTP API on the CPU, for load tests."""
+
+    def served_model(self, settings: Settings) -> str:
+        return settings.sim.model
+
+    def with_model(self, settings: Settings, model: str) -> Settings:
+        return settings.model_copy(update={"sim": settings.sim.model_copy(update={"model": model})})
+
+    def local(self, settings: Settings, replicas: int) -> LocalLayout:
+        return LocalLayout(
+            host=settings.sim.host,
+            gpus=[()] * replicas,
+            startup_timeout_s=settings.up.ready_timeout_s,
+            log_name=None,
+            gpu_exporter=False,
+        )
+
+    def command(self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path) -> ReplicaCommand:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "settings.yaml"
+        # The whole tree, so the replica runs with the launcher's settings whatever its environment says.
+        config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude={"api_keys"})))
+        argv = [sys.executable, "-m", "qvl", "sim", "--config", str(config), "--host", host, "--port", str(port)]
+        return ReplicaCommand(argv, dict(os.environ), "simulated engine")
+
+
+ENGINES: Mapping[EngineName, Engine] = MappingProxyType({"vllm": VllmEngine(), "sim": SimEngine()})
+"""Every engine by the name settings use (`up.engine`, `cluster.engine`)."""
