@@ -18,14 +18,16 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import aiohttp
 import redis.asyncio as aioredis
 
-from benchmarks.common import RESULTS, chat_body, free_port, percentiles_ms, start_qvl
+from benchmarks.common import RESULTS, chat_body, percentiles_ms, start_qvl
+from qvl.procs import free_port, port_free, spawn
 
 TARGET_P50_MS = 1.0
 
@@ -74,14 +76,15 @@ def main() -> int:
     args = parser.parse_args()
 
     redis_port, sim_port = free_port(), free_port()
-    redis_proc = subprocess.Popen(
+    redis_proc = spawn(
+        "redis-server",
         ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
+        log=Path(tempfile.gettempdir()) / f"qvl-bench-redis-{redis_port}.log",
     )
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     procs = [redis_proc]
     try:
-        time.sleep(0.3)
+        redis_proc.wait_ready(10, check=lambda: not port_free("127.0.0.1", redis_port), interval_s=0.05)
         procs.append(start_qvl(["sim", "--zero-delay", "--model", "qwen3-vl-sim"], sim_port, "/health"))
         replica = f"http://127.0.0.1:{sim_port}"
         rows = {}
@@ -96,8 +99,7 @@ def main() -> int:
         rows["bare Redis GET"] = percentiles_ms(gets)
     finally:
         for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(10)
+            proc.stop(10)
     report(rows, args.requests, size)
     return 0
 

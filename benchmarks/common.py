@@ -6,17 +6,17 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 import psutil
 from PIL import Image
+
+from qvl.procs import Child, StartError, spawn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "qwen3-vl-sim"
@@ -37,28 +37,20 @@ def chat_body(stream: bool, max_tokens: int | None = None) -> bytes:
     return json.dumps(doc).encode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_qvl(args: list[str], port: int, ready_path: str, cpu: int | None = None) -> subprocess.Popen[bytes]:
-    """Start `qvl ARGS --port PORT` (pinned to `cpu` if given) and wait until READY_PATH answers 200."""
+def start_qvl(args: list[str], port: int, ready_path: str, cpu: int | None = None) -> Child:
+    """Start `qvl ARGS --port PORT` (pinned to `cpu` if given) and wait until READY_PATH answers 200;
+    its output goes to a log file in the temp dir, whose tail ends the error when it does not start."""
     command = [sys.executable, "-m", "qvl", *args, "--port", str(port), "--log-level", "warning"]
     if cpu is not None:
         command = ["taskset", "-c", str(cpu), *command]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"qvl {args[0]} on port {port} did not become ready")
+    log = Path(tempfile.gettempdir()) / f"qvl-bench-{args[0]}-{port}.log"
+    child = spawn(f"qvl {args[0]}", command, url=f"http://127.0.0.1:{port}", log=log)
+    try:
+        child.wait_ready(60, ready_path, interval_s=0.1)
+    except StartError as exc:
+        child.stop(10)
+        raise SystemExit(str(exc)) from exc
+    return child
 
 
 async def drive(url: str, payload: bytes, requests: int, concurrency: int) -> tuple[list[float], int]:

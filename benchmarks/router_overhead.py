@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from benchmarks.common import MODEL, RESULTS, chat_body, cpu_seconds, drive, free_port, percentiles_ms, start_qvl
+from benchmarks.common import MODEL, RESULTS, chat_body, cpu_seconds, drive, percentiles_ms, start_qvl
+from qvl.procs import free_port
 
 TARGET_MS = 0.25
 
@@ -155,8 +156,7 @@ def main() -> int:
             phases += [median_phase(rounds["direct"]), median_phase(rounds["router"])]
     finally:
         for proc in (router, sim):
-            proc.terminate()
-            proc.wait(10)
+            proc.stop(10)
     report(phases)
     return 0 if all(p.failed == 0 for p in phases) else 1
 

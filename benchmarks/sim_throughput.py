@@ -24,7 +24,8 @@ import time
 
 import psutil
 
-from benchmarks.common import MODEL, RESULTS, chat_body, cpu_seconds, drive, free_port, percentiles_ms, start_qvl
+from benchmarks.common import MODEL, RESULTS, chat_body, cpu_seconds, drive, percentiles_ms, start_qvl
+from qvl.procs import free_port
 
 TARGET_RPS = 2000
 
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         sim_cpu_s, client_cpu_s = cpu_seconds(sim_proc) - sim_before, cpu_seconds(me) - me_before
     finally:
-        sim.terminate()
-        sim.wait(10)
+        sim.stop(10)
 
     p50_ms, p99_ms = percentiles_ms(latencies)
     rps = args.requests / seconds

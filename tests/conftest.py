@@ -7,36 +7,18 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 from support import ROOT
 
-from qvl.procs import free_port
+from qvl.procs import Child, free_port, spawn
 
-
-@dataclass
-class Proc:
-    """A running `qvl` process and the base URL it serves on."""
-
-    url: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    port: int
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+Proc = Child
+"""A running `qvl` process: its base URL and port, log file (`output()`), `kill()` (qvl/procs.py)."""
 
 
 @dataclass
@@ -56,16 +38,8 @@ class Cluster:
             args = (*args, "--no-auth")
         log = self.tmp / f"qvl-{len(self.procs)}-{args[0]}-{port}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "qvl", *args, "--port", str(port)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=env,
-                start_new_session=True,
-            )
-        proc = Proc(url=f"http://127.0.0.1:{port}", popen=popen, log=log, port=port)
+        argv = [sys.executable, "-m", "qvl", *args, "--port", str(port)]
+        proc = spawn(f"qvl {args[0]}", argv, url=f"http://127.0.0.1:{port}", log=log, env=env, cwd=ROOT)
         self.procs.append(proc)
         self.wait_ready(proc, ready_path, timeout)
         return proc
@@ -80,28 +54,14 @@ class Cluster:
         return self.start(*args, *flags, ready_path="/ready", auth=auth)
 
     def wait_ready(self, proc: Proc, path: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"process exited with {proc.popen.returncode}:\n{proc.output()}")
-            try:
-                if httpx.get(proc.url + path, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{proc.url}{path} not ready after {timeout}s:\n{proc.output()}")
+        """Until GET proc.url+path answers 200; StartError (with the log's tail) if it exits or times out."""
+        proc.wait_ready(timeout, path, interval_s=0.05)
 
     def stop_all(self) -> None:
         for proc in self.procs:
-            if proc.popen.poll() is None:
-                os.killpg(proc.popen.pid, signal.SIGTERM)
+            proc.terminate()
         for proc in self.procs:
-            try:
-                proc.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait(10)
+            proc.stop(grace_s=10)
 
 
 @pytest.fixture
@@ -119,7 +79,7 @@ class RedisServer:
 
     port: int
     workdir: Path
-    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    child: Child | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -132,31 +92,23 @@ class RedisServer:
         log = self.workdir / f"redis-{self.port}.log"
         # No persistence: a restarted server comes back empty, like a lost cache.
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        with log.open("ab") as out:
-            self.popen = subprocess.Popen([*args, "--dir", str(self.workdir)], stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not self._pong():
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.popen.returncode}:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"redis-server on port {self.port} not answering PING after {timeout}s")
-            time.sleep(0.02)
+        self.child = spawn("redis-server", [*args, "--dir", str(self.workdir)], log=log, append=True)
+        self.child.wait_ready(timeout, check=self._pong, interval_s=0.02)
 
     def kill(self) -> None:
         """SIGKILL: the port refuses connections at once, established ones are reset."""
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGCONT)  # a paused server must be able to die
-            self.popen.kill()
-            self.popen.wait(10)
+        if self.child is not None:
+            self.child.signal(signal.SIGCONT)  # a paused server must be able to die
+            self.child.kill()
 
     def pause(self) -> None:
         """SIGSTOP: connections stay open but nothing answers (a hung Redis)."""
-        assert self.popen is not None
-        self.popen.send_signal(signal.SIGSTOP)
+        assert self.child is not None
+        self.child.signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.popen is not None
-        self.popen.send_signal(signal.SIGCONT)
+        assert self.child is not None
+        self.child.signal(signal.SIGCONT)
 
     def restart(self) -> None:
         """Kill if running, then start again on the same port (empty: nothing is persisted)."""

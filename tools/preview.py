@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +27,7 @@ import httpx
 import psutil
 
 from loadtests.traffic import ShopTraffic
-from qvl.procs import free_port
+from qvl.procs import Child, StartError, free_port, spawn
 from tools.promstack import DASHBOARDS_DIR, PanelQuery, PrometheusServer, dashboard_queries, live_form, write_config
 
 MODEL = "Qwen/Qwen3-VL-8B-Instruct"
@@ -146,30 +143,23 @@ def _unit_label(unit: str) -> str:
     return {"s": "ms", "percentunit": "%", "reqps": "req/s", "bytes": "bytes"}.get(unit, unit)
 
 
-def _start_cluster(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start_cluster(work: Path) -> tuple[Child, str]:
     config = work / "qvl.yaml"
     config.write_text(SETTINGS)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = (work / "qvl-up.log").open("wb")
     command = [sys.executable, "-m", "qvl", "up", "--config", str(config), "--port", str(port), "--no-auth"]
-    up = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    up = spawn("qvl up", command, url=url, log=work / "qvl-up.log")
     _say(f"starting {' '.join(command[1:])}")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if up.poll() is not None:
-            raise SystemExit(f"qvl up exited with {up.returncode}:\n{(work / 'qvl-up.log').read_text()}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return up, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    _stop(up)
-    raise SystemExit(f"qvl up not ready after 60s:\n{(work / 'qvl-up.log').read_text()}")
+    try:
+        up.wait_ready(60, "/ready", interval_s=0.2)
+    except StartError as exc:
+        _stop(up)
+        raise SystemExit(str(exc)) from exc
+    return up, url
 
 
-def _kill_replica(up: subprocess.Popen[bytes], port: int) -> None:
+def _kill_replica(up: Child, port: int) -> None:
     """SIGKILL the simulated replica `qvl up` started on `port`."""
     for child in psutil.Process(up.pid).children(recursive=True):
         if str(port) in child.cmdline():
@@ -178,14 +168,8 @@ def _kill_replica(up: subprocess.Popen[bytes], port: int) -> None:
     raise LookupError(f"no replica of qvl up listens on port {port}")
 
 
-def _stop(up: subprocess.Popen[bytes]) -> None:
-    if up.poll() is None:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait(5)
+def _stop(up: Child) -> None:
+    up.stop(grace_s=15)
 
 
 def _say(message: str) -> None:

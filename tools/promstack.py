@@ -13,8 +13,6 @@ import json
 import math
 import re
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from qvl.procs import Child, StartError, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -122,45 +122,28 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{port}"
         self.port = port
         self.log = workdir / "prometheus.log"
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._child: Child | None = None
         self._http = httpx.Client(base_url=self.url, timeout=10)
 
     def start(self, config: Path, timeout_s: float = 30.0) -> None:
         """Start and wait until Prometheus says it is ready."""
-        with self.log.open("wb") as out:
-            self._popen = subprocess.Popen(
-                [
-                    self.binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--log.level=warn",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._popen.poll() is not None:
-                raise PrometheusError(f"prometheus exited with {self._popen.returncode}:\n{self.log.read_text()}")
-            try:
-                if self._http.get("/-/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise PrometheusError(f"prometheus not ready after {timeout_s}s:\n{self.log.read_text()}")
+        argv = [
+            self.binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        self._child = spawn("prometheus", argv, url=self.url, log=self.log)
+        try:
+            self._child.wait_ready(timeout_s, "/-/ready", interval_s=0.1)
+        except StartError as exc:
+            raise PrometheusError(str(exc)) from exc
 
     def stop(self) -> None:
         self._http.close()
-        if self._popen is not None and self._popen.poll() is None:
-            self._popen.send_signal(signal.SIGTERM)
-            try:
-                self._popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self._popen.kill()
-                self._popen.wait(10)
+        if self._child is not None:
+            self._child.stop(grace_s=10)
 
     def targets(self) -> list[dict[str, Any]]:
         """The active scrape targets with their health ("up", "down", "unknown")."""

@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -23,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import ROOT
 from support.nvml import nvml_works
 
-from qvl.procs import free_port
+from qvl.procs import free_port, spawn
 from qvl.settings import GpuExporterSettings, load_settings
 from serving.gpu_exporter import GpuCollector, Nvml, exporter_command
 
@@ -248,16 +247,14 @@ def test_the_launcher_command_serves_the_settings(tmp_path: Path, fake_env: Path
         "warning",
     ]
     assert "--node-name" not in exporter_command(GpuExporterSettings(), "info")
-    log = tmp_path / "exporter.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    proc = Proc(url=f"http://127.0.0.1:{settings.port}", popen=popen, log=log, port=settings.port)
+    url = f"http://127.0.0.1:{settings.port}"
+    proc = spawn("gpu-exporter", command, url=url, log=tmp_path / "exporter.log", cwd=ROOT)
     try:
-        Cluster(tmp_path).wait_ready(proc, "/metrics", 30)
+        proc.wait_ready(30, "/metrics", interval_s=0.05)
         assert scrape(proc) == expected("rack1-gpu3")
     finally:
-        popen.send_signal(signal.SIGTERM)
-        assert popen.wait(10) == 0
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(10) == 0
 
 
 def test_settings_from_env_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
