@@ -217,10 +217,18 @@ def _cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     setting_flag(up, "--replicas", "cluster.replicas")
     setting_flag(up, "--engine", "cluster.engine")
     setting_flag(up, "--registry", "registry.url", metavar="URL")
-    action("status", "Show every replica: node, GPUs, URL, health, uptime, restarts.")
+    action(
+        "status",
+        "Show every replica: node, GPUs, URL, health, uptime, restarts. Exits 3 when the Ray cluster is "
+        "reachable but has no replica of this cluster name, 1 when it cannot be reached.",
+    )
     scale = action("scale", "Start or stop replicas until there are N.")
     scale.add_argument("count", type=int, metavar="N", help="replicas wanted")
-    action("down", "Stop every replica and remove its placement group (and a local Ray head).")
+    action(
+        "down",
+        "Stop every replica and remove its placement group; also stop the local Ray head that `up --address "
+        "local` started, unless other clusters' replicas are on it.",
+    )
 
 
 def _replica_flags(p: argparse.ArgumentParser) -> None:

@@ -33,7 +33,8 @@ class ClusterSettings(Section):
 
     address: str = Field(
         "auto",
-        description="Ray cluster to use: auto (the one this machine belongs to), ray://HOST:PORT (Ray Client), "
+        description="Ray cluster to use: auto (RAY_ADDRESS, else the local head `up --address local` recorded "
+        "in run_dir, else the one this machine belongs to), ray://HOST:PORT (Ray Client), "
         "HOST:PORT (its GCS), or local (start a Ray head on this machine; `qvl cluster down` stops it).",
     )
     name: str = Field(

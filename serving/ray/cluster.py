@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,21 +52,69 @@ class Row:
     restarts: int
 
 
-def connect(conf: ClusterSettings, *, start_local: bool, say: Say) -> None:
-    """ray.init against `conf.address`; with `local`, the head this run_dir started (or a new one)."""
-    address = conf.address
-    if address == "local":
-        head = ray_local.running_head(conf)
+@dataclass(frozen=True)
+class Target:
+    """The Ray cluster a command is connected to."""
+
+    address: str  # as reported to the user: the GCS HOST:PORT, or the ray://HOST:PORT given
+    local_head: ray_local.LocalHead | None  # the head `up --address local` recorded, when it is this one
+
+
+def connect(conf: ClusterSettings, *, start_local: bool, say: Say) -> Target:
+    """ray.init against the Ray cluster `conf.address` names; raises ClusterError naming it if unreachable.
+
+    `local`: the head recorded in `cluster.run_dir` (started when `start_local` and none runs).
+    `auto`: RAY_ADDRESS when set; else that recorded head when it runs (said on stderr: `up --address
+    local` made it for this run_dir, while Ray's own guess picks any Ray on the machine); else Ray's `auto`.
+    """
+    head = ray_local.running_head(conf)
+    if conf.address == "local":
         if head is None:
             if not start_local:
-                raise ClusterError(
-                    f"no local Ray head recorded in {ray_local.record_path(conf)}: start one with "
-                    "`qvl cluster up --address local`"
-                )
+                raise ClusterError(f"no local Ray head is running: {_record_state(conf)}")
             say("starting a local Ray head" + (f" with {conf.local_gpus} logical GPU(s)" if conf.local_gpus else ""))
             head = ray_local.start_head(conf)
             say(f"local Ray head at {head.address} (Ray Client: {head.client_address}); log {head.log}")
-        address = head.address
+        _init_recorded(conf, head, say)
+        return Target(head.address, head)
+    if conf.address == "auto" and not os.environ.get("RAY_ADDRESS"):
+        if head is not None:
+            say(
+                f"address auto: using the local Ray head at {head.address} that `qvl cluster up --address local` "
+                f"recorded in {ray_local.record_path(conf)}"
+            )
+            _init_recorded(conf, head, say)
+            return Target(head.address, head)
+        try:
+            ray.init(address="auto", namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError:
+            raise ClusterError(
+                "no Ray cluster found for address auto: RAY_ADDRESS is not set, no Ray runs on this machine, and "
+                f"{_record_state(conf)}; pass --address HOST:PORT (or ray://HOST:10001), or start a local head "
+                "with `qvl cluster up --address local`"
+            ) from None
+        address = str(ray.get_runtime_context().gcs_address)
+    else:
+        address = conf.address if conf.address != "auto" else os.environ["RAY_ADDRESS"]
+        if not ray_local.accepts(address):
+            raise ClusterError(f"cannot reach the Ray cluster at {address}: nothing accepts connections there")
+        _init(address, say)
+        if not address.startswith("ray://"):
+            address = str(ray.get_runtime_context().gcs_address)
+    same = head is not None and address in (head.address, head.client_address)
+    return Target(address, head if same else None)
+
+
+def _init_recorded(conf: ClusterSettings, head: ray_local.LocalHead, say: Say) -> None:
+    if not ray_local.accepts(head.address):
+        raise ClusterError(
+            f"the local Ray head recorded in {ray_local.record_path(conf)} (pid {head.pid}) does not accept "
+            f"connections at {head.address}"
+        )
+    _init(head.address, say)
+
+
+def _init(address: str, say: Say) -> None:
     # Ray Client starts a server process per connection on the head; on a busy head that start can
     # time out once (Ray's "Initialization failure from server"), and the next try usually works.
     attempts = CLIENT_ATTEMPTS if address.startswith("ray://") else 1
@@ -79,6 +128,34 @@ def connect(conf: ClusterSettings, *, start_local: bool, say: Say) -> None:
             say(f"connecting to {address} failed ({str(exc).strip().splitlines()[0]}); retrying ({attempt}/{attempts})")
             ray.shutdown()
             time.sleep(2.0 * attempt)
+
+
+def find(conf: ClusterSettings, target: Target) -> list[str]:
+    """Names of this cluster's replicas on `target`. None there while `cluster.run_dir` records a running
+    local head elsewhere is a ClusterError naming both: the command was most likely pointed at the wrong Ray."""
+    names = [_name(conf, i) for i in _replica_indexes(conf)]
+    head = ray_local.running_head(conf)
+    if not names and head is not None and target.local_head is None:
+        raise ClusterError(
+            f"no replicas of cluster {conf.name!r} on Ray at {target.address}, but {ray_local.record_path(conf)} "
+            f"records a local Ray head that `qvl cluster up --address local` started at {head.address}: "
+            "pass --address local to use that one"
+        )
+    return names
+
+
+def other_clusters(conf: ClusterSettings) -> list[str]:
+    """Names of the other qvl clusters with replicas on the connected Ray."""
+    names = {str(n).rpartition("-replica-")[0] for n in ray.util.list_named_actors() if "-replica-" in str(n)}
+    return sorted(names - {conf.name})
+
+
+def _record_state(conf: ClusterSettings) -> str:
+    path = ray_local.record_path(conf)
+    recorded = ray_local.recorded_head(conf)
+    if recorded is None:
+        return f"no local head is recorded in {path} (cluster.run_dir)"
+    return f"the local head recorded in {path} ({recorded.address}, pid {recorded.pid}) no longer runs"
 
 
 def up(settings: Settings, say: Say) -> list[Row]:
@@ -117,11 +194,11 @@ def scale(settings: Settings, count: int, say: Say) -> list[Row]:
     return status(conf)
 
 
-def down(conf: ClusterSettings, say: Say) -> int:
+def down(conf: ClusterSettings, target: Target, say: Say) -> int:
     """Stop every replica of the cluster and remove its placement groups; returns how many."""
     existing = _replica_indexes(conf)
     _stop(conf, existing)
-    say(f"stopped {len(existing)} replica(s) of cluster {conf.name!r}")
+    say(f"stopped {len(existing)} replica(s) of cluster {conf.name!r} on Ray at {target.address}")
     return len(existing)
 
 

@@ -40,13 +40,22 @@ def record_path(conf: ClusterSettings) -> Path:
     return Path(conf.run_dir).resolve() / "ray-local.json"
 
 
-def running_head(conf: ClusterSettings) -> LocalHead | None:
-    """The head this run_dir's record names, if its process still runs."""
+def recorded_head(conf: ClusterSettings) -> LocalHead | None:
+    """The head this run_dir's record names, whether or not it still runs (see `is_running`)."""
     try:
-        head = LocalHead(**json.loads(record_path(conf).read_text()))
+        return LocalHead(**json.loads(record_path(conf).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return head if _alive(head.pid) else None
+
+
+def running_head(conf: ClusterSettings) -> LocalHead | None:
+    """The head this run_dir's record names, if its process still runs."""
+    head = recorded_head(conf)
+    return head if head is not None and is_running(head) else None
+
+
+def is_running(head: LocalHead) -> bool:
+    return _alive(head.pid)
 
 
 def start_head(conf: ClusterSettings, timeout_s: float = 60) -> LocalHead:
@@ -88,7 +97,7 @@ def start_head(conf: ClusterSettings, timeout_s: float = 60) -> LocalHead:
     address = f"{_node_ip()}:{port}"
     deadline = time.monotonic() + timeout_s
     # `ray start` prints this once the GCS and the raylet are both up, and drivers can connect.
-    while not (_accepts(address) and "Ray runtime started" in log.read_text(errors="replace")):
+    while not (accepts(address) and "Ray runtime started" in log.read_text(errors="replace")):
         if not _alive(pid) or time.monotonic() > deadline:
             stop_head(LocalHead(pid, address, str(temp_dir), str(log)), grace_s=0)
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
@@ -139,12 +148,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _accepts(address: str) -> bool:
-    host, _, port = address.rpartition(":")
+def accepts(address: str) -> bool:
+    """Whether HOST:PORT (or ray://HOST:PORT) takes a TCP connection within a second."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=1):
             return True
-    except OSError:
+    except (OSError, ValueError):  # ValueError: no port in the address
         return False
 
 

@@ -21,6 +21,7 @@ from support import ROOT
 from support.chat import image_chat, png_data_url
 from support.polling import wait_for
 
+from qvl.procs import free_port
 from qvl.settings import ClusterSettings
 from serving.ray import local as ray_local
 from serving.tiny_model import SERVED_NAME, build_tiny_model
@@ -88,6 +89,8 @@ def cluster_env(name: str, redis_url: str, tmp: Path, **extra: str) -> dict[str,
         "QVL_REGISTRY__TTL_S": str(TTL_S),
         "QVL_REGISTRY__POLL_INTERVAL_S": str(POLL_S),
         "QVL_REPLICA__RUN_DIR": str(tmp),
+        # Not the fixture head's record (tmp/ray-local.json): these commands name it by its address.
+        "QVL_CLUSTER__RUN_DIR": str(tmp / "cluster-run"),
         "QVL_CLUSTER__HEALTH_INTERVAL_S": "0.5",
         "QVL_CLUSTER__RESTART_BACKOFF_S": "0.5",
         **extra,
@@ -95,7 +98,9 @@ def cluster_env(name: str, redis_url: str, tmp: Path, **extra: str) -> dict[str,
 
 
 def replicas(ray: RayCluster, env: dict[str, str]) -> list[dict]:
-    return json.loads(ray.qvl("status", "--config", str(SIM_CONFIG), "--json", env=env).stdout)
+    done = ray.qvl("status", "--config", str(SIM_CONFIG), "--json", env=env, check=False)
+    assert done.returncode in (0, 3), done.stderr  # 3: Ray reachable, no replica of this cluster name
+    return json.loads(done.stdout)
 
 
 def registry_urls(redis_url: str) -> dict[str, str]:
@@ -232,6 +237,51 @@ def test_restarts_are_bounded(ray_cluster: RayCluster, redis_server) -> None:
         assert "exited with status -9" in replicas(ray_cluster, env)[0]["last_exit"]
     finally:
         ray_cluster.qvl("down", "--config", str(SIM_CONFIG), env=env)
+
+
+def test_commands_name_the_ray_cluster_they_looked_at(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """Never an empty table with status 0: a cluster that is not there is named, with the Ray looked at."""
+    head = ray_cluster.head.address
+    env = {"QVL_CLUSTER__NAME": "nobody", "QVL_CLUSTER__RUN_DIR": str(tmp_path / "empty")}
+    status = ray_cluster.qvl("status", "--config", str(SIM_CONFIG), env=env, check=False)
+    assert (status.returncode, status.stdout) == (3, "")
+    assert status.stderr == f"qvl: no replicas of cluster 'nobody' on Ray at {head}\n"
+    as_json = ray_cluster.qvl("status", "--config", str(SIM_CONFIG), "--json", env=env, check=False)
+    assert (as_json.returncode, as_json.stdout) == (3, "[]\n")
+    down = ray_cluster.qvl("down", "--config", str(SIM_CONFIG), env=env)
+    assert f"no replicas of cluster 'nobody' on Ray at {head}: nothing to stop" in down.stderr
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    for action in ("status", "down", "scale"):
+        args = (action, "1") if action == "scale" else (action,)
+        lost = ray_cluster.qvl(*args, "--config", str(SIM_CONFIG), env=env, check=False, address=nowhere)
+        assert lost.returncode == 1 and lost.stdout == ""
+        assert lost.stderr == f"qvl: cannot reach the Ray cluster at {nowhere}: nothing accepts connections there\n"
+
+    # The run_dir records a running local head elsewhere (a stand-in process at an address nobody
+    # serves): pointed at another Ray where the cluster has no replicas, the command names both.
+    stand_in = subprocess.Popen(["sleep", "300"])
+    try:
+        record = tmp_path / "recorded" / "ray-local.json"
+        record.parent.mkdir()
+        record.write_text(json.dumps({"pid": stand_in.pid, "address": nowhere, "temp_dir": "", "log": ""}))
+        env["QVL_CLUSTER__RUN_DIR"] = str(record.parent)
+        for action in ("status", "down"):
+            wrong = ray_cluster.qvl(action, "--config", str(SIM_CONFIG), env=env, check=False)
+            assert wrong.returncode == 1 and wrong.stdout == ""
+            assert f"no replicas of cluster 'nobody' on Ray at {head}" in wrong.stderr
+            assert f"records a local Ray head that `qvl cluster up --address local` started at {nowhere}" in (
+                wrong.stderr
+            )
+        # auto prefers the recorded head, says so, and fails naming it when it does not answer.
+        auto = ray_cluster.qvl("status", "--config", str(SIM_CONFIG), env=env, check=False, address="auto")
+        assert auto.returncode == 1
+        assert f"address auto: using the local Ray head at {nowhere}" in auto.stderr
+        assert f"does not accept connections at {nowhere}" in auto.stderr
+        assert stand_in.poll() is None  # not mistaken for a head to stop
+    finally:
+        stand_in.kill()
+        stand_in.wait()
 
 
 @pytest.mark.vllm
