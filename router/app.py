@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
@@ -32,7 +33,15 @@ from router.audit import AuditLogError, AuditSink, audit_record, build_audit_log
 from router.auth import ApiKey, KeyRing
 from router.discovery import RegistryWatch
 from router.edge import ChatRequest, parse_chat_request, parse_json_object
-from router.errors import InvalidRequest, NoHealthyReplica, RequestTooLarge, RouterError, error_body
+from router.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NoHealthyReplica,
+    NotFound,
+    RequestTooLarge,
+    RouterError,
+    error_answer,
+)
 from router.exchange import Exchange
 from router.fetch import inline_remote_images
 from router.metrics import NO_LOOKUP, UNKNOWN_MODEL, RouterMetrics
@@ -128,11 +137,23 @@ def create_app(settings: Settings) -> FastAPI:
     # Registered for method checks (GET answers 405); POSTs are dispatched before the middleware stack.
     app.router.routes.append(Route(CHAT_PATH, app.chat, methods=["POST"]))
 
+    # Every error answer, FastAPI's own included, is built by router/errors.py's error_answer.
+    @app.exception_handler(RouterError)
+    async def router_error(request: Request, exc: RouterError) -> Response:
+        return error_response(exc)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
-        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
-        return JSONResponse(body, status_code=exc.status_code)
+        return error_response(from_http_exception(request.method, request.url.path, exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(from_validation_error(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Starlette logs and re-raises it after this answer is sent.
+        return error_response(RouterError("internal error", code="internal_error"))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -143,18 +164,16 @@ def create_app(settings: Settings) -> FastAPI:
         state: RouterState = request.app.state.qvl
         healthy = sum(r.healthy for r in state.pool.replicas)
         if healthy == 0:
-            exc = NoHealthyReplica("no healthy replica", code="no_healthy_replica")
-            return Response(error_body(exc), status_code=exc.status, media_type="application/json")
+            # Ejected replicas come back through a health check: worth asking again after the next one.
+            raise NoHealthyReplica(
+                "no healthy replica", code="no_healthy_replica", retry_after_s=settings.router.health.interval_s
+            )
         return JSONResponse({"status": "ready", "healthy_replicas": healthy})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         state: RouterState = request.app.state.qvl
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.exception_handler(RouterError)
-    async def router_error(request: Request, exc: RouterError) -> Response:
-        return Response(error_body(exc), status_code=exc.status, media_type="application/json")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, object]:
@@ -181,6 +200,39 @@ def create_app(settings: Settings) -> FastAPI:
         }
 
     return app
+
+
+def error_response(exc: RouterError) -> Response:
+    """`exc` as a FastAPI route's answer (router/errors.py's error_answer)."""
+    answer = error_answer(exc)
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in answer.headers}
+    return Response(answer.body, status_code=answer.status, headers=headers)
+
+
+def from_http_exception(method: str, path: str, exc: StarletteHTTPException) -> RouterError:
+    """The RouterError for an HTTPException of Starlette's routing: 404 for an unknown path, 405 for a
+    method the path does not take. Other statuses are not raised by this app; they map to 400 or 500."""
+    where = f"{method} {path[:200]}"
+    if exc.status_code == 404:
+        return NotFound(f"no such endpoint: {where}", code="unknown_path")
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        return MethodNotAllowed(f"method not allowed: {where} (allowed: {allow})", allow=allow)
+    if exc.status_code < 500:
+        return InvalidRequest(str(exc.detail))
+    return RouterError("internal error", code="internal_error")
+
+
+def from_validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """A request FastAPI could not validate against a route's parameters: 400 `invalid_parameters`,
+    naming the first offending field (FastAPI's own answer would be a 422 `{"detail": ...}`)."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequest("invalid parameters", code="invalid_parameters")
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ())]
+    message = f"{'.'.join(location)}: {first.get('msg', 'invalid')}" if location else str(first.get("msg", "invalid"))
+    return InvalidRequest(message, code="invalid_parameters", param=location[-1] if location else None)
 
 
 class RouterAPI(FastAPI):
@@ -220,6 +272,18 @@ class ChatCompletions:
         given_id = headers.get(b"x-request-id", b"")
         request_id = given_id.decode() if _REQUEST_ID.match(given_id) else secrets.token_hex(16)
         exchange = Exchange(state.proxy, state.cache, state.metrics, send, request_id.encode(), started)
+        try:
+            await self._serve(state, exchange, headers, receive, arrived)
+        except Exception:
+            # A bug, not a refusal: answered in the same shape when nothing was sent yet, then raised to be logged.
+            if exchange.status == 0:
+                await exchange.fail(RouterError("internal error", code="internal_error"))
+            raise
+
+    async def _serve(
+        self, state: RouterState, exchange: Exchange, headers: dict[bytes, bytes], receive: Receive, arrived: float
+    ) -> None:
+        started = exchange.started
         settings = state.settings
         tls = self._tls
         key: ApiKey | None = None

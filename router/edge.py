@@ -27,7 +27,7 @@ import orjson
 
 from qvl.dataurl import DataURLError, decode_image_data_url
 from qvl.settings import LimitSettings
-from router.errors import InvalidRequest
+from router.errors import InvalidRequest, error_code
 from router.images import inspect_image
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -89,7 +89,7 @@ def decode_data_url(data_url: str, max_bytes: int | None = None) -> bytes:
     try:
         return decode_image_data_url(data_url, max_bytes=max_bytes)
     except DataURLError as exc:
-        raise InvalidRequest(str(exc), code=exc.code, param="messages") from None
+        raise InvalidRequest(str(exc), code=error_code(exc.code), param="messages") from None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

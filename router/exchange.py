@@ -4,8 +4,8 @@ stored), or as an error. Remembers what the request metrics need."""
 from __future__ import annotations
 
 import logging
-import math
 import time
+from collections.abc import Iterable
 
 import orjson
 from starlette.types import Send
@@ -13,7 +13,7 @@ from starlette.types import Send
 from cache.flight import AnswerCache
 from cache.replay import StreamRecorder, completion_is_cacheable, completion_to_sse
 from router.edge import ChatRequest
-from router.errors import RouterError, StreamInterrupted, error_body
+from router.errors import RouterError, StreamInterrupted, error_answer
 from router.metrics import UNKNOWN_MODEL, RouterMetrics
 from router.proxy import Proxy
 
@@ -87,20 +87,20 @@ class Exchange:
         if exc.status >= 500:
             log.warning("request %s failed: %s", self.request_id.decode(), exc.message)
         self.error_type = exc.type
-        extra = () if exc.retry_after_s is None else ((b"retry-after", b"%d" % max(1, math.ceil(exc.retry_after_s))),)
-        await self._start(exc.status, JSON, extra)
+        answer = error_answer(exc)
+        await self._start(answer.status, answer.headers)
         self.finished = True
-        await self.send({"type": "http.response.body", "body": error_body(exc)})
+        await self.send({"type": "http.response.body", "body": answer.body})
 
     async def _from_cache(self, request: ChatRequest, entry: bytes) -> None:
         self.replica = FROM_CACHE
         if request.stream:
             options = request.doc.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            await self._start(200, SSE)
+            await self._start(200, ((b"content-type", SSE),))
             body = completion_to_sse(entry, include_usage)
         else:
-            await self._start(200, JSON)
+            await self._start(200, ((b"content-type", JSON),))
             body = entry
         self.answer = entry
         self.finished = True
@@ -117,7 +117,7 @@ class Exchange:
         complete = False
         try:
             self.replica = upstream.replica.name.encode()
-            await self._start(upstream.status, upstream.content_type)
+            await self._start(upstream.status, ((b"content-type", upstream.content_type),))
             if upstream.response is None:
                 self.finished = True
                 await self.send({"type": "http.response.body", "body": upstream.body})
@@ -159,18 +159,18 @@ class Exchange:
         finally:
             proxy.close(upstream, complete=complete)
 
-    async def _start(self, status: int, content_type: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    async def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Send the status and `headers` (the content type first), with the request's own headers."""
         self.status = status
         await self.send(
             {
                 "type": "http.response.start",
                 "status": status,
                 "headers": [
-                    (b"content-type", content_type),
+                    *headers,
                     (b"x-request-id", self.request_id),
                     (b"x-qvl-replica", self.replica),
                     (b"x-qvl-cache", self.cache_result),
-                    *extra,
                 ],
             }
         )

@@ -46,7 +46,7 @@ import orjson
 
 from qvl.settings import FetchSettings, LimitSettings
 from router.edge import ImagePart, image_parts
-from router.errors import InvalidRequest
+from router.errors import InvalidRequest, InvalidRequestCode
 from router.images import inspect_image
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -468,5 +468,5 @@ def _invalid(where: str, what: str) -> InvalidRequest:
     return InvalidRequest(f"{where}: image URL {what}", code="invalid_image_url", param="messages")
 
 
-def _refused(where: str, message: str, code: str) -> InvalidRequest:
+def _refused(where: str, message: str, code: InvalidRequestCode) -> InvalidRequest:
     return InvalidRequest(f"{where}: {message}", code=code, param="messages")

@@ -1,7 +1,8 @@
 """The router's OpenAPI document: FastAPI's generated one plus `POST /v1/chat/completions`.
 
 The chat endpoint is a raw ASGI handler (router/app.py), so FastAPI does not know it; its request and
-responses are written down here by hand, from what router/edge.py accepts and router/errors.py answers.
+responses are written down here: the request by hand, from what router/edge.py accepts; the error
+answers from router/errors.py's codes, so a new code is documented (and an unknown one cannot be).
 The request schema describes what the edge checks; everything else in the body (tools, logprobs, ...)
 is allowed and forwarded to the replica unchanged, so objects stay open (`additionalProperties`).
 """
@@ -9,39 +10,94 @@ is allowed and forwarded to the replica unchanged, so objects stay open (`additi
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 from router.edge import MAX_N, MAX_STOP
+from router.errors import (
+    CODES,
+    ErrorCode,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NoHealthyReplica,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    QuotaUnavailable,
+    RateLimited,
+    RequestTooLarge,
+    RouterError,
+    StreamInterrupted,
+    Unauthenticated,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 CHAT_PATH = "/v1/chat/completions"
 BEARER = "bearerAuth"
 ERROR_SCHEMA = "ErrorResponse"
 _ERROR_REF = {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}
 
-# Each error status the chat endpoint answers, with the `type` (and `code`s) a client sees; router/errors.py.
-_CHAT_ERRORS = {
-    "400": "`invalid_request_error`: the body is not JSON, a field is missing or malformed, or an image is "
-    "refused (`code`: invalid_json, invalid_image_url, unsupported_image_url, unsupported_content, "
-    "too_many_messages, too_many_images, image_too_large, invalid_image, unsupported_image_format, "
-    "image_too_many_pixels, max_tokens_too_large, n_too_large, invalid_stop, ...). A replica's own 4xx "
-    "answer is passed through unchanged (vLLM's error object, whose `code` is the status number).",
-    "401": "`authentication_error`: no API key, or not a valid one (`code`: missing_api_key, invalid_api_key).",
-    "403": "`permission_denied`: the API key may not use this model (`code`: model_not_allowed).",
-    "404": "`model_not_found`: no replica serves the model.",
-    "413": "`request_too_large`: the body is over `router.max_request_bytes`.",
-    "429": "`rate_limit_exceeded`: the API key's quota is spent; retry after `Retry-After` seconds.",
-    "502": "`upstream_unavailable`: every attempt failed before a byte was sent (the request was not processed).",
-    "503": "`overloaded` (every replica slot and the wait queue are full), `quota_unavailable` or "
-    "`no_healthy_replica`; retry after `Retry-After` seconds where it is sent.",
-    "504": "`upstream_timeout`: the replica took longer than `router.request_timeout_s`.",
+# What each error class means, as the document says it; the codes come from router/errors.py's CODES.
+_MEANING: dict[type[RouterError], str] = {
+    RouterError: "a bug in the router",
+    InvalidRequest: "the body is not JSON, a field is missing or malformed, or an image is refused",
+    Unauthenticated: "no API key, or not a valid one",
+    PermissionDenied: "the API key may not use this model",
+    NotFound: "no such path",
+    ModelNotFound: "no replica serves the model",
+    MethodNotAllowed: "the path does not take this method (the `Allow` header lists those it takes)",
+    RequestTooLarge: "the body is over `router.max_request_bytes`",
+    RateLimited: "the API key's quota is spent",
+    Overloaded: "every replica slot and the wait queue are full, or the wait ran out",
+    QuotaUnavailable: "the shared quota store did not answer",
+    NoHealthyReplica: "no replica (of the model, on the chat endpoint) is healthy: all are ejected",
+    UpstreamUnavailable: "every attempt failed before a byte was sent (the request was not processed)",
+    UpstreamTimeout: "the replica took longer than `router.request_timeout_s`",
+    StreamInterrupted: "the replica died after the stream started (an SSE error event; the answer is incomplete)",
 }
+_RETRY_AFTER = ("429", "503")
+"""Statuses whose answers carry Retry-After."""
+_PASSTHROUGH = (
+    " A replica's own 4xx answer is passed through unchanged (vLLM's error object, whose `code` is the status number)."
+)
+_NOT_CHAT: frozenset[ErrorCode] = frozenset(
+    {"unknown_path", "method_not_allowed", "invalid_parameters", "internal_error"}
+)
+"""Codes the chat operation does not document: FastAPI's routing and parameters (the chat endpoint parses its
+own body and takes one path and method), and a bug's 500, which no operation promises."""
+
+
+def error_descriptions(codes: Iterable[ErrorCode]) -> dict[str, str]:
+    """Per status, the description of the answers with these codes: each `type`, its meaning and its `code`s."""
+    by_class: dict[type[RouterError], list[ErrorCode]] = {}
+    for code in codes:
+        by_class.setdefault(CODES[code], []).append(code)
+    by_status: dict[str, list[str]] = {}
+    for cls, own in by_class.items():
+        text = f"`{cls.type}`: {_MEANING[cls]} (`code`: {', '.join(own)})."
+        by_status.setdefault(str(cls.status), []).append(text)
+    described = {}
+    for status in sorted(by_status):
+        description = " ".join(by_status[status])
+        if status in _RETRY_AFTER:
+            description += " Retry after `Retry-After` seconds."
+        described[status] = description
+    return described
+
+
+_CHAT_ERRORS = error_descriptions(code for code in CODES if code not in _NOT_CHAT)
+_CHAT_ERRORS["400"] += _PASSTHROUGH
 # FastAPI routes that check the API key or can refuse (router/app.py): their error answers, added to FastAPI's.
 _ROUTE_ERRORS = {
-    "/ready": {"503": "`no_healthy_replica`: no replica is healthy."},
-    "/v1/models": {"401": _CHAT_ERRORS["401"]},
-    "/v1/cluster": {"401": _CHAT_ERRORS["401"]},
+    "/ready": error_descriptions(["no_healthy_replica"]),
+    "/v1/models": error_descriptions(["missing_api_key", "invalid_api_key"]),
+    "/v1/cluster": error_descriptions(["missing_api_key", "invalid_api_key"]),
 }
 _AUTHENTICATED = ("/v1/models", "/v1/cluster")
+_VALIDATION_ERRORS = error_descriptions(["invalid_parameters"])
+"""Replaces FastAPI's generated 422: a route's parameters that do not validate get a 400 (router/app.py)."""
 
 
 def with_chat_completions(generated: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +113,13 @@ def with_chat_completions(generated: dict[str, Any]) -> dict[str, Any]:
         "description": "An API key from QVL_API_KEYS or auth.keys_file; not needed when auth.enabled is false.",
     }
     paths = schema.setdefault("paths", {})
+    for item in paths.values():
+        for operation in item.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.update(_error_responses(_VALIDATION_ERRORS))
+    for fastapi_own in ("HTTPValidationError", "ValidationError"):
+        components["schemas"].pop(fastapi_own, None)
     for path, errors in _ROUTE_ERRORS.items():
         operation = paths.get(path, {}).get("get")
         if operation is None:
@@ -115,7 +178,7 @@ def _error_responses(errors: dict[str, str]) -> dict[str, Any]:
     responses = {}
     for status, description in errors.items():
         response: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": _ERROR_REF}}}
-        if status in ("429", "503"):
+        if status in _RETRY_AFTER:
             response["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
         responses[status] = response
     return responses

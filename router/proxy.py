@@ -74,6 +74,7 @@ class Proxy:
         self._max_attempts = settings.max_attempts
         self._metrics = metrics
         self._deadline_s = settings.request_timeout_s
+        self._check_interval_s = settings.health.interval_s
 
     async def open(self, request: ChatRequest, request_id: str) -> Upstream:
         """Commit the request to a replica; raises a RouterError when no replica could take it."""
@@ -81,9 +82,7 @@ class Proxy:
         if not candidates:
             if request.model in self._pool.known_models:
                 self._metrics.record_rejection("no_healthy_replica")
-                raise NoHealthyReplica(
-                    f"no healthy replica serves model '{request.model}' right now", code="no_healthy_replica"
-                )
+                raise self._no_healthy_replica(request.model)
             self._metrics.record_rejection("model_not_found")
             raise ModelNotFound(f"model '{request.model}' is not served here", code="model_not_found", param="model")
         try:
@@ -93,9 +92,7 @@ class Proxy:
             raise
         if not candidates:
             self._metrics.record_rejection("no_healthy_replica")
-            raise NoHealthyReplica(
-                f"no healthy replica serves model '{request.model}' right now", code="no_healthy_replica"
-            )
+            raise self._no_healthy_replica(request.model)
         headers = ((b"content-type", b"application/json"), (b"x-request-id", request_id.encode()))
         failures: list[str] = []
         for attempt in range(self._max_attempts):
@@ -117,6 +114,14 @@ class Proxy:
         raise UpstreamUnavailable(
             f"no replica could answer after {len(failures)} attempt(s); the request was not processed",
             code="upstream_unavailable",
+        )
+
+    def _no_healthy_replica(self, model: str) -> NoHealthyReplica:
+        # An ejected replica is readmitted by a health check at the earliest: retry after the next one.
+        return NoHealthyReplica(
+            f"no healthy replica serves model '{model}' right now",
+            code="no_healthy_replica",
+            retry_after_s=self._check_interval_s,
         )
 
     async def _attempt(
