@@ -29,7 +29,8 @@ from cache.flight import AnswerCache
 from cache.stores import build_store
 from qvl.settings import Settings
 from router.admission import Admission
-from router.audit import AuditLogError, AuditSink, audit_record, build_audit_log
+from router.audit import AuditLogError, AuditSink, build_audit_log
+from router.audit_record import audit_record
 from router.auth import ApiKey, KeyRing
 from router.discovery import RegistryWatch
 from router.edge import ChatRequest, parse_chat_request, parse_json_object

@@ -7,13 +7,13 @@ import collections
 import json
 import re
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
-from conftest import Cluster, Proc
 from support.chat import image_chat, png_data_url
 from support.metrics import metric_sum
+from support.polling import wait_for
+from support.servers import Cluster, Proc
 
 MODEL = "qwen3-vl-sim"
 
@@ -39,15 +39,6 @@ def cache_metric(router: Proc, result: str) -> float:
     text = httpx.get(router.url + "/metrics", timeout=5).text
     match = re.search(rf'^qvl_cache_requests_total\{{result="{result}"\}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def sse_content(text: str) -> tuple[str, dict | None]:
@@ -221,9 +212,9 @@ def test_redis_dying_mid_run_fails_no_request_and_hits_resume(cluster: Cluster, 
     assert [r for r in results if not (isinstance(r, httpx.Response) and r.status_code == 200)] == []
     assert cache_metric(router, "hit") > 0 and cache_metric(router, "error") > 0
     # The health ping (every router.health.interval_s = 1 s) sees Redis gone, then back.
-    assert wait_until(lambda: metric_sum(router.url, "qvl_cache_store_up", store="redis") == 0)
+    wait_for(lambda: metric_sum(router.url, "qvl_cache_store_up", store="redis") == 0, timeout=10)
     redis_server.restart()
-    assert wait_until(lambda: metric_sum(router.url, "qvl_cache_store_up", store="redis") == 1)
+    wait_for(lambda: metric_sum(router.url, "qvl_cache_store_up", store="redis") == 1, timeout=10)
     fresh = question((99, 99, 99))
     deadline = time.monotonic() + 10
     while post(router, fresh).headers["x-qvl-cache"] != "hit" and time.monotonic() < deadline:

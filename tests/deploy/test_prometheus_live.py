@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import Cluster, Proc, RedisServer
 from support.chat import image_chat, png_data_url
+from support.servers import Cluster, Proc, RedisServer
 
 from loadtests.traffic import ShopTraffic
 from qvl.procs import free_port

@@ -9,8 +9,8 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import Cluster
 from support.chat import image_chat, png_data_url
+from support.servers import Cluster
 
 
 def image_messages(url: str) -> list:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Cluster
 from pydantic import SecretStr
 from support.chat import image_chat, png_data_url
 from support.metrics import metric_sum
+from support.servers import Cluster
 
 from qvl.settings import AdmissionSettings, AuthSettings, QuotaSettings, RouterSettings, Settings
 from router.admission import Admission

@@ -10,10 +10,10 @@ import time
 
 import httpx
 import pytest
-from conftest import Cluster, Proc
 from support.chat import image_chat, png_data_url
 from support.metrics import metric_sum
 from support.polling import wait_for
+from support.servers import Cluster, Proc
 
 from serving.registry import Member, Registry
 

@@ -3,7 +3,7 @@
 A public address is needed, so a network namespace (created by the `public_host` fixture; root and
 `ip netns` needed) holds 45.33.32.156 on its loopback, a small HTTP(S) server on it (and one on the
 namespace's own 127.0.0.1), and an /etc/hosts of test names; the fetches run in a process inside that
-namespace (`_client_main`). The refusals that need no server are in test_fetch.py.
+namespace (`_client_main`). The refusals that need no server are in test_ssrf.py and test_fetch.py.
 """
 
 from __future__ import annotations

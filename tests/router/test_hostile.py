@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import Cluster, Proc
 from PIL import Image
 from support.chat import image_chat, png_data_url
 from support.metrics import metric_sum
+from support.servers import Cluster, Proc
 
 MODEL = "qwen3-vl-sim"
 

@@ -10,9 +10,10 @@ import time
 
 import httpx
 import pytest
-from conftest import Cluster, Proc
 from support.chat import image_chat, png_data_url
 from support.metrics import metric_sum
+from support.polling import wait_for
+from support.servers import Cluster, Proc
 
 MODEL = "qwen3-vl-sim"
 
@@ -41,15 +42,6 @@ def engine_gauge(proc: Proc, name: str) -> float:
     text = httpx.get(proc.url + "/metrics", timeout=5).text
     values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)]
     return sum(values)
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def replica_state(router: Proc) -> dict[str, dict]:
@@ -177,7 +169,7 @@ def test_killing_a_replica_mid_run_loses_no_request(cluster: Cluster) -> None:
     assert failed == []
     answered_by = collections.Counter(r.headers["x-qvl-replica"] for r in results)  # type: ignore[union-attr]
     assert answered_by[f"127.0.0.1:{sims[1].port}"] > 0  # it did take traffic before it died
-    assert wait_for(lambda: replica_state(router)[sims[1].url]["healthy"] is False)
+    wait_for(lambda: replica_state(router)[sims[1].url]["healthy"] is False, timeout=10)
     dead = f"127.0.0.1:{sims[1].port}"
     assert metric_sum(router.url, "qvl_upstream_errors_total", replica=dead) > 0
     assert metric_sum(router.url, "qvl_retries_total", model=MODEL) > 0
@@ -224,8 +216,8 @@ def test_client_disconnect_cancels_the_upstream_request(cluster: Cluster, stream
             chat_timeout = httpx.Timeout(5, read=0.5)
             httpx.post(router.url + "/v1/chat/completions", json=doc, timeout=chat_timeout)
     # 200 tokens at 100 ms would take 20 s; the engine drops the request as soon as the client leaves.
-    assert wait_for(lambda: engine_gauge(sim, "vllm:num_requests_running") == 0, timeout=5)
-    assert wait_for(lambda: replica_state(router)[sim.url]["in_flight"] == 0, timeout=5)
+    wait_for(lambda: engine_gauge(sim, "vllm:num_requests_running") == 0, timeout=5)
+    wait_for(lambda: replica_state(router)[sim.url]["in_flight"] == 0, timeout=5)
 
 
 def test_ejection_and_readmission_follow_health(cluster: Cluster) -> None:
@@ -233,16 +225,16 @@ def test_ejection_and_readmission_follow_health(cluster: Cluster) -> None:
     router = cluster.router(a, b)
     port = b.port
     b.kill()
-    assert wait_for(lambda: replica_state(router)[b.url]["healthy"] is False, timeout=10)
+    wait_for(lambda: replica_state(router)[b.url]["healthy"] is False, timeout=10)
     for _ in range(5):
         assert chat(router, image_chat(MODEL, png_data_url())).headers["x-qvl-replica"].endswith(f":{a.port}")
     cluster.sim("--zero-delay", port=port)
-    assert wait_for(lambda: replica_state(router)[b.url]["healthy"] is True, timeout=10)
+    wait_for(lambda: replica_state(router)[b.url]["healthy"] is True, timeout=10)
     a.kill()
-    assert wait_for(lambda: httpx.get(router.url + "/ready", timeout=5).status_code == 200)
+    wait_for(lambda: httpx.get(router.url + "/ready", timeout=5).status_code == 200, timeout=10)
     b_alive = cluster.procs[-1]
     b_alive.kill()
-    assert wait_for(lambda: httpx.get(router.url + "/ready", timeout=5).status_code == 503, timeout=10)
+    wait_for(lambda: httpx.get(router.url + "/ready", timeout=5).status_code == 503, timeout=10)
     down = chat(router, image_chat(MODEL, png_data_url()))
     assert down.status_code == 503 and down.json()["error"]["type"] == "no_healthy_replica"
 

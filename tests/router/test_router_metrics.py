@@ -6,9 +6,9 @@ import base64
 import hashlib
 
 import httpx
-from conftest import Cluster
 from support.chat import image_chat, png_data_url
 from support.metrics import metric_sum
+from support.servers import Cluster
 
 MODEL = "qwen3-vl-sim"
 

@@ -17,7 +17,6 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 import schemathesis
-from conftest import Cluster, Proc
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -25,6 +24,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 from support.chat import image_chat, png_data_url
+from support.servers import Cluster, Proc
 
 from router.openapi import CHAT_PATH
 

@@ -40,10 +40,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import Cluster, Proc, RedisServer
 from support import ROOT
 from support.chat import image_chat
 from support.metrics import metric_sum
+from support.servers import Cluster, Proc, RedisServer
 
 from loadtests.traffic import QUESTIONS, product_photo
 

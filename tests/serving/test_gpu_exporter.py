@@ -16,11 +16,11 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from conftest import Cluster, Proc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ROOT
 from support.nvml import nvml_works
+from support.servers import Cluster, Proc
 
 from qvl.procs import free_port, spawn
 from qvl.settings import GpuExporterSettings, load_settings

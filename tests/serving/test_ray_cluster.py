@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Cluster, Proc
 from support import ROOT
 from support.chat import image_chat, png_data_url
 from support.polling import wait_for
+from support.servers import Cluster, Proc
 
 from qvl.procs import free_port
 from qvl.settings import ClusterSettings

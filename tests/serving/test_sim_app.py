@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import httpx
 import openai
 import orjson
 import pytest
-from conftest import Cluster, Proc
 from prometheus_client.parser import text_string_to_metric_families
 from support.chat import image_chat, png_data_url
+from support.polling import wait_for
+from support.servers import Cluster, Proc
 
 MODEL = "qwen3-vl-sim"
 # A 64x48 PNG is scaled up to 320x224 by Qwen3-VL's resize: 10 x 7 image tokens.
@@ -56,16 +56,6 @@ def scrape(proc: Proc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def metric(proc: Proc, name: str, **labels: str) -> float:
     key = (name, tuple(sorted({"model_name": MODEL, **labels}.items())))
     return scrape(proc)[key]
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 2.0) -> float:
-    """Poll `check()` until true; returns the seconds it took."""
-    began = time.monotonic()
-    while not check():
-        if time.monotonic() - began > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.01)
-    return time.monotonic() - began
 
 
 def sse_events(text: str) -> list[str]:
@@ -220,10 +210,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(cluster: Cluster) -> None:
         while data < 3:
             data += next(lines).startswith("data: ")
         assert metric(sim, "vllm:num_requests_running") == 1
-        closed_at = time.monotonic()
-    # Leaving the block closes the half-read response, and with it the connection.
-    wait_for(lambda: metric(sim, "vllm:num_requests_running") == 0, timeout=0.5)
-    assert time.monotonic() - closed_at < 0.5
+    # Leaving the block closes the half-read response, and with it the connection. Had the engine not
+    # noticed, the request would still end (in about a second) but as `stop`, not `abort`: no clock needed.
+    wait_for(lambda: metric(sim, "vllm:num_requests_running") == 0, timeout=10)
     assert metric(sim, "vllm:request_success_total", finished_reason="abort") == 1
     assert metric(sim, "vllm:request_success_total", finished_reason="stop") == 0
 
@@ -235,21 +224,17 @@ def test_client_disconnect_while_running_or_queued(cluster: Cluster) -> None:
         async with httpx.AsyncClient(timeout=30) as first, httpx.AsyncClient(timeout=30) as second:
             running = asyncio.create_task(first.post(chat_url(sim), json=image_chat(MODEL, png_data_url())))
             queued = asyncio.create_task(second.post(chat_url(sim), json=image_chat(MODEL, png_data_url())))
+            # Each wait is well under the 10 s first token, so a request that ended instead counts as a failure.
             await asyncio.to_thread(
                 wait_for,
-                lambda: (
-                    (
-                        metric(sim, "vllm:num_requests_running"),
-                        metric(sim, "vllm:num_requests_waiting"),
-                    )
-                    == (1, 1)
-                ),
+                lambda: (metric(sim, "vllm:num_requests_running"), metric(sim, "vllm:num_requests_waiting")) == (1, 1),
+                5,
             )
             queued.cancel()
-            await asyncio.to_thread(wait_for, lambda: metric(sim, "vllm:num_requests_waiting") == 0)
+            await asyncio.to_thread(wait_for, lambda: metric(sim, "vllm:num_requests_waiting") == 0, 5)
             assert metric(sim, "vllm:num_requests_running") == 1
             running.cancel()
-            await asyncio.to_thread(wait_for, lambda: metric(sim, "vllm:num_requests_running") == 0)
+            await asyncio.to_thread(wait_for, lambda: metric(sim, "vllm:num_requests_running") == 0, 5)
             for task in (running, queued):
                 with pytest.raises(asyncio.CancelledError):
                     await task

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from qvl.settings import SimSettings
+from serving.sim import engine as engine_module
 from serving.sim.engine import ImageInput, LatencyModel, RequestRejected, SimEngine, SimRequest
 
 ZERO = SimSettings(model="m").zero_delay()
@@ -93,32 +94,55 @@ def test_max_running_queues_the_rest_in_order() -> None:
     assert engine.metrics.finished["stop"] == 4
 
 
-def test_inter_token_latency_grows_with_running_requests() -> None:
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every delay the engine asks asyncio to sleep (it still sleeps): what the latency model decided,
+    checked exactly, where the time that passed depends on how busy the machine is."""
+    asked: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded(delay: float) -> None:
+        asked.append(delay)
+        await real_sleep(delay)
+
+    monkeypatch.setattr(engine_module.asyncio, "sleep", recorded)
+    return asked
+
+
+def test_inter_token_latency_grows_with_running_requests(sleeps: list[float]) -> None:
     async def elapsed(concurrency: int) -> float:
+        sleeps.clear()
         engine = SimEngine(settings(max_running=8, itl_base_ms=10, itl_per_running_ms=10, output_tokens=6))
         began = time.perf_counter()
         await asyncio.gather(*(generate(engine, SimRequest(text_tokens=1)) for _ in range(concurrency)))
         return time.perf_counter() - began
 
-    alone = asyncio.run(elapsed(1))  # 5 gaps of 10 ms
-    crowded = asyncio.run(elapsed(4))  # 5 gaps of 10 + 3 * 10 ms
-    assert 0.045 <= alone < 0.15
-    assert crowded >= 0.19
+    alone = asyncio.run(elapsed(1))
+    assert sleeps == pytest.approx([0.010] * 5)  # 5 gaps of 10 ms
+    assert alone >= 0.05  # a sleep never ends early; how late it ends is the machine's business
+    crowded = asyncio.run(elapsed(4))
+    # 5 gaps each: 10 ms plus 10 ms per other running request, so 40 ms once all four run.
+    assert len(sleeps) == 20
+    assert sleeps[:4] == pytest.approx([0.010, 0.020, 0.030, 0.040])  # each starts as the one before waits
+    assert max(sleeps) == pytest.approx(0.040)
+    assert crowded >= 0.010 + 4 * 0.040  # the first request's own gaps
 
 
-def test_cached_image_skips_encode_cost() -> None:
+def test_cached_image_skips_encode_cost(sleeps: list[float]) -> None:
     engine = SimEngine(settings(ttft_per_image_token_ms=1, output_tokens=1, mm_cache_items=8))
     photo = ImageInput(b"photo", 100)  # 100 ms to encode
 
     async def first_token_seconds() -> float:
+        sleeps.clear()
         began = time.perf_counter()
         await generate(engine, SimRequest(text_tokens=5, images=(photo,)))
         return time.perf_counter() - began
 
     cold = asyncio.run(first_token_seconds())
-    warm = asyncio.run(first_token_seconds())
+    assert sleeps == pytest.approx([0.1])
     assert cold >= 0.1
-    assert warm < 0.05
+    asyncio.run(first_token_seconds())
+    assert sleeps == []  # the cached image costs nothing to encode
     metrics = engine.metrics
     assert (metrics.mm_queries, metrics.mm_hits) == (2, 1)
     assert (metrics.prefix_queries, metrics.prefix_hits) == (210, 100)

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import Cluster, Proc
 from PIL import Image
 from support.chat import image_chat, png_data_url
+from support.servers import Cluster, Proc
 
 from qvl.procs import Child, StartError, free_port, spawn
 from qvl.settings import ReplicaSettings

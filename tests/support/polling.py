@@ -1,8 +1,10 @@
-"""Waiting for a condition: the one polling helper, so tests state what they wait for and how long at most,
-and never a bare sleep that is too short on a slow, shared machine."""
+"""Waiting for a condition: the one polling helper (and its twin for async tests, which must not block
+the event loop), so that a test states what it waits for and how long at most, and never relies on a
+bare sleep being long enough on a slow, shared machine."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -13,4 +15,13 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
     while not condition():
         assert time.monotonic() - started < timeout, "condition not met in time"
         time.sleep(interval)
+    return time.monotonic() - started
+
+
+async def wait_for_async(condition: Callable[[], bool], timeout_s: float, interval: float = 0.01) -> float:
+    """`wait_for` inside an event loop: polls with `asyncio.sleep`, so the loop keeps running meanwhile."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, "condition not met in time"
+        await asyncio.sleep(interval)
     return time.monotonic() - started
