@@ -13,14 +13,15 @@ import base64
 import io
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import openai
 from PIL import Image, ImageDraw
+
+from qvl.procs import StartError, answers, free_port, spawn
 
 
 def product_photo() -> bytes:
@@ -42,9 +43,7 @@ def main() -> int:
     parser.add_argument("--model", help="checkpoint directory (default: the tiny test model)")
     args = parser.parse_args()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -65,57 +64,77 @@ def main() -> int:
     # The router requires an API key; the demo makes one for this run only.
     api_key = "sk-demo-" + secrets.token_hex(16)
     env = {**os.environ, "QVL_API_KEYS": api_key}
-    up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
-    try:
-        url = _wait_ready(up, timeout=900)
-        client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
-        model = client.models.list().data[0].id
-        image = "data:image/png;base64," + base64.b64encode(product_photo()).decode()
-        question = "What product is in this photo, and what colour is it?"
-        print(f"\nQ ({model}, with a 320x240 PNG): {question}", flush=True)
-        started = time.perf_counter()
-        raw = client.chat.completions.with_raw_response.create(
-            model=model,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": question},
-                        {"type": "image_url", "image_url": {"url": image}},
-                    ],
-                }
-            ],
-            max_tokens=32,
-        )
-        answer = raw.parse()
-        elapsed = time.perf_counter() - started
-        print(f"A: {answer.choices[0].message.content}")
-        if args.engine == "vllm" and not args.model:
-            print("   (vLLM's answer from the tiny random test model: the words are nonsense by design)")
-        elif args.engine == "sim":
-            print("   (the simulated engine's filler text)")
-        print(
-            f"   replica {raw.headers['x-qvl-replica']}, request {raw.headers['x-request-id']}, "
-            f"{answer.usage.prompt_tokens if answer.usage else '?'} prompt tokens, {elapsed * 1000:.0f} ms"
-        )
-        return 0
-    finally:
-        if up.poll() is None:
-            os.kill(up.pid, signal.SIGTERM)
-        rest, _ = up.communicate(timeout=30)
-        sys.stdout.write(rest)
+    with tempfile.TemporaryDirectory(prefix="qvl-demo-") as tmp:
+        log = Path(tmp) / "up.log"
+        up = spawn("qvl up", cmd, url=f"http://127.0.0.1:{port}", log=log, env=env)
+        shown = _Echo(log)
+
+        def ready() -> bool:
+            shown.more()
+            return answers(up.url + "/ready")
+
+        try:
+            up.wait_ready(900, check=ready)
+            return _ask(up.url, api_key, args.engine, args.model)
+        except StartError as exc:
+            shown.more()
+            raise SystemExit(f"qvl up did not become ready: {exc}") from None
+        finally:
+            up.stop(grace_s=30)
+            shown.more()
 
 
-def _wait_ready(up: subprocess.Popen[str], timeout: float) -> str:
-    assert up.stdout is not None
-    deadline = time.monotonic() + timeout
-    for line in up.stdout:
-        sys.stdout.write(line)
-        if line.startswith("qvl: ready at "):
-            return line.split()[3]
-        if time.monotonic() > deadline:
-            break
-    raise SystemExit(f"qvl up did not become ready (exit status {up.poll()})")
+def _ask(url: str, api_key: str, engine: str, custom_model: str | None) -> int:
+    """One image question through the router, printed with the replica that answered."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
+    model = client.models.list().data[0].id
+    image = "data:image/png;base64," + base64.b64encode(product_photo()).decode()
+    question = "What product is in this photo, and what colour is it?"
+    print(f"\nQ ({model}, with a 320x240 PNG): {question}", flush=True)
+    started = time.perf_counter()
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": question},
+                    {"type": "image_url", "image_url": {"url": image}},
+                ],
+            }
+        ],
+        max_tokens=32,
+    )
+    answer = raw.parse()
+    elapsed = time.perf_counter() - started
+    print(f"A: {answer.choices[0].message.content}")
+    if engine == "vllm" and not custom_model:
+        print("   (vLLM's answer from the tiny random test model: the words are nonsense by design)")
+    elif engine == "sim":
+        print("   (the simulated engine's filler text)")
+    print(
+        f"   replica {raw.headers['x-qvl-replica']}, request {raw.headers['x-request-id']}, "
+        f"{answer.usage.prompt_tokens if answer.usage else '?'} prompt tokens, {elapsed * 1000:.0f} ms"
+    )
+    return 0
+
+
+class _Echo:
+    """Prints what `qvl up` writes to its log, a little more on every call."""
+
+    def __init__(self, log: Path) -> None:
+        self._log = log
+        self._offset = 0
+
+    def more(self) -> None:
+        if not self._log.exists():
+            return
+        with self._log.open("rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        self._offset += len(chunk)
+        sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

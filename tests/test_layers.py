@@ -15,8 +15,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("qvl", "cache", "serving", "router", "loadtests", "tools")
 TOP_IN_QVL = ("qvl.cli", "qvl.demo", "qvl.__main__")
 # What each part may import besides itself (module prefixes; "base" is every base module of qvl/).

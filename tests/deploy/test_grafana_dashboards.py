@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
+from support import ROOT
 
 from tools.promstack import GRAFANA_MACROS, VARIABLE, dashboard_queries, iter_panels, live_form
 
-GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
+GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARDS = GRAFANA / "dashboards"
 DATASOURCES_YAML = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 PROVIDER_YAML = GRAFANA / "provisioning" / "dashboards" / "qvl.yaml"

@@ -13,13 +13,13 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, get_args
 
 import httpx
 import orjson
 import pytest
 from fastapi import FastAPI
+from support import ROOT
 
 from qvl.procs import free_port
 from qvl.settings import Settings
@@ -36,7 +36,6 @@ from router.errors import (
 )
 from router.openapi import _MEANING
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-errors-0123456789abcdef"
 INTERVAL_S = 2.5
 """router.health.interval_s: what /ready's Retry-After says (rounded up)."""

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
@@ -28,7 +27,6 @@ from router.errors import InvalidRequest
 from router.fetch import inline_remote_images
 from router.ssrf import check_url, forbidden_address
 
-ROOT = Path(__file__).resolve().parents[2]
 PUBLIC_IP = "45.33.32.156"
 
 

@@ -26,8 +26,10 @@ from typing import Any
 
 import orjson
 import pytest
-from test_fetch import PUBLIC_IP, ROOT, chat, png
+from support import ROOT
+from test_fetch import PUBLIC_IP, chat, png
 
+from qvl.procs import Child, spawn
 from qvl.settings import FetchSettings, LimitSettings
 from router.edge import parse_chat_request, parse_json_object
 from router.errors import InvalidRequest
@@ -96,7 +98,7 @@ def public_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PublicHost
     if added.returncode != 0:
         pytest.skip(f"`ip netns add` is not permitted here: {added.stderr.decode().strip()}")
     etc = Path("/etc/netns") / namespace
-    server: subprocess.Popen[bytes] | None = None
+    server: Child | None = None
     try:
         try:
             etc.mkdir(parents=True)
@@ -120,20 +122,17 @@ def public_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PublicHost
         )
         image, log = png((64, 48)), tmp / "requests.jsonl"
         (tmp / "image.png").write_bytes(image)
-        server = subprocess.Popen(
+        server = spawn(
+            "image server",
             [*netns_python(namespace, "_server_main"), str(tmp)],
-            stdout=subprocess.PIPE,
+            log=tmp / "server.log",
             env=python_env(),
         )
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == b"ready", "the server in the namespace did not start"
+        server.wait_ready(60, check=lambda: "ready" in server.output().split(), interval_s=0.1)
         yield PublicHost(namespace, cert, log, image)
     finally:
         if server is not None:
             server.kill()
-            server.wait(10)
-            if server.stdout is not None:
-                server.stdout.close()
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
         shutil.rmtree(etc, ignore_errors=True)
 

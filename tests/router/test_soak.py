@@ -317,7 +317,7 @@ def test_soak_with_a_replica_killed_and_redis_restarted(
     retries = metric_sum(up.url, "qvl_retries_total")
 
     # A graceful stop, so that the audit log is written out and closed.
-    os.killpg(up.popen.pid, signal.SIGTERM)
+    up.terminate()
     exit_status = up.popen.wait(60)
     log: str = up.output()
     lines, files = _audit_lines(audit_dir)

@@ -13,13 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from support import ROOT
 from support.polling import wait_for
 
-from qvl.procs import free_port
+from qvl.procs import Child, free_port, spawn
 from qvl.settings import ClusterSettings
 from serving.ray import local as ray_local
 
@@ -65,16 +64,22 @@ def test_written_cluster_commands_work_as_written(source: str, redis_server, tmp
         "QVL_ROUTER__PORT": str(router_port),
     }
     conf = ClusterSettings(run_dir=str(run_dir))
-    router: subprocess.Popen[bytes] | None = None
+    router: Child | None = None
     ran: dict[str, subprocess.CompletedProcess[str]] = {}
     try:
         for line in lines:
             argv, background = argv_of(line)
             if background or argv[1] == "router":
-                with (tmp_path / "router.log").open("wb") as log:
-                    router = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+                router = spawn(
+                    "router",
+                    argv,
+                    url=f"http://127.0.0.1:{router_port}",
+                    log=tmp_path / "router.log",
+                    env=env,
+                    cwd=ROOT,
+                )
                 # It finds both replicas in the registry: /ready answers once one is healthy.
-                wait_for(lambda: _ready(router_port), timeout=30, interval=0.2)
+                router.wait_ready(30, "/ready", interval_s=0.2)
                 continue
             done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
             print(f"$ {line}\n{done.stderr}{done.stdout}")
@@ -99,15 +104,7 @@ def test_written_cluster_commands_work_as_written(source: str, redis_server, tmp
         assert again.stderr.startswith("qvl: ") and ("Ray at " in again.stderr or "address auto" in again.stderr)
     finally:
         if router is not None:
-            router.terminate()
-            router.wait(15)
+            router.stop(grace_s=15)
         leftover = ray_local.running_head(conf)
         if leftover is not None:
             ray_local.stop_head(leftover, grace_s=0)
-
-
-def _ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

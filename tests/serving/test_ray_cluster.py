@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from support.chat import image_chat, png_data_url
 from support.polling import wait_for
 from support.servers import Cluster, Proc
 
-from qvl.procs import free_port
+from qvl.procs import free_port, spawn
 from qvl.settings import ClusterSettings
 from serving.ray import local as ray_local
 from serving.tiny_model import SERVED_NAME, build_tiny_model
@@ -63,22 +62,13 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     ray = str(Path(sys.executable).parent / "ray")
     argv = [ray, "start", f"--address={head.address}", "--block", "--num-gpus=2", "--num-cpus=4"]
     argv.append("--disable-usage-stats")
-    with log.open("wb") as out:
-        worker = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    worker = spawn("ray worker node", argv, log=log)
     try:
-        deadline = time.monotonic() + 60
-        while "Ray runtime started" not in log.read_text(errors="replace"):
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        worker.wait_ready(60, check=lambda: "Ray runtime started" in worker.output(), interval_s=0.2)
         yield RayCluster(head, worker.pid, tmp)
     finally:
         ray_local.stop_head(ray_local.LocalHead(worker.pid, "", "", ""), grace_s=2)
-        worker.wait(10)
+        worker.popen.wait(10)
         ray_local.stop_head(head, grace_s=2)
 
 
