@@ -77,5 +77,7 @@ class ClusterSettings(Section):
     )
     local_cpus: int = Field(0, ge=0, description="address local: CPUs the local Ray head declares; 0: detected.")
     run_dir: str = Field(
-        ".qvl-run/cluster", description="address local: the Ray head's files and the record `down` reads."
+        ".qvl-run/cluster",
+        description="The local Ray head's files and its record (address, pid), which status, scale and down "
+        "read with address auto or local.",
     )
