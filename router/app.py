@@ -1,7 +1,7 @@
 """`create_app(settings)`: the router's HTTP surface.
 
-`POST /v1/chat/completions` is a plain ASGI handler (the hot path: no per-request framework
-objects); the other endpoints are ordinary FastAPI routes. Components live on `app.state.qvl`,
+`POST /v1/chat/completions` is a plain ASGI handler (router/chat.py, the hot path: no per-request
+framework objects); the other endpoints are ordinary FastAPI routes. Components live on `app.state.qvl`,
 built in the lifespan; nothing is module-level.
 """
 
@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import secrets
-import ssl
-import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,54 +18,35 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from cache.flight import AnswerCache
 from cache.stores import build_store
 from qvl.settings import Settings
 from router.admission import Admission
-from router.audit import AuditLogError, AuditSink, build_audit_log
-from router.audit_record import audit_record
-from router.auth import ApiKey, KeyRing
+from router.audit import build_audit_log
+from router.auth import KeyRing
+from router.chat import CHAT_PATH, ChatCompletions
 from router.discovery import RegistryWatch
-from router.edge import ChatRequest, parse_chat_request, parse_json_object
 from router.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NoHealthyReplica,
     NotFound,
-    RequestTooLarge,
     RouterError,
     error_answer,
 )
-from router.exchange import Exchange
-from router.fetch import inline_remote_images
-from router.metrics import NO_LOOKUP, UNKNOWN_MODEL, RouterMetrics
+from router.metrics import RouterMetrics
 from router.openapi import with_chat_completions
 from router.policies import build_policy
 from router.proxy import Proxy
 from router.quota import Quotas
 from router.replicas import ReplicaPool
+from router.state import RouterState
 from router.upstream import UpstreamClient
 from serving.registry import Registry
 
 log = logging.getLogger("qvl.router")
-
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-CHAT_PATH = "/v1/chat/completions"
-
-
-@dataclass(slots=True)
-class RouterState:
-    settings: Settings
-    pool: ReplicaPool
-    proxy: Proxy
-    metrics: RouterMetrics
-    client: UpstreamClient
-    cache: AnswerCache
-    keys: KeyRing
-    quotas: Quotas
-    audit: AuditSink
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -255,154 +231,3 @@ class RouterAPI(FastAPI):
         if self.openapi_schema is None:
             self.openapi_schema = with_chat_completions(super().openapi())
         return self.openapi_schema
-
-
-class ChatCompletions:
-    """POST /v1/chat/completions as a raw ASGI app: parse once, proxy, relay, account."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self._app = app
-        # Built once: a TLS context per fetched https image would cost tens of milliseconds.
-        self._tls = ssl.create_default_context()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state: RouterState = self._app.state.qvl
-        started = time.perf_counter()
-        arrived = time.time()
-        headers = dict(scope["headers"])
-        given_id = headers.get(b"x-request-id", b"")
-        request_id = given_id.decode() if _REQUEST_ID.match(given_id) else secrets.token_hex(16)
-        exchange = Exchange(state.proxy, state.cache, state.metrics, send, request_id.encode(), started)
-        try:
-            await self._serve(state, exchange, headers, receive, arrived)
-        except Exception:
-            # A bug, not a refusal: answered in the same shape when nothing was sent yet, then raised to be logged.
-            if exchange.status == 0:
-                await exchange.fail(RouterError("internal error", code="internal_error"))
-            raise
-
-    async def _serve(
-        self, state: RouterState, exchange: Exchange, headers: dict[bytes, bytes], receive: Receive, arrived: float
-    ) -> None:
-        started = exchange.started
-        settings = state.settings
-        tls = self._tls
-        key: ApiKey | None = None
-        request: ChatRequest | None = None
-        try:
-            # Who is asking comes first: an unknown caller costs no body parsing.
-            key = state.keys.authenticate(headers.get(b"authorization"))
-            body = await _read_body(receive, settings.router.max_request_bytes, headers.get(b"content-length"))
-            if settings.router.fetch.enabled:
-                # Remote images become data URLs here, once: replicas never fetch anything.
-                inlined = await inline_remote_images(
-                    parse_json_object(body), settings.router.fetch, settings.router.limits, tls=tls
-                )
-                body = inlined if inlined is not None else body
-            session = headers.get(settings.router.session_header.encode())
-            request = parse_chat_request(body, session.decode("latin-1") if session else None, settings.router.limits)
-            state.keys.authorize(key, request.model)
-            await state.quotas.charge(key, request.image_tokens)
-        except RouterError as exc:
-            await exchange.fail(exc)
-            elapsed = time.perf_counter() - started
-            state.metrics.record_rejection(exc.code or exc.type)
-            state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, NO_LOOKUP, exc.type, elapsed, False)
-            await _audit(state, exchange, arrived, key, request)
-            return
-        exchange.model = request.model if request.model in state.pool.known_models else UNKNOWN_MODEL
-        control = headers.get(b"cache-control")
-        serving = exchange.serve(request, control.decode("latin-1") if control else None)
-        await _until_disconnect(serving, receive, exchange, state.metrics)
-        state.metrics.record_request(
-            exchange.model,
-            exchange.replica.decode(),
-            exchange.status,
-            exchange.cache_result.decode(),
-            exchange.error_type,
-            time.perf_counter() - started,
-            request.stream,
-        )
-        await _audit(state, exchange, arrived, key, request)
-
-
-async def _audit(
-    state: RouterState, exchange: Exchange, arrived: float, key: ApiKey | None, request: ChatRequest | None
-) -> None:
-    """One audit line per request, refused ones included; written after the answer went out. Also the
-    per-key request count."""
-    if key is not None and key.id:
-        state.metrics.record_key(key.id, exchange.status)
-    prompt_tokens, completion_tokens = exchange.usage()
-    record = audit_record(
-        request.doc if request is not None else None,
-        request.image_digests if request is not None else (),
-        include_prompts=state.audit.include_prompts,
-        time=arrived,
-        request_id=exchange.request_id.decode(),
-        key_id=key.id if key is not None else "",
-        model=request.model if request is not None else "",
-        cache=exchange.cache_result.decode(),
-        replica=exchange.replica.decode(),
-        status=exchange.status,
-        error_type=exchange.error_type,
-        latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-    )
-    try:
-        await state.audit.write(record)
-    except AuditLogError as exc:
-        log.error("audit line for request %s not written: %s", record.request_id, exc)
-
-
-async def _read_body(receive: Receive, limit: int, content_length: bytes | None) -> bytes:
-    """The body, refused as soon as it is known to exceed `limit`: from Content-Length before reading
-    anything, else while reading (a huge body is never held whole)."""
-    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
-        raise RequestTooLarge(f"request body is over {limit} bytes", code="request_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidRequest("client disconnected while sending the body", code="client_disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"request body is over {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _until_disconnect(
-    work: Coroutine[None, None, None], receive: Receive, exchange: Exchange, metrics: RouterMetrics
-) -> None:
-    """Run `work`, cancelling it if the client disconnects first (so the replica's request is aborted)."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not exchange.finished:
-                    gone = True
-                    task.cancel()
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await work
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        task.uncancel()
-        exchange.error_type = "client_disconnected"
-        exchange.status = exchange.status or 499
-        metrics.record_disconnect(exchange.model)
-    finally:
-        watcher.cancel()

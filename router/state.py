@@ -1,0 +1,30 @@
+"""The router's components, built once in the app's lifespan and kept on `app.state.qvl`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cache.flight import AnswerCache
+from qvl.settings import Settings
+from router.audit import AuditSink
+from router.auth import KeyRing
+from router.metrics import RouterMetrics
+from router.proxy import Proxy
+from router.quota import Quotas
+from router.replicas import ReplicaPool
+from router.upstream import UpstreamClient
+
+
+@dataclass(slots=True)
+class RouterState:
+    """Everything a request handler needs; one per app, nothing module-level."""
+
+    settings: Settings
+    pool: ReplicaPool
+    proxy: Proxy
+    metrics: RouterMetrics
+    client: UpstreamClient
+    cache: AnswerCache
+    keys: KeyRing
+    quotas: Quotas
+    audit: AuditSink
