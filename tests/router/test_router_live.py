@@ -158,9 +158,15 @@ def test_killing_a_replica_mid_run_loses_no_request(cluster: Cluster) -> None:
     router = cluster.router(*sims, flags=("--policy", "round-robin"))
     docs = [image_chat(MODEL, png_data_url((i % 200, 9, 9))) for i in range(300)]
 
+    victim = f"127.0.0.1:{sims[1].port}"
+
     async def run() -> list[httpx.Response | Exception]:
         task = asyncio.create_task(fire(router, docs, concurrency=16))
-        await asyncio.sleep(0.6)
+        # Killed once it has answered a few (not after a fixed time, which a slow machine may not fill).
+        while not task.done():
+            if await asyncio.to_thread(metric_sum, router.url, "qvl_requests_total", replica=victim) >= 3:
+                break
+            await asyncio.sleep(0.02)
         sims[1].kill()
         return await task
 
