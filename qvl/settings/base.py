@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 EngineName = Literal["sim", "vllm"]
 """Engines a replica can run (serving/engines.py registers one launcher for each)."""
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 
 
 class SettingsError(ValueError):
@@ -23,8 +23,8 @@ class Section(BaseModel):
 
 
 def redis_url(*keywords: str) -> object:
-    """The type of a setting holding a Redis URL (redis://HOST:PORT/DB, rediss://... with TLS, unix://PATH)
-    or one of `keywords` (such as memory, off, or "" for none); used as `Annotated[str, redis_url(...)]`."""
+    """The type of a setting holding a Redis URL (redis://HOST:PORT/DB, rediss://... with TLS, unix://PATH,
+    or redis+sentinel://H1:P1,H2:P2,.../SERVICE/DB for the primary that Sentinel names) or one of `keywords` (such as memory, off, or "" for none); used as `Annotated[str, redis_url(...)]`."""
     shown = [repr(k) if k == "" else k for k in keywords]
     allowed = ", ".join([*shown, "a Redis URL (redis://HOST:PORT/DB)"])
 
