@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -261,17 +262,195 @@ def test_ports_agree_across_the_files(tmp_path: Path) -> None:
     assert read_timeout > RouterSettings().request_timeout_s
 
 
-def test_redis_urls_name_services_that_exist(tmp_path: Path) -> None:
+# -- Redis: a primary, a replica, three sentinels; every client goes through the sentinels ---------
+
+REDIS_URL = re.compile(r"\b(?:redis|rediss|redis\+sentinel|unix)://[^\s'\"]+")
+
+
+@dataclass(frozen=True)
+class SentinelSetup:
+    """What one deployment's sentinels are: their addresses, and the config each writes at start."""
+
+    addresses: frozenset[str]
+    """host:port of every sentinel, as clients must name them."""
+    configs: dict[str, dict[str, list[str]]]
+    """sentinel host -> its config lines by directive (`sentinel monitor` -> its arguments, ...)."""
+
+
+def sentinel_config(script: str, environment: dict[str, str]) -> dict[str, list[str]]:
+    """The config a sentinel's start script writes (its heredoc), with `$VAR`/`${VAR}` from `environment`:
+    directive (`port`, `sentinel monitor`, ...) -> its arguments."""
+    body = re.search(r"<<EOF\n(.*?)\nEOF\n", script, re.DOTALL)
+    assert body is not None, "a sentinel's command must write its config with a heredoc"
+    text = re.sub(r"\$\$?\{?(\w+)\}?", lambda m: environment[m.group(1)], body.group(1))
+    config: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        name = 2 if words[0] == "sentinel" else 1
+        directive = " ".join(words[:name])
+        assert directive not in config, f"{directive} given twice"
+        config[directive] = words[name:]
+    return config
+
+
+def compose_sentinels() -> SentinelSetup:
     services = compose()["services"]
-    text = yaml.safe_dump(services)
-    assert set(re.findall(r"redis://([\w.-]+):6379", text)) <= set(services)
-    k8s_services = {d["metadata"]["name"] for _, d in k8s_docs() if d["kind"] == "Service"}
-    for local in config_maps(tmp_path).values():
+    configs = {}
+    for name, service in services.items():
+        command = service.get("command")
+        if isinstance(command, list) and "--sentinel" in command[-1]:
+            configs[name] = sentinel_config(command[-1], service.get("environment", {}))
+    addresses = frozenset(f"{name}:{config['port'][0]}" for name, config in configs.items())
+    return SentinelSetup(addresses, configs)
+
+
+def k8s_sentinels() -> SentinelSetup:
+    (sts,) = [d for _, d in k8s_docs() if d["kind"] == "StatefulSet" and "sentinel" in d["metadata"]["name"]]
+    spec = sts["spec"]
+    (service,) = [d for _, d in k8s_docs() if d["kind"] == "Service" and d["metadata"]["name"] == spec["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None", "pods get DNS names only from a headless Service"
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    (container,) = spec["template"]["spec"]["containers"]
+    configs = {}
+    for i in range(spec["replicas"]):
+        pod = f"{sts['metadata']['name']}-{i}"
+        host = f"{pod}.{spec['serviceName']}"
+        config = sentinel_config(container["command"][-1], {"HOSTNAME": pod})
+        (port,) = [p["port"] for p in service["spec"]["ports"]]
+        assert config["port"] == [str(port)], "the Service's port must be the one the sentinels listen on"
+        configs[host] = config
+    addresses = frozenset(f"{host}:{config['port'][0]}" for host, config in configs.items())
+    return SentinelSetup(addresses, configs)
+
+
+def redis_args(argv: list[str]) -> dict[str, list[str]]:
+    """A redis-server command line's options: `--replicaof H P` -> {"replicaof": ["H", "P"]}."""
+    options: dict[str, list[str]] = {}
+    name = ""
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg.removeprefix("--")
+            options[name] = []
+        elif name:
+            options[name].append(arg)
+    return options
+
+
+def compose_redis() -> dict[str, dict[str, list[str]]]:
+    """Every redis-server service of compose (not the sentinels): name -> its options."""
+    return {
+        name: redis_args(service["command"])
+        for name, service in compose()["services"].items()
+        if isinstance(service.get("command"), list) and service["command"][0] == "redis-server"
+    }
+
+
+def k8s_redis() -> dict[str, dict[str, list[str]]]:
+    """Every Redis Service of the manifests that fronts a redis-server: Service name -> its pod's options."""
+    found = {}
+    deployments = [d for _, d in k8s_docs() if d["kind"] == "Deployment"]
+    for _, service in k8s_docs():
+        if service["kind"] != "Service":
+            continue
+        for deployment in deployments:
+            pod = deployment["spec"]["template"]
+            if service["spec"].get("selector", {}).items() <= pod["metadata"]["labels"].items():
+                (container,) = pod["spec"]["containers"]
+                if container["image"].startswith("redis:"):
+                    options = redis_args(container["args"])
+                    (port,) = service["spec"]["ports"]
+                    assert [str(port["port"])] == options["port"] == [str(container["ports"][0]["containerPort"])]
+                    found[service["metadata"]["name"]] = options
+    return found
+
+
+def check_primary_and_replica(servers: dict[str, dict[str, list[str]]], sentinels: SentinelSetup) -> None:
+    """One primary, one replica of it; each announces its own name (what Sentinel hands to clients after
+    a failover); every sentinel monitors the primary by that name and port, quorum a majority."""
+    primaries = [name for name, options in servers.items() if "replicaof" not in options]
+    replicas = [name for name, options in servers.items() if "replicaof" in options]
+    assert len(primaries) == 1 and len(replicas) >= 1, servers
+    (primary,) = primaries
+    for name in replicas:
+        assert servers[name]["replicaof"] == [primary, *servers[primary]["port"]], name
+    for name, options in servers.items():
+        assert options["replica-announce-ip"] == [name], f"{name} must announce its own name"
+        assert options["save"] == [""] and options["appendonly"] == ["no"]
+    assert len(sentinels.configs) == 3
+    for host, config in sentinels.configs.items():
+        master, address, port, quorum = config["sentinel monitor"]
+        assert (address, port) == (primary, servers[primary]["port"][0]), host
+        assert int(quorum) == 2, "two of the three sentinels must agree the primary is down"
+        assert config["sentinel resolve-hostnames"] == config["sentinel announce-hostnames"] == ["yes"], host
+        assert config["sentinel announce-ip"] == [host], f"{host} must announce its own, stable name"
+        for directive in ("down-after-milliseconds", "failover-timeout", "parallel-syncs"):
+            assert config[f"sentinel {directive}"][0] == master, directive
+    assert len({tuple(c["sentinel monitor"]) for c in sentinels.configs.values()}) == 1
+
+
+def check_sentinel_url(url: str, sentinels: SentinelSetup, where: str) -> None:
+    """`url` asks every one of `sentinels` for the primary of the service they monitor."""
+    match = re.fullmatch(r"redis\+sentinel://([^/]+)/([\w.-]+)/(\d+)", url)
+    assert match is not None, f"{where}: {url} is not redis+sentinel://H1:P1,H2:P2,H3:P3/SERVICE/DB"
+    hosts, service, _ = match.groups()
+    assert frozenset(hosts.split(",")) == sentinels.addresses, f"{where}: {url} must name every sentinel"
+    monitored = {config["sentinel monitor"][0] for config in sentinels.configs.values()}
+    assert monitored == {service}, f"{where}: the sentinels monitor {monitored}, not {service}"
+
+
+def test_compose_runs_redis_as_a_primary_a_replica_and_three_sentinels() -> None:
+    services = compose()["services"]
+    servers = compose_redis()
+    assert set(servers) == {"redis-primary", "redis-replica"}
+    sentinels = compose_sentinels()
+    assert set(sentinels.configs) == {"sentinel-1", "sentinel-2", "sentinel-3"}
+    check_primary_and_replica(servers, sentinels)
+    for name in sentinels.configs:
+        # Sentinel rewrites its config: the file must be written at start, not mounted read-only.
+        assert not services[name].get("volumes"), name
+        assert services[name]["image"] == services["redis-primary"]["image"]
+    assert set(services["router"]["depends_on"]) >= set(sentinels.configs)
+
+
+def test_kubernetes_runs_redis_as_a_primary_a_replica_and_three_sentinels() -> None:
+    servers = k8s_redis()
+    assert set(servers) == {"redis-primary", "redis-replica"}
+    check_primary_and_replica(servers, k8s_sentinels())
+
+
+def test_every_redis_url_asks_all_three_sentinels(tmp_path: Path) -> None:
+    sentinels = compose_sentinels()
+    router = compose()["services"]["router"]
+    urls = REDIS_URL.findall(yaml.safe_dump(router, width=1000))
+    assert len(urls) == 2  # the answer cache (--cache) and the quota buckets
+    for url in urls:
+        check_sentinel_url(url, sentinels, "compose")
+
+    sentinels = k8s_sentinels()
+    k8s_urls = [url for _, doc in k8s_docs() for url in REDIS_URL.findall(yaml.safe_dump(doc, width=1000))]
+    assert k8s_urls and all(url.startswith("redis+sentinel://") for url in k8s_urls), k8s_urls
+    checked = 0
+    for where, local in config_maps(tmp_path).items():
         settings = load_settings(local)
         for url in (settings.registry.url, settings.cache.backend, settings.router.quota.backend):
-            if url.startswith("redis://"):
-                host = url.removeprefix("redis://").split(":")[0].split(".")[0]
-                assert host in k8s_services, url
+            if url not in ("", "memory", "off"):
+                check_sentinel_url(url, sentinels, where)
+                checked += 1
+    assert checked == len(k8s_urls) == 4  # the router's registry, cache and quotas; the cluster's registry
+
+
+def test_a_url_missing_a_sentinel_or_naming_another_service_is_refused() -> None:
+    sentinels = compose_sentinels()
+    good = "redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/qvl-primary/0"
+    check_sentinel_url(good, sentinels, "test")
+    for bad in (
+        "redis://redis-primary:6379/0",
+        "redis+sentinel://sentinel-1:26379,sentinel-2:26379/qvl-primary/0",
+        "redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26380/qvl-primary/0",
+        "redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/mymaster/0",
+    ):
+        with pytest.raises(AssertionError):
+            check_sentinel_url(bad, sentinels, "test")
 
 
 def test_compose_prometheus_keeps_the_job_names_and_passes_promtool(tmp_path: Path) -> None:
