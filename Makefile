@@ -12,11 +12,13 @@ EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu),ray
 install: system-deps $(STAMP)
 
 # redis-server: the tests start their own on free ports, and `--cache redis://...` needs one.
+# redis-sentinel: the failover test starts three sentinels (redis+sentinel:// URLs).
 # prometheus (with promtool): checks of deploy/prometheus, and the live dashboard tests run their own.
 # docker-compose: validates deploy/compose.yaml offline (`docker-compose config`; no Docker engine needed).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v redis-sentinel >/dev/null 2>&1 || missing="$$missing redis-sentinel"; \
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \

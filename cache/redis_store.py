@@ -7,7 +7,8 @@ leader's result to followers: the answer's bytes, or b"" meaning "the leader fai
 Every Redis call runs under `asyncio.timeout(timeout_s)` and every failure of the store (timeout,
 refused or reset connection, an error reply, an exhausted pool) comes out as CacheUnavailable, so
 callers have one exception to catch and a slow or dead Redis costs a request at most timeout_s per
-call. redis-py reconnects on the next command, so a restarted Redis needs no new store.
+call. redis-py reconnects on the next command, so a restarted Redis needs no new store, and a store on
+a Sentinel URL asks the sentinels for the new primary after a failover.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from cache.store import CacheUnavailable
+from qvl.redis_client import redis_client
 from qvl.redis_errors import redis_unavailable
 
 _T = TypeVar("_T")
@@ -66,29 +66,17 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float, pool_size: int, key_prefix: str) -> RedisStore:
-        """A store on `url` (redis://HOST:PORT/DB, rediss://..., unix://...).
+        """A store on `url` (any form of qvl/redis_client.py: redis://, rediss://, unix://, redis+sentinel://).
 
         Up to pool_size connections run commands and up to pool_size more hold waiting followers.
         Nothing connects until the first call. A call that finds every connection busy waits up to
-        timeout_s for one, then raises CacheUnavailable.
+        timeout_s for one, then raises CacheUnavailable. On Sentinel, a failover is followed by itself.
         """
 
-        def pool() -> BlockingConnectionPool:
-            return BlockingConnectionPool.from_url(
-                url,
-                max_connections=pool_size,
-                timeout=timeout_s,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                # One immediate retry: a pooled connection to a Redis that restarted fails once on
-                # use, and the retry reconnects; more retries could not fit in timeout_s anyway.
-                retry=Retry(NoBackoff(), 1),
-                # No CLIENT SETINFO on connect: a round trip less per new connection, which matters
-                # when a burst opens dozens of them at once under a budget of a few milliseconds.
-                driver_info=None,
-            )
+        def client() -> Redis:
+            return redis_client(url, max_connections=pool_size, pool_timeout_s=timeout_s, socket_timeout_s=timeout_s)
 
-        return cls(Redis.from_pool(pool()), Redis.from_pool(pool()), timeout_s=timeout_s, key_prefix=key_prefix)
+        return cls(client(), client(), timeout_s=timeout_s, key_prefix=key_prefix)
 
     async def get(self, key: str) -> bytes | None:
         """The answer, or None when absent or expired."""

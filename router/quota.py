@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from redis.asyncio import BlockingConnectionPool, Redis
-
+from qvl.redis_client import redis_client
 from qvl.redis_errors import redis_unavailable
 from qvl.settings import QuotaSettings
 from router.auth import ApiKey
@@ -103,7 +102,7 @@ class RedisBuckets:
     """Buckets in Redis, shared by every router pointing at it."""
 
     def __init__(self, url: str, timeout_s: float, key_prefix: str = "qvl:quota:") -> None:
-        self._client = Redis.from_pool(BlockingConnectionPool.from_url(url, max_connections=32, timeout=timeout_s))
+        self._client = redis_client(url, max_connections=32, pool_timeout_s=timeout_s, socket_timeout_s=timeout_s)
         self._script = self._client.register_script(_TAKE)
         self._timeout_s = timeout_s
         self._prefix = key_prefix

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from qvl.redis_client import redis_client
 from qvl.redis_errors import redis_unavailable
 
 log = logging.getLogger("qvl.registry")
@@ -74,7 +74,7 @@ class Registry:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         self.ttl_s = ttl_s
-        self._client = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._client = redis_client(url, max_connections=8, pool_timeout_s=timeout_s, socket_timeout_s=timeout_s)
         self._timeout_s = timeout_s
         self._keys = [f"{key_prefix}registry:members", f"{key_prefix}registry:info"]
         self._announce = self._client.register_script(_ANNOUNCE)

@@ -1,6 +1,7 @@
 """Factory fixtures that start real servers on free ports and kill them afterwards: `cluster` (`qvl`
-processes) and `redis_server` (a redis-server the test can kill, pause and restart). The servers
-themselves are in tests/support/servers.py; tests import them from there, never from this file."""
+processes), `redis_server` (a redis-server the test can kill, pause and restart) and `redis_sentinels`
+(a primary, its replica and three sentinels). The servers themselves are in tests/support/servers.py and
+tests/support/sentinel.py; tests import them from there, never from this file."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.sentinel import SentinelGroup
 from support.servers import Cluster, RedisServer
 
 from qvl.procs import free_port
@@ -30,3 +32,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def redis_sentinels(tmp_path: Path) -> Iterator[SentinelGroup]:
+    group = SentinelGroup(tmp_path / "sentinel")
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()

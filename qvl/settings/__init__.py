@@ -20,7 +20,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from qvl.settings.base import EngineName, Section, SettingsError, is_redis_url, redis_url
+from qvl.settings.base import REDIS_URL_ERROR, EngineName, Section, SettingsError, is_redis_url, redis_url
 from qvl.settings.cache import CacheSettings
 from qvl.settings.cluster import ClusterSettings, RegistrySettings
 from qvl.settings.router import (
@@ -136,6 +136,8 @@ def _describe(exc: ValidationError) -> str:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(root)"
         got = err.get("input")
-        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        shown = (
+            "" if isinstance(got, dict | list) or got is None or err["type"] == REDIS_URL_ERROR else f" (got {got!r})"
+        )
         parts.append(f"setting {field}: {err['msg']}{shown}")
     return "; ".join(parts)

@@ -5,11 +5,16 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic_core import PydanticCustomError
+
+from qvl.redis_client import RedisUrlError, parse_redis_url, redacted
 
 EngineName = Literal["sim", "vllm"]
 """Engines a replica can run (serving/engines.py registers one launcher for each)."""
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+REDIS_URL_ERROR = "redis_url"
+"""The error type of a malformed Redis URL setting; its message shows the URL with the password left out."""
 
 
 class SettingsError(ValueError):
@@ -23,15 +28,24 @@ class Section(BaseModel):
 
 
 def redis_url(*keywords: str) -> object:
-    """The type of a setting holding a Redis URL (redis://HOST:PORT/DB, rediss://... with TLS, unix://PATH,
-    or redis+sentinel://H1:P1,H2:P2,.../SERVICE/DB for the primary that Sentinel names) or one of `keywords` (such as memory, off, or "" for none); used as `Annotated[str, redis_url(...)]`."""
+    """The type of a setting holding a Redis URL or one of `keywords` (such as memory, off, or "" for none);
+    used as `Annotated[str, redis_url(...)]`. The URL forms are qvl/redis_client.py's: redis://HOST:PORT/DB,
+    rediss://... (TLS), unix://PATH, or redis+sentinel://H1:P1,H2:P2,.../SERVICE[/DB] for the primary that
+    Sentinel names. A malformed URL fails start-up with what is wrong, never showing its password."""
     shown = [repr(k) if k == "" else k for k in keywords]
-    allowed = ", ".join([*shown, "a Redis URL (redis://HOST:PORT/DB)"])
+    allowed = ", ".join([*shown, "a Redis URL (redis://HOST:PORT/DB or redis+sentinel://H1:P1,H2:P2/SERVICE)"])
 
     def check(value: str) -> str:
-        if value in keywords or value.startswith(REDIS_SCHEMES):
+        if value in keywords:
             return value
-        raise ValueError(f"must be {allowed}, got {value!r}")
+        if not value.startswith(REDIS_SCHEMES):
+            raise PydanticCustomError(REDIS_URL_ERROR, f"must be {allowed}, got {redacted(value)!r}")
+        try:
+            parse_redis_url(value)
+        except RedisUrlError as exc:
+            # A custom error type: the settings' error message leaves out the raw value, which may hold a password.
+            raise PydanticCustomError(REDIS_URL_ERROR, f"{exc} (got {redacted(value)!r})") from None
+        return value
 
     return AfterValidator(check)
 

@@ -13,7 +13,9 @@ class CacheSettings(Section):
     """The answer cache (`cache/`): keyed by image content and the request's meaning."""
 
     backend: Annotated[str, redis_url("memory", "off")] = Field(
-        "memory", description="memory (in-process LRU), off, or redis://HOST:PORT/DB (shared by every router)."
+        "memory",
+        description="memory (in-process LRU), off, or a Redis URL shared by every router: redis://HOST:PORT/DB, "
+        "or redis+sentinel://H1:P1,H2:P2,.../SERVICE/DB to follow Sentinel's primary through failovers.",
     )
     ttl_s: float = Field(3600.0, gt=0, description="Seconds an answer stays cached.")
     max_entry_bytes: int = Field(1024 * 1024, ge=1024, description="Answers larger than this are not stored.")

@@ -14,7 +14,8 @@ class RegistrySettings(Section):
 
     url: Annotated[str, redis_url("")] = Field(
         "",
-        description="Redis URL of the replica registry, e.g. redis://10.0.0.2:6379/0. Empty: no registry "
+        description="Redis URL of the replica registry, e.g. redis://10.0.0.2:6379/0 or "
+        "redis+sentinel://10.0.0.2:26379,10.0.0.3:26379,10.0.0.4:26379/qvl-primary/0. Empty: no registry "
         "(the router uses router.replicas only). Routers and `qvl cluster` replicas must name the same one.",
     )
     ttl_s: float = Field(

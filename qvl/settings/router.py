@@ -28,7 +28,8 @@ class AuthSettings(Section):
 class QuotaSettings(Section):
     backend: Annotated[str, redis_url("memory")] = Field(
         "memory",
-        description="Where per-key token buckets live: memory (per router) or a Redis URL (shared by every router).",
+        description="Where per-key token buckets live: memory (per router) or a Redis URL shared by every router "
+        "(redis://HOST:PORT/DB, or redis+sentinel://H1:P1,H2:P2,.../SERVICE/DB).",
     )
     requests_per_minute: float = Field(
         0, ge=0, description="Default request rate per API key (0: unlimited); a key may set its own."

@@ -70,6 +70,8 @@ class RedisServer:
 
     port: int
     workdir: Path
+    args: tuple[str, ...] = ()
+    """More redis-server arguments, such as ("--replicaof", "127.0.0.1", "6379")."""
     child: Child | None = field(default=None, repr=False)
 
     @property
@@ -82,7 +84,7 @@ class RedisServer:
             pytest.fail("redis-server is not on PATH; `make install` installs it (apt-get install redis-server)")
         log = self.workdir / f"redis-{self.port}.log"
         # No persistence: a restarted server comes back empty, like a lost cache.
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *self.args]
         self.child = spawn("redis-server", [*args, "--dir", str(self.workdir)], log=log, append=True)
         self.child.wait_ready(timeout, check=self._pong, interval_s=0.02)
 
