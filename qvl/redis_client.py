@@ -15,6 +15,7 @@ socket timeouts. No message of this module holds a URL's password; `redacted(url
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -136,6 +137,19 @@ class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """SentinelConnectionPool (connections go to the primary the sentinels name now) bounded as
     BlockingConnectionPool is: at most max_connections, a caller waits up to `timeout` for a free one.
     Closing it also closes the clients of the sentinels, which this pool alone uses."""
+
+    async def get_master_address(self) -> tuple[str, int]:
+        address: tuple[str, int] = await self.sentinel_manager.discover_master(self.service_name)
+        if address != self.master_address:
+            # SentinelConnectionPool drops the idle connections (to the old primary) without the pool's lock:
+            # meanwhile another caller can take one and start connecting it, and the drop then closes its
+            # socket mid-handshake (a RuntimeError from the event loop, not a Redis error). Under the lock
+            # nobody takes an idle connection until they are all dropped.
+            async with self._condition:
+                self.master_address = address
+                idle = list(self._available_connections)
+                await asyncio.gather(*(c.disconnect() for c in idle), return_exceptions=True)
+        return address
 
     async def aclose(self) -> None:
         await super().aclose()
