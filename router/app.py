@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -44,7 +46,7 @@ from router.quota import Quotas
 from router.replicas import ReplicaPool
 from router.state import RouterState
 from router.upstream import UpstreamClient
-from serving.registry import Registry
+from serving.registry import Registry, RouterMember
 
 log = logging.getLogger("qvl.router")
 
@@ -68,7 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
                 timeout_s=settings.registry.timeout_s,
                 key_prefix=settings.registry.key_prefix,
             )
-            watch = RegistryWatch(registry, pool, settings.registry.poll_interval_s)
+            address = f"http://{settings.router.host}:{settings.router.port}"
+            me = RouterMember(uuid.uuid4().hex[:12], address, time.time())
+            watch = RegistryWatch(registry, pool, settings.registry.poll_interval_s, me)
         store = build_store(settings.cache)
         # The gauges are read at scrape time, by which `cache` exists.
         audit = build_audit_log(settings.router.audit)
@@ -76,17 +80,19 @@ def create_app(settings: Settings) -> FastAPI:
             lambda: pool.replicas,
             lambda: cache.store_health(),
             lambda: (audit.lines_written, audit.write_errors, audit.pending) if settings.router.audit.path else None,
-            lambda: None if watch is None else watch.up,
+            lambda: None if watch is None else (watch.up, watch.routers),
+            lambda: quotas.degradation(),
         )
         cache = AnswerCache(store, settings.cache, metrics)
         admission = Admission(settings.router.admission)
         proxy = Proxy(
             pool, build_policy(settings.router, lambda: pool.membership), client, settings.router, metrics, admission
         )
-        quotas = Quotas(settings.router.quota)
+        quotas = Quotas(settings.router.quota, routers=lambda: quota_routers(settings, watch))
         await audit.start()
         app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache, keys, quotas, audit)
         if watch is not None:
+            await watch.announce()
             await watch.refresh()
         await asyncio.gather(pool.check_all(), cache.check_store())
         checks = [
@@ -177,6 +183,16 @@ def create_app(settings: Settings) -> FastAPI:
         }
 
     return app
+
+
+def quota_routers(settings: Settings, watch: RegistryWatch | None) -> int:
+    """Routers that share each key's rate while the quota store is down: router.quota.routers, else the
+    registry's last count, else 1."""
+    if settings.router.quota.routers:
+        return settings.router.quota.routers
+    if watch is not None and watch.routers > 0:
+        return watch.routers
+    return 1
 
 
 def error_response(exc: RouterError) -> Response:

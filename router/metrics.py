@@ -32,19 +32,22 @@ UPSTREAM_ERROR_TYPES = ("connect", "connect_timeout", "disconnect", "http_5xx", 
 
 
 class _StateCollector(Collector):
-    """Gauges read when Prometheus scrapes: replica state from the pool, store health from the cache."""
+    """Gauges read when Prometheus scrapes: replica state from the pool, store health from the cache, the
+    registry's and the quota store's state."""
 
     def __init__(
         self,
         replicas: Callable[[], Iterable[Replica]],
         stores: Callable[[], Mapping[str, bool]],
         audit: Callable[[], tuple[int, int, int] | None],
-        discovery: Callable[[], bool | None],
+        discovery: Callable[[], tuple[bool, int] | None],
+        quota: Callable[[], tuple[bool, float] | None],
     ) -> None:
         self._replicas = replicas
         self._stores = stores
         self._audit = audit
         self._discovery = discovery
+        self._quota = quota
 
     def collect(self) -> Iterable[Metric]:
         healthy = GaugeMetricFamily(
@@ -74,11 +77,34 @@ class _StateCollector(Collector):
         for store, up in self._stores().items():
             store_up.add_metric([store], 1.0 if up else 0.0)
         families: list[Metric] = [healthy, in_flight, waiting, running, store_up]
-        registry_up = self._discovery()
-        if registry_up is not None:
+        registry = self._discovery()
+        if registry is not None:
+            registry_up, routers = registry
             families.append(
                 GaugeMetricFamily(
                     "qvl_registry_up", "1 if the router's last read of the replica registry worked", value=registry_up
+                )
+            )
+            families.append(
+                GaugeMetricFamily(
+                    "qvl_registry_routers",
+                    "Live routers in the registry, this one included, at the last read that worked",
+                    value=routers,
+                )
+            )
+        quota = self._quota()
+        if quota is not None:
+            degraded, seconds = quota
+            families.append(
+                GaugeMetricFamily(
+                    "qvl_quota_degraded",
+                    "1 while the shared quota store does not answer and router.quota.on_store_failure applies",
+                    value=degraded,
+                )
+            )
+            families.append(
+                CounterMetricFamily(
+                    "qvl_quota_degraded_seconds", "Seconds this router's quotas have been degraded", value=seconds
                 )
             )
         audit = self._audit()
@@ -100,7 +126,8 @@ class RouterMetrics:
         replicas: Callable[[], Iterable[Replica]],
         stores: Callable[[], Mapping[str, bool]] = dict,
         audit: Callable[[], tuple[int, int, int] | None] = lambda: None,
-        discovery: Callable[[], bool | None] = lambda: None,
+        discovery: Callable[[], tuple[bool, int] | None] = lambda: None,
+        quota: Callable[[], tuple[bool, float] | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self._by_key = Counter(
@@ -176,7 +203,7 @@ class RouterMetrics:
         self._cache_stored = Counter(
             "qvl_cache_stored", "Answers written to the cache store", ["store"], registry=self.registry
         )
-        self.registry.register(_StateCollector(replicas, stores, audit, discovery))
+        self.registry.register(_StateCollector(replicas, stores, audit, discovery, quota))
 
     def record_request(
         self, model: str, replica: str, status: int, cache: str, error_type: str, seconds: float, stream: bool

@@ -3,6 +3,11 @@
 Layout (under a key prefix, `qvl:` by default):
     registry:members   sorted set: replica id -> the time (Redis' clock) its announcement expires
     registry:info      hash: replica id -> JSON {model, url, tensor_parallel_size, node, started_at}
+    registry:routers   sorted set: router id -> expiry, as for replicas
+    registry:router_info   hash: router id -> JSON {router_id, url, started_at}
+
+Routers announce themselves the same way, in keys of their own, so that each knows how many routers
+share a key's quota when the quota store is down (router/quota.py).
 
 A replica whose heartbeat stops drops out of `members()` once its expiry passes, without anyone
 cleaning up; readers prune expired entries as they go. Both scripts read Redis' own clock, so the
@@ -67,6 +72,15 @@ class Member:
     started_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class RouterMember:
+    """One router as it announces itself."""
+
+    router_id: str
+    url: str
+    started_at: float
+
+
 class Registry:
     """Read and write the registry; every method may raise RegistryUnavailable."""
 
@@ -77,48 +91,68 @@ class Registry:
         self._client = redis_client(url, max_connections=8, pool_timeout_s=timeout_s, socket_timeout_s=timeout_s)
         self._timeout_s = timeout_s
         self._keys = [f"{key_prefix}registry:members", f"{key_prefix}registry:info"]
+        self._router_keys = [f"{key_prefix}registry:routers", f"{key_prefix}registry:router_info"]
         self._announce = self._client.register_script(_ANNOUNCE)
         self._live = self._client.register_script(_LIVE)
 
-    async def announce(self, member: Member) -> None:
-        """Add or refresh `member` for another ttl_s seconds."""
+    async def announce(self, member: Member | RouterMember) -> None:
+        """Add or refresh `member` (a replica or a router) for another ttl_s seconds."""
+        keys, member_id = self._keys_of(member)
         info = orjson.dumps(asdict(member))
-        await self._call(self._announce(keys=self._keys, args=[member.replica_id, self.ttl_s, info]))
+        await self._call(self._announce(keys=keys, args=[member_id, self.ttl_s, info]))
 
     async def withdraw(self, replica_id: str) -> None:
         """Remove a replica at once (a clean shutdown; a crash just stops the heartbeat)."""
-        members, info = self._keys
+        await self._withdraw(self._keys, replica_id)
+
+    async def withdraw_router(self, router_id: str) -> None:
+        """Remove a router at once (its clean shutdown)."""
+        await self._withdraw(self._router_keys, router_id)
+
+    async def _withdraw(self, keys: list[str], member_id: str) -> None:
+        members, info = keys
 
         async def both() -> None:
-            await self._client.zrem(members, replica_id)
-            await self._client.hdel(info, replica_id)
+            await self._client.zrem(members, member_id)
+            await self._client.hdel(info, member_id)
 
         await self._call(both())
 
     async def members(self) -> list[Member]:
         """Every replica whose announcement has not expired, sorted by replica id."""
-        rows: list[Any] = await self._call(self._live(keys=self._keys))
-        found = []
-        for raw in rows:
-            if raw is None:
-                continue  # announced, then withdrawn between the two reads of the script: not a member
-            found.append(Member(**orjson.loads(raw)))
+        found = [Member(**orjson.loads(raw)) for raw in await self._live_rows(self._keys)]
         return sorted(found, key=lambda m: m.replica_id)
 
-    async def heartbeat(self, member: Member) -> None:
+    async def routers(self) -> list[RouterMember]:
+        """Every router whose announcement has not expired, sorted by router id."""
+        found = [RouterMember(**orjson.loads(raw)) for raw in await self._live_rows(self._router_keys)]
+        return sorted(found, key=lambda m: m.router_id)
+
+    async def _live_rows(self, keys: list[str]) -> list[Any]:
+        rows: list[Any] = await self._call(self._live(keys=keys))
+        # None: announced, then withdrawn between the two reads of the script: not a member.
+        return [raw for raw in rows if raw is not None]
+
+    async def heartbeat(self, member: Member | RouterMember) -> None:
         """Announce `member` every ttl_s / 3 until cancelled; a Redis outage is logged once and retried."""
+        _, member_id = self._keys_of(member)
         failing = False
         while True:
             try:
                 await self.announce(member)
                 if failing:
-                    log.info("registry reachable again; %s re-announced", member.replica_id)
+                    log.info("registry reachable again; %s re-announced", member_id)
                 failing = False
             except RegistryUnavailable as exc:
                 if not failing:
-                    log.warning("cannot announce %s to the registry: %s", member.replica_id, exc)
+                    log.warning("cannot announce %s to the registry: %s", member_id, exc)
                 failing = True
             await asyncio.sleep(self.ttl_s / 3)
+
+    def _keys_of(self, member: Member | RouterMember) -> tuple[list[str], str]:
+        if isinstance(member, RouterMember):
+            return self._router_keys, member.router_id
+        return self._keys, member.replica_id
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):

@@ -41,7 +41,22 @@ class QuotaSettings(Section):
         10.0, gt=0, description="Bucket size in seconds of the rate: how much a key may send at once after idling."
     )
     redis_timeout_s: float = Field(
-        0.05, gt=0, description="redis: seconds one quota check may take before the request is refused with 503."
+        0.05, gt=0, description="redis: seconds one quota check may take before the store counts as down."
+    )
+    on_store_failure: Literal["local", "open", "closed"] = Field(
+        "local",
+        description="redis: what a router does while the store is down: local (each router enforces its "
+        "share of every key's rate, the rate divided by `routers`, in its own buckets), open (admit every "
+        "request, unmetered) or closed (refuse with 503 quota_unavailable).",
+    )
+    routers: int = Field(
+        0,
+        ge=0,
+        description="redis, local: routers sharing each key's rate while the store is down; 0: the live routers "
+        "in the registry (registry.url) as last read, 1 without a registry.",
+    )
+    probe_interval_s: float = Field(
+        1.0, gt=0, description="redis: seconds between checks of a down store; requests do not wait on them."
     )
 
 

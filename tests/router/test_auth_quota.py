@@ -125,7 +125,8 @@ def test_memory_buckets_take_all_or_nothing_and_refill() -> None:
     asyncio.run(run())
 
 
-def test_redis_buckets_are_shared_and_a_dead_redis_refuses(redis_server) -> None:
+def test_redis_buckets_are_shared_and_a_dead_redis_raises(redis_server) -> None:
+    # What a router then does is router.quota.on_store_failure (tests/router/test_quota_degrade.py).
     async def run() -> None:
         a, b = RedisBuckets(redis_server.url, 0.5), RedisBuckets(redis_server.url, 0.5)
         take = Take("shared:req", 0.1, 3.0, 1)

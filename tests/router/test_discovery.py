@@ -1,6 +1,6 @@
 """Routers that find replicas in the registry (real Redis, real `qvl sim` replicas, real routers):
-members join and leave routing without a restart, two routers agree on image affinity, and a
-registry outage keeps the last membership instead of emptying the pool."""
+members join and leave routing without a restart, two routers agree on image affinity and count each
+other, and a registry outage keeps the last membership (and router count) instead of emptying the pool."""
 
 from __future__ import annotations
 
@@ -109,6 +109,7 @@ def test_two_routers_send_the_same_image_to_the_same_replica(
     names = {f"127.0.0.1:{s.port}" for s in sims}
     for router in routers:
         wait_for(lambda r=router: routed(r) == names, timeout=5)
+        wait_for(lambda r=router: metric_sum(r.url, "qvl_registry_routers") == 2, timeout=5)
     owners = set()
     for i in range(12):
         body = image_chat(MODEL, png_data_url((i * 20, 40, 90)), temperature=0.7)
@@ -131,10 +132,11 @@ def test_a_registry_outage_keeps_the_last_membership(cluster: Cluster, redis_ser
     announce(redis_server.url, sim, "only", ttl_s=60)
     router = registry_router(cluster, redis_server.url)
     wait_for(lambda: routed(router) == {f"127.0.0.1:{sim.port}"}, timeout=5)
-    assert metric_sum(router.url, "qvl_registry_up") == 1
+    assert metric_sum(router.url, "qvl_registry_up") == 1 and metric_sum(router.url, "qvl_registry_routers") == 1
     redis_server.kill()
     wait_for(lambda: metric_sum(router.url, "qvl_registry_up") == 0, timeout=5)
     time.sleep(1.0)
     assert routed(router) == {f"127.0.0.1:{sim.port}"}
+    assert metric_sum(router.url, "qvl_registry_routers") == 1
     body = image_chat(MODEL, png_data_url(), temperature=0.7)
     assert httpx.post(router.url + "/v1/chat/completions", json=body, timeout=10).status_code == 200

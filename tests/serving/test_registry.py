@@ -1,4 +1,5 @@
-"""The replica registry against a real redis-server: announce, expire, withdraw, survive a Redis restart."""
+"""The replica registry against a real redis-server: announce, expire, withdraw, survive a Redis restart;
+routers announce themselves beside the replicas, in keys of their own."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from serving.registry import Member, Registry, RegistryUnavailable
+from serving.registry import Member, Registry, RegistryUnavailable, RouterMember
 
 
 def member(i: int, model: str = "Qwen/Qwen3-VL-8B-Instruct") -> Member:
@@ -46,6 +47,26 @@ def test_a_heartbeat_re_announces_after_redis_restarts(redis_server) -> None:
                 break
             await asyncio.sleep(0.1)
         assert await registry.members() == [member(3)]
+        beating.cancel()
+        await registry.close()
+
+    asyncio.run(run())
+
+
+def test_routers_are_counted_apart_from_replicas_and_expire_the_same_way(redis_server) -> None:
+    async def run() -> None:
+        registry = Registry(redis_server.url, ttl_s=1.5)
+        routers = [RouterMember(f"router-{i}", f"http://10.0.1.{i}:8000", 1_700_000_000.0) for i in range(3)]
+        beating = asyncio.create_task(registry.heartbeat(routers[0]))
+        await registry.announce(routers[1])  # announced once, then silent: a crashed router
+        await registry.announce(routers[2])
+        await registry.announce(member(1))
+        await asyncio.sleep(0.1)
+        assert await registry.routers() == routers and await registry.members() == [member(1)]
+        await registry.withdraw_router("router-2")
+        assert await registry.routers() == routers[:2]
+        await asyncio.sleep(1.8)  # past router-1's TTL; router-0 keeps beating every 0.5 s
+        assert await registry.routers() == routers[:1]
         beating.cancel()
         await registry.close()
 
