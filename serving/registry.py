@@ -5,6 +5,9 @@ Layout (under a key prefix, `qvl:` by default):
     registry:info      hash: replica id -> JSON {model, url, tensor_parallel_size, node, started_at}
     registry:routers   sorted set: router id -> expiry, as for replicas
     registry:router_info   hash: router id -> JSON {router_id, url, started_at}
+    registry:epoch     when this registry's data began (set by the first announcement, never expires): a
+                       reader that sees it change or vanish knows Redis lost the registry (a restart
+                       without persistence), not that its members left
 
 Routers announce themselves the same way, in keys of their own, so that each knows how many routers
 share a key's quota when the quota store is down (router/quota.py).
@@ -33,12 +36,13 @@ from qvl.redis_errors import redis_unavailable
 log = logging.getLogger("qvl.registry")
 _T = TypeVar("_T")
 
-# KEYS: members, info. ARGV: id, ttl seconds, info JSON.
+# KEYS: members, info, epoch. ARGV: id, ttl seconds, info JSON.
 _ANNOUNCE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('SET', KEYS[3], t[1] .. '.' .. t[2], 'NX')
 return 1
 """
 # KEYS: members, info. Returns the info JSON of every live member, after dropping the expired ones.
@@ -92,6 +96,7 @@ class Registry:
         self._timeout_s = timeout_s
         self._keys = [f"{key_prefix}registry:members", f"{key_prefix}registry:info"]
         self._router_keys = [f"{key_prefix}registry:routers", f"{key_prefix}registry:router_info"]
+        self._epoch_key = f"{key_prefix}registry:epoch"
         self._announce = self._client.register_script(_ANNOUNCE)
         self._live = self._client.register_script(_LIVE)
 
@@ -99,7 +104,7 @@ class Registry:
         """Add or refresh `member` (a replica or a router) for another ttl_s seconds."""
         keys, member_id = self._keys_of(member)
         info = orjson.dumps(asdict(member))
-        await self._call(self._announce(keys=keys, args=[member_id, self.ttl_s, info]))
+        await self._call(self._announce(keys=[*keys, self._epoch_key], args=[member_id, self.ttl_s, info]))
 
     async def withdraw(self, replica_id: str) -> None:
         """Remove a replica at once (a clean shutdown; a crash just stops the heartbeat)."""
@@ -127,6 +132,12 @@ class Registry:
         """Every router whose announcement has not expired, sorted by router id."""
         found = [RouterMember(**orjson.loads(raw)) for raw in await self._live_rows(self._router_keys)]
         return sorted(found, key=lambda m: m.router_id)
+
+    async def epoch(self) -> str | None:
+        """When this registry's data began (None before the first announcement): it changes only when Redis
+        lost the registry, so a reader can tell lost data from members that left."""
+        raw: bytes | str | None = await self._call(self._client.get(self._epoch_key))
+        return raw.decode() if isinstance(raw, bytes) else raw
 
     async def _live_rows(self, keys: list[str]) -> list[Any]:
         rows: list[Any] = await self._call(self._live(keys=keys))

@@ -140,3 +140,51 @@ def test_a_registry_outage_keeps_the_last_membership(cluster: Cluster, redis_ser
     assert metric_sum(router.url, "qvl_registry_routers") == 1
     body = image_chat(MODEL, png_data_url(), temperature=0.7)
     assert httpx.post(router.url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+
+
+def test_a_registry_that_comes_back_empty_keeps_members_until_they_could_re_announce(
+    cluster: Cluster, redis_server, monkeypatch
+) -> None:
+    # Redis restarted without its data (no persistence): for one ttl_s the router keeps the members it
+    # knew, the time their heartbeats need to announce them again, instead of dropping every replica.
+    ttl_s = 6.0
+    monkeypatch.setenv("QVL_REGISTRY__POLL_INTERVAL_S", str(POLL_S))
+    monkeypatch.setenv("QVL_REGISTRY__TTL_S", str(ttl_s))
+    sim = cluster.sim()
+    name = f"127.0.0.1:{sim.port}"
+    announce(redis_server.url, sim, "only", ttl_s=60)
+    router = registry_router(cluster, redis_server.url)
+    wait_for(lambda: routed(router) == {name}, timeout=5)
+    redis_server.restart()
+    assert asyncio.run(_members(redis_server.url)) == []
+    wait_for(lambda: metric_sum(router.url, "qvl_registry_up") == 1, timeout=5)
+    time.sleep(4 * POLL_S)  # several reads of the empty registry
+    assert routed(router) == {name}
+    body = image_chat(MODEL, png_data_url(), temperature=0.7)
+    assert httpx.post(router.url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+    # Nobody announces it again: once the grace has passed it leaves routing, as an expired member does.
+    wait_for(lambda: routed(router) == set(), timeout=ttl_s + 5)
+
+
+def test_a_member_that_re_announces_after_the_registry_lost_its_data_stays(
+    cluster: Cluster, redis_server, monkeypatch
+) -> None:
+    monkeypatch.setenv("QVL_REGISTRY__POLL_INTERVAL_S", str(POLL_S))
+    monkeypatch.setenv("QVL_REGISTRY__TTL_S", "2")
+    sim = cluster.sim()
+    name = f"127.0.0.1:{sim.port}"
+    announce(redis_server.url, sim, "only", ttl_s=60)
+    router = registry_router(cluster, redis_server.url)
+    wait_for(lambda: routed(router) == {name}, timeout=5)
+    redis_server.restart()
+    announce(redis_server.url, sim, "only", ttl_s=60)  # its heartbeat, after the restart
+    time.sleep(2 + 8 * POLL_S)  # past the grace
+    assert routed(router) == {name}
+
+
+async def _members(url: str) -> list[Member]:
+    registry = Registry(url, ttl_s=TTL_S)
+    try:
+        return await registry.members()
+    finally:
+        await registry.close()
