@@ -5,12 +5,12 @@ other, and a registry outage keeps the last membership (and router count) instea
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import httpx
 import pytest
 from support.chat import image_chat, png_data_url
+from support.heartbeats import Heartbeats
 from support.metrics import metric_sum
 from support.polling import wait_for
 from support.servers import Cluster, Proc
@@ -31,41 +31,6 @@ def announce(url: str, replica: Proc, replica_id: str, ttl_s: float = TTL_S) -> 
         await registry.close()
 
     asyncio.run(run())
-
-
-class Heartbeats:
-    """Replicas' heartbeats (Registry.heartbeat) on an event loop in a thread of their own."""
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._registries: list[Registry] = []
-
-    def beat(self, replica: Proc, replica_id: str) -> None:
-        registry = Registry(self._url, ttl_s=TTL_S)
-        self._registries.append(registry)
-        member = Member(replica_id, MODEL, replica.url, 1, "node-a", time.time())
-        asyncio.run_coroutine_threadsafe(self._start(registry, member), self._loop).result(5)
-
-    @staticmethod
-    async def _start(registry: Registry, member: Member) -> None:
-        asyncio.get_running_loop().create_task(registry.heartbeat(member))
-
-    def close(self) -> None:
-        async def stop() -> None:
-            beating = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in beating:
-                task.cancel()
-            await asyncio.gather(*beating, return_exceptions=True)
-            for registry in self._registries:
-                await registry.close()
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
 
 
 def routed(router: Proc) -> set[str]:
@@ -101,10 +66,10 @@ def test_two_routers_send_the_same_image_to_the_same_replica(
 ) -> None:
     monkeypatch.setenv("QVL_REGISTRY__POLL_INTERVAL_S", str(POLL_S))
     sims = [cluster.sim() for _ in range(3)]
-    beats = Heartbeats(redis_server.url)
+    beats = Heartbeats(redis_server.url, ttl_s=TTL_S)
     request.addfinalizer(beats.close)
     for i, sim in enumerate(sims):
-        beats.beat(sim, f"r{i}")
+        beats.beat(sim, f"r{i}", MODEL)
     routers = [registry_router(cluster, redis_server.url) for _ in range(2)]
     names = {f"127.0.0.1:{s.port}" for s in sims}
     for router in routers:
