@@ -1,0 +1,263 @@
+"""The workload file: a versioned YAML description of e-commerce traffic, validated by a typed schema.
+
+One `seed` makes the whole schedule reproducible (see loadtests/schedule.py). A bad file fails with
+`WorkloadError` naming the file and the field: `workload storefront.yaml: arrivals.cv: Input should be
+greater than 0`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qvl.images import tokens_for_size
+
+ImageFormat = Literal["jpeg", "png", "webp"]
+
+
+class WorkloadError(ValueError):
+    """A workload file that cannot be read or does not match the schema; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Bucket(_Strict):
+    """An image size class, such as a listing thumbnail or a zoom view."""
+
+    name: str = Field(description="bucket name, unique in the file")
+    width: int = Field(gt=0, description="image width in pixels")
+    height: int = Field(gt=0, description="image height in pixels")
+    share: float = Field(gt=0, description="relative share of images in this bucket (shares are normalised)")
+
+    @property
+    def tokens(self) -> int:
+        """Qwen3-VL image tokens of this bucket, by the same rules the router counts with."""
+        return tokens_for_size(self.width, self.height)
+
+
+class Images(_Strict):
+    """The images of a request: their sizes, encodings and how many each request carries."""
+
+    buckets: list[Bucket] = Field(min_length=1, description="size buckets with their shares")
+    formats: dict[ImageFormat, Annotated[float, Field(gt=0)]] = Field(
+        min_length=1, description="encoding -> relative share"
+    )
+    per_request: int = Field(default=1, ge=1, le=8, description="images per request")
+
+    @model_validator(mode="after")
+    def _unique(self) -> Images:
+        names = [b.name for b in self.buckets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"bucket names must be unique, got {names}")
+        return self
+
+
+class Popularity(_Strict):
+    """Which images requests show: a Zipf-popular catalogue plus fresh customer uploads."""
+
+    catalogue: int = Field(ge=1, description="K, the number of distinct product photos")
+    alpha: float = Field(ge=0, description="Zipf exponent: photo of rank r is drawn with weight 1/r^alpha")
+    upload_share: float = Field(ge=0, le=1, description="share of images that are fresh uploads, never seen again")
+    answer_cache_items: int | None = Field(
+        default=None, ge=1, description="answer-cache size in entries for the expected hit ratio; None: unbounded"
+    )
+    engine_cache_items: int = Field(
+        default=64, ge=1, description="images one replica's engine cache holds (LRU) for the expected hit ratio"
+    )
+
+
+class FixedLength(_Strict):
+    """Every answer asks for the same number of tokens."""
+
+    kind: Literal["fixed"]
+    tokens: int = Field(ge=1, description="max_tokens of every request")
+
+
+class UniformLength(_Strict):
+    """max_tokens drawn uniformly between two bounds (inclusive)."""
+
+    kind: Literal["uniform"]
+    min: int = Field(ge=1, description="smallest max_tokens")
+    max: int = Field(ge=1, description="largest max_tokens")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformLength:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class LognormalLength(_Strict):
+    """max_tokens drawn from a lognormal law, clipped to bounds: most answers short, a long tail."""
+
+    kind: Literal["lognormal"]
+    median: float = Field(gt=0, description="median max_tokens")
+    sigma: float = Field(gt=0, description="standard deviation of log(max_tokens)")
+    min: int = Field(default=1, ge=1, description="lower clip")
+    max: int = Field(ge=1, description="upper clip")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LognormalLength:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+OutputLength = Annotated[FixedLength | UniformLength | LognormalLength, Field(discriminator="kind")]
+
+
+class Task(_Strict):
+    """A request template: the prompt, how long the answer may be, sampling and streaming."""
+
+    name: str = Field(description="task name, unique in the file")
+    prompt: str = Field(min_length=1, description="the text sent beside the images")
+    output: OutputLength = Field(description="distribution of max_tokens")
+    temperature: float = Field(default=0.0, ge=0, le=2, description="0 is greedy, which the answer cache can serve")
+    stream: bool = Field(default=False, description="request a streamed (SSE) answer")
+    share: float = Field(gt=0, description="relative share of requests")
+
+
+class Constant(_Strict):
+    """Evenly spaced requests at a fixed rate (open loop)."""
+
+    process: Literal["constant"]
+    rate: float = Field(gt=0, description="requests per second")
+    duration_s: float = Field(gt=0, description="length of the schedule in seconds")
+
+
+class Poisson(_Strict):
+    """Independent arrivals at a mean rate: exponential gaps (open loop)."""
+
+    process: Literal["poisson"]
+    rate: float = Field(gt=0, description="mean requests per second")
+    duration_s: float = Field(gt=0, description="length of the schedule in seconds")
+
+
+class Gamma(_Strict):
+    """Gamma-distributed gaps: cv > 1 gives bursts, cv < 1 more regular traffic than Poisson (cv = 1)."""
+
+    process: Literal["gamma"]
+    rate: float = Field(gt=0, description="mean requests per second")
+    cv: float = Field(gt=0, description="coefficient of variation of the gaps between requests")
+    duration_s: float = Field(gt=0, description="length of the schedule in seconds")
+
+
+class ClosedLoop(_Strict):
+    """N users, each sending its next request a think time after the previous answer: no send times."""
+
+    process: Literal["closed"]
+    users: int = Field(ge=1, description="concurrent users")
+    think_s: float = Field(default=0.0, ge=0, description="pause between an answer and the user's next request")
+    requests: int = Field(ge=1, description="planned requests the users work through, in order")
+
+
+class Stage(_Strict):
+    """A stretch of Poisson traffic; with `to_rate` the rate ramps linearly from `rate` to it."""
+
+    duration_s: float = Field(gt=0, description="length of the stage")
+    rate: float = Field(ge=0, description="requests per second at the start of the stage")
+    to_rate: float | None = Field(default=None, ge=0, description="rate at the end (linear ramp); None: flat")
+
+
+class Stages(_Strict):
+    """Piecewise rate over time: steps and ramps, one stage after another (Poisson within)."""
+
+    process: Literal["stages"]
+    stages: list[Stage] = Field(min_length=1, description="the stages in order")
+
+
+class Diurnal(_Strict):
+    """A sinusoidal rate, a day compressed: mean * (1 + amplitude * sin(2 pi t / period)), Poisson within."""
+
+    process: Literal["diurnal"]
+    mean_rate: float = Field(gt=0, description="mean requests per second")
+    amplitude: float = Field(ge=0, le=1, description="relative swing around the mean (1: down to zero)")
+    period_s: float = Field(gt=0, description="length of one cycle")
+    duration_s: float = Field(gt=0, description="length of the schedule in seconds")
+
+
+class Spike(_Strict):
+    """A flash sale: a base Poisson rate, multiplied during one window."""
+
+    process: Literal["spike"]
+    base_rate: float = Field(gt=0, description="requests per second outside the window")
+    multiplier: float = Field(ge=1, description="rate factor inside the window")
+    start_s: float = Field(ge=0, description="when the window opens")
+    length_s: float = Field(gt=0, description="how long the window lasts")
+    duration_s: float = Field(gt=0, description="length of the schedule in seconds")
+
+
+Arrivals = Annotated[Constant | Poisson | Gamma | ClosedLoop | Stages | Diurnal | Spike, Field(discriminator="process")]
+
+
+class Tenant(_Strict):
+    """An API key sending a share of the traffic: the key itself, or the environment variable holding it."""
+
+    id: str = Field(description="tenant id, as reports name it")
+    key: str | None = Field(default=None, description="the API key (test clusters only)")
+    key_env: str | None = Field(default=None, description="environment variable holding the API key")
+    share: float = Field(gt=0, description="relative share of requests")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Tenant:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key and key_env")
+        return self
+
+
+class Workload(_Strict):
+    """A whole workload file, version 1."""
+
+    version: Literal[1] = Field(description="schema version of the file")
+    name: str = Field(description="workload name")
+    seed: int = Field(description="makes the schedule reproducible: same file and seed, same bytes")
+    images: Images
+    popularity: Popularity
+    tasks: list[Task] = Field(min_length=1, description="request templates with their shares")
+    arrivals: Arrivals = Field(description="when requests are sent")
+    tenants: list[Tenant] = Field(min_length=1, description="API keys with their shares")
+
+    @model_validator(mode="after")
+    def _unique(self) -> Workload:
+        for what, names in (("task", [t.name for t in self.tasks]), ("tenant", [t.id for t in self.tenants])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"{what} names must be unique, got {names}")
+        return self
+
+
+# Discriminator values pydantic puts into error locations; a reader knows the field, not the tag.
+_TAGS = frozenset(
+    {"constant", "poisson", "gamma", "closed", "stages", "diurnal", "spike", "fixed", "uniform", "lognormal"}
+)
+
+
+def parse_workload(data: object, source: str = "<memory>") -> Workload:
+    """Validate already-parsed YAML data; raises WorkloadError naming `source` and the field."""
+    try:
+        return Workload.model_validate(data)
+    except ValidationError as exc:
+        raise WorkloadError(f"workload {source}: {_describe(exc)}") from None
+
+
+def load_workload(path: Path) -> Workload:
+    """Read and validate a workload YAML file; raises WorkloadError naming the file and the field."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise WorkloadError(f"workload {path.name}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise WorkloadError(f"workload {path.name}: not valid YAML: {exc}".replace("\n", " ")) from None
+    return parse_workload(data, path.name)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if str(p) not in _TAGS]
+        parts.append(f"{'.'.join(loc) or '(root)'}: {err['msg']}")
+    return "; ".join(parts)
