@@ -11,7 +11,7 @@ import yaml
 from support import ROOT
 
 from loadtests.popularity import describe
-from loadtests.schedule import ImageStore, build_body, build_schedule, schedule_digest
+from loadtests.schedule import ImageStore, api_key, build_body, build_schedule, schedule_digest
 from loadtests.workload import WorkloadError, load_workload, parse_workload
 from qvl.images import image_size, sniff_format, tokens_for_size
 
@@ -142,3 +142,20 @@ def test_bodies_carry_deterministic_images_of_the_planned_size_and_format() -> N
         assert image_size(data) == sizes[ref.bucket]
         assert data == fresh.get(ref)  # another store renders the same bytes
         assert store.get(ref) is store.get(ref)  # rendered once per image
+
+
+def test_api_keys_from_the_file_or_the_environment() -> None:
+    workload = parse_workload(small())
+    given, from_env = workload.tenants
+    assert api_key(given, {}) == "k-a"
+    assert api_key(from_env, {"KEY_B": "k-b"}) == "k-b"
+    with pytest.raises(KeyError):
+        api_key(from_env, {})
+
+
+def test_output_lengths_stay_within_their_bounds() -> None:
+    plans = build_schedule(parse_workload(small()))
+    assert {p.max_tokens for p in plans if p.task == "attrs"} == {64}
+    asked = [p.max_tokens for p in plans if p.task == "ask"]
+    assert asked and all(1 <= n <= 200 for n in asked)
+    assert all(p.stream and p.temperature == 0.7 for p in plans if p.task == "ask")
