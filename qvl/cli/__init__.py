@@ -235,6 +235,7 @@ def _replica_flags(p: argparse.ArgumentParser) -> None:
     """Engine flags shared by `qvl replica` and `qvl up` (they set replica.* settings)."""
     setting_flag(p, "--device", "replica.device")
     setting_flag(p, "--gpus", "replica.gpus", type=_int_list, metavar="I,J,...")
+    setting_flag(p, "--cpus", "replica.cpus", type=_int_list, metavar="I,J,...")
     setting_flag(p, "--tensor-parallel-size", "replica.tensor_parallel_size", aliases=("--tp",))
     setting_flag(p, "--max-num-seqs", "replica.max_num_seqs")
     setting_flag(p, "--max-model-len", "replica.max_model_len", metavar="TOKENS")

@@ -49,10 +49,10 @@ def run_up(settings: Settings) -> int:
             run_dir = Path(settings.replica.run_dir).resolve()
             if local.gpu_exporter:
                 exporter = _spawn_gpu_exporter(settings, log_dir=run_dir)
-            for port, gpus in zip(ports, local.gpus, strict=True):
+            for port, gpus, cpus in zip(ports, local.gpus, local.cpus, strict=True):
                 workdir = (run_dir if local.log_name else Path(tmp)) / f"replica-{port}"
                 log_file = workdir / local.log_name if local.log_name else None
-                children.append(_spawn_replica(engine, settings, local.host, port, gpus, workdir, log_file))
+                children.append(_spawn_replica(engine, settings, local.host, port, gpus, cpus, workdir, log_file))
             for child in children:
                 seconds = child.wait_ready(
                     local.startup_timeout_s, progress=say, cancelled=lambda: bool(stop_requested)
@@ -77,9 +77,9 @@ def run_replica(settings: Settings) -> int:
     try:
         engine, spec = ENGINES["vllm"], settings.replica
         exporter = _spawn_gpu_exporter(settings, log_dir=None)
-        (gpus,) = engine.local(settings, 1).gpus
+        local = engine.local(settings, 1)
         workdir = Path(spec.run_dir).resolve() / f"replica-{spec.port}"
-        command = engine.command(settings, spec.host, spec.port, gpus, workdir)
+        command = engine.command(settings, spec.host, spec.port, local.gpus[0], workdir, local.cpus[0])
         replica = spawn(f"replica-{spec.port}", command.argv, url=f"http://{spec.host}:{spec.port}", env=command.env)
         seconds = replica.wait_ready(spec.startup_timeout_s, progress=say, cancelled=lambda: bool(stop_requested))
         say(f"ready at {replica.url} serving {engine.served_model(settings)} ({command.summary}) after {seconds:.1f}s")
@@ -104,9 +104,16 @@ def say(message: str) -> None:
 
 
 def _spawn_replica(
-    engine: Engine, settings: Settings, host: str, port: int, gpus: tuple[int, ...], workdir: Path, log: Path | None
+    engine: Engine,
+    settings: Settings,
+    host: str,
+    port: int,
+    gpus: tuple[int, ...],
+    cpus: tuple[int, ...],
+    workdir: Path,
+    log: Path | None,
 ) -> Child:
-    command = engine.command(settings, host, port, gpus, workdir)
+    command = engine.command(settings, host, port, gpus, workdir, cpus)
     name = f"replica-{port}"
     child = spawn(name, command.argv, url=f"http://{host}:{port}", log=log, env=command.env, preexec=_die_with_parent)
     note = f"; log {log}" if log is not None else ""

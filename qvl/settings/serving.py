@@ -70,6 +70,13 @@ class ReplicaSettings(Section):
     gpus: list[int] | None = Field(
         None, description="GPU indexes replicas may use; empty: every GPU nvidia-smi lists (or CUDA_VISIBLE_DEVICES)."
     )
+    cpus: list[int] | None = Field(
+        None,
+        description="CPU core ids the CPU replicas of one launcher split between them, each its own contiguous "
+        "block in order (vLLM pins its model worker's threads there: VLLM_CPU_OMP_THREADS_BIND, OMP_NUM_THREADS); "
+        "empty: the "
+        "cores this process may run on. More CPU replicas than cores is refused, never shared.",
+    )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica (vLLM --tensor-parallel-size).")
     max_num_seqs: int | None = Field(None, ge=1, description="Requests batched at once (vLLM --max-num-seqs).")
     max_model_len: int | None = Field(None, ge=16, description="Context length in tokens (vLLM --max-model-len).")

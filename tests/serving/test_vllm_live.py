@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from PIL import Image
 from support.chat import image_chat, png_data_url
@@ -27,7 +28,7 @@ from support.servers import Cluster, Proc
 from qvl.procs import Child, StartError, free_port, spawn
 from qvl.settings import ReplicaSettings
 from serving.tiny_model import SERVED_NAME, build_tiny_model
-from serving.vllm_replica import ReplicaPlan, launch, plan_replicas
+from serving.vllm_replica import ReplicaPlan, core_list, detect_cpus, launch, plan_replicas
 
 pytestmark = pytest.mark.vllm
 MODEL = SERVED_NAME
@@ -50,7 +51,8 @@ class VllmPair:
 def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPair]:
     run_dir = tmp_path_factory.mktemp("vllm")
     model = build_tiny_model(run_dir / "tiny").path
-    # max_num_seqs 4: a burst of 16 requests leaves some waiting, which least-loaded must see.
+    # max_num_seqs 4: a burst of 16 requests leaves some waiting, which least-loaded must see. Each
+    # replica gets its own half of the cores this process may use (one each on a 2-core machine).
     spec = ReplicaSettings(served_model_name=MODEL, device="cpu", max_num_seqs=4, run_dir=str(run_dir))
     plans = plan_replicas(spec, str(model), [free_port(), free_port()], [], run_dir, os.environ)
     replicas = [launch(plan, "127.0.0.1") for plan in plans]
@@ -121,6 +123,27 @@ def streamed_chunks(c: openai.OpenAI, messages: list) -> list:
         stream_options={"include_usage": True},
     )
     return list(stream)
+
+
+def test_each_replica_computes_on_its_own_cores(vllm_pair: VllmPair) -> None:
+    first, second = (set(plan.cpus) for plan in vllm_pair.plans)
+    assert first and second and not first & second
+    for plan, replica in zip(vllm_pair.plans, vllm_pair.replicas, strict=True):
+        assert plan.env["VLLM_CPU_OMP_THREADS_BIND"] == core_list(plan.cpus)
+        workers = [p for p in psutil.Process(replica.pid).children(recursive=True) if p.name() == "VLLM::Worker"]
+        assert len(workers) == 1, workers
+        # vLLM pins every thread of its engine worker (the one that runs the model) to the replica's cores.
+        pinned = {cores for t in workers[0].threads() if (cores := thread_cores(t.id))}
+        assert pinned == {plan.cpus}, pinned
+        assert f"core ids={list(plan.cpus)}" in (plan.workdir / "vllm.log").read_text()
+
+
+def thread_cores(tid: int) -> tuple[int, ...]:
+    """The cores a thread may run on; () when it has ended meanwhile."""
+    try:
+        return tuple(sorted(os.sched_getaffinity(tid)))
+    except ProcessLookupError:
+        return ()
 
 
 def test_greedy_output_is_the_same_across_requests_and_replicas(cluster: Cluster, vllm_pair: VllmPair) -> None:
@@ -232,7 +255,8 @@ def test_qvl_up_with_vllm_answers_through_the_router(
             messages=image_chat("x", png_data_url())["messages"],
         )
     assert reply.choices[0].message.content
-    assert "replica-" in up.output() and "vLLM on the CPU" in up.output()
+    # Its only replica is bound to every core `qvl up` may use (another launcher's replicas may share them).
+    assert "replica-" in up.output() and f"vLLM on CPU cores {core_list(detect_cpus())}" in up.output()
     # The host's GPU exporter runs beside the replica; without NVML (a CPU machine) it says up 0.
     gpu_metrics = f"http://127.0.0.1:{exporter_port}/metrics"
     assert f"GPU exporter at {gpu_metrics}" in up.output()
@@ -273,7 +297,7 @@ def test_sigint_while_vllm_starts_stops_everything(cluster: Cluster, vllm_pair: 
     up = spawn("qvl up", argv, log=tmp_path / "up.log", env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         # Until the replica process exists.
-        up.wait_ready(120, check=lambda: "vLLM on the CPU" in up.output(), interval_s=0.1)
+        up.wait_ready(120, check=lambda: "vLLM on CPU cores" in up.output(), interval_s=0.1)
         time.sleep(2)
         up.popen.send_signal(signal.SIGINT)  # the launcher alone, as a terminal's ^C would reach it
         up.popen.wait(60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,14 @@ from qvl.settings import ReplicaSettings
 from serving.vllm_replica import (
     CPU_DEFAULTS,
     PlacementError,
+    core_list,
+    cpu_binding_env,
+    detect_cpus,
     engine_flags,
     place,
     plan_replicas,
     served_name,
+    split_cpus,
 )
 
 
@@ -30,6 +35,8 @@ def test_four_gpus_two_replicas_tensor_parallel_two(tmp_path: Path) -> None:
     assert [p.device for p in plans] == ["gpu", "gpu"]
     assert [p.gpus for p in plans] == [(0, 1), (2, 3)]
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0,1", "2,3"]
+    assert [p.cpus for p in plans] == [(), ()]  # GPU replicas keep vLLM's own thread settings
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in plans[0].env and "OMP_NUM_THREADS" not in plans[0].env
     first = plans[0].command
     assert first[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert flag_value(first, "--model") == "/models/Qwen3-VL-8B-Instruct"
@@ -55,7 +62,8 @@ def test_more_gpus_than_exist_is_refused_with_the_numbers() -> None:
 
 def test_cpu_replicas_get_working_defaults_and_no_gpus(tmp_path: Path) -> None:
     spec = ReplicaSettings(model="/m/tiny")
-    (plan,) = plan_replicas(spec, "/m/tiny", [9100], [], tmp_path, {})
+    (plan,) = plan_replicas(spec, "/m/tiny", [9100], [], tmp_path, {}, available_cpus=[0, 1])
+    assert plan.cpus == (0, 1) and plan.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert plan.device == "cpu" and plan.gpus == () and plan.env["CUDA_VISIBLE_DEVICES"] == ""
     cmd = plan.command
     assert "--enforce-eager" in cmd
@@ -64,6 +72,46 @@ def test_cpu_replicas_get_working_defaults_and_no_gpus(tmp_path: Path) -> None:
     assert flag_value(cmd, "--max-model-len") == "4096"
     assert "--gpu-memory-utilization" not in cmd
     assert json.loads(flag_value(cmd, "--limit-mm-per-prompt")) == {"image": 4, "video": 0}
+
+
+def test_two_cpu_replicas_on_two_cores_get_one_core_each(tmp_path: Path) -> None:
+    spec = ReplicaSettings(model="/m/tiny", device="cpu")
+    # The launcher's own binding must not leak into every replica.
+    base = {"OMP_NUM_THREADS": "8", "VLLM_CPU_OMP_THREADS_BIND": "0-7"}
+    plans = plan_replicas(spec, "/m/tiny", [9101, 9102], [0], tmp_path, base, available_cpus=[0, 1])
+    assert [p.cpus for p in plans] == [(0,), (1,)]
+    assert [p.env["VLLM_CPU_OMP_THREADS_BIND"] for p in plans] == ["0", "1"]
+    assert [p.env["OMP_NUM_THREADS"] for p in plans] == ["1", "1"]
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in plans[0].env  # vLLM applies it to its auto binding only
+
+
+def test_cores_are_split_in_contiguous_even_blocks() -> None:
+    assert split_cpus(2, [0, 1]) == [(0,), (1,)]
+    assert split_cpus(2, [0, 1, 2, 3]) == [(0, 1), (2, 3)]
+    assert split_cpus(2, [0, 1, 2, 3, 4]) == [(0, 1, 2), (3, 4)]  # the remainder goes to the first
+    assert split_cpus(1, [4, 5, 6, 7]) == [(4, 5, 6, 7)]
+    assert split_cpus(2, [1, 1, 3]) == [(1,), (3,)]  # a core named twice is one core
+    assert core_list([0, 1, 2, 3, 6, 8, 9]) == "0-3,6,8-9"
+    assert cpu_binding_env([2, 3]) == {"VLLM_CPU_OMP_THREADS_BIND": "2-3", "OMP_NUM_THREADS": "2"}
+    assert cpu_binding_env([]) == {}
+    assert detect_cpus() == sorted(os.sched_getaffinity(0))
+
+
+def test_more_cpu_replicas_than_cores_is_refused_with_the_numbers(tmp_path: Path) -> None:
+    with pytest.raises(PlacementError, match=r"3 CPU replica\(s\) need a core each, but 2 are available \(0-1\)"):
+        plan_replicas(ReplicaSettings(device="cpu"), "/m", [1, 2, 3], [], tmp_path, {}, available_cpus=[0, 1])
+    with pytest.raises(PlacementError, match=r"1 CPU replica\(s\) need a core each, but 0 are available \(none\)"):
+        split_cpus(1, [])
+
+
+def test_explicit_cpus_setting_and_gpu_replicas_ignore_it(tmp_path: Path) -> None:
+    spec = ReplicaSettings(model="/m/tiny", device="cpu", cpus=[4, 5, 6, 7, 8, 9])
+    plans = plan_replicas(spec, "/m/tiny", [9201, 9202, 9203], [], tmp_path, {})
+    assert [p.env["VLLM_CPU_OMP_THREADS_BIND"] for p in plans] == ["4-5", "6-7", "8-9"]
+    assert [p.env["OMP_NUM_THREADS"] for p in plans] == ["2", "2", "2"]
+    on_gpus = ReplicaSettings(model="/m/tiny", cpus=[0])
+    plans = plan_replicas(on_gpus, "/m/tiny", [9301, 9302], [0, 1], tmp_path, {})  # 2 GPU replicas, 1 core: fine
+    assert [p.gpus for p in plans] == [(0,), (1,)] and [p.cpus for p in plans] == [(), ()]
 
 
 def test_tensor_parallel_on_cpu_is_refused(tmp_path: Path) -> None:
