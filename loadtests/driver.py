@@ -46,11 +46,12 @@ class Dispatcher:
 
 
 class RunClock:
-    """Seconds since the run started, on a monotonic clock; `sleep_until` waits for a planned time."""
+    """Seconds since the run started, on a monotonic clock; `sleep_until` waits for a planned time. With
+    `lead_s` the run starts that much after the clock is made (negative readings until then)."""
 
-    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, now: Callable[[], float] = time.perf_counter, lead_s: float = 0.0) -> None:
         self._now = now
-        self._start = now()
+        self._start = now() + lead_s
 
     def __call__(self) -> float:
         return self._now() - self._start

@@ -35,10 +35,11 @@ from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
 from loadtests.driver import Dispatcher, RunClock, Sent, send
 from loadtests.records import DEFAULT_MAX_SEND_LAG_MS, RecordWriter, Summary, records_path, summarise, summary_path
-from loadtests.schedule import ImageStore, api_key, build_body, build_schedule
+from loadtests.schedule import ImageStore, PlannedRequest, api_key, build_body, build_schedule
 from loadtests.workload import ClosedLoop, Workload, load_workload
 
 INVALID_EXIT_CODE = 3
+LEAD_IN_S = 0.5
 
 
 class RequestFailed(Exception):
@@ -63,6 +64,13 @@ def _arguments(parser: LocustArgumentParser) -> None:
         default=DEFAULT_MAX_SEND_LAG_MS,
         help="P99 send lag above which the run is INVALID (exit code 3)",
     )
+    group.add_argument(
+        "--render-ahead-s",
+        type=float,
+        default=60.0,
+        help="render the images of the schedule's first seconds before the clock starts (the whole -t when given "
+        "to a single process); later ones are rendered on first use, which can delay sends",
+    )
     group.add_argument("--model", default="", help="model name to request; empty: the first of GET /v1/models")
 
 
@@ -82,7 +90,6 @@ class Run:
         self.worker = runner.worker_index if isinstance(runner, WorkerRunner) else 0
         workers = max(1, int(options.expect_workers)) if distributed else 1
         plans = build_schedule(self.workload)
-        self.closed = isinstance(self.workload.arrivals, ClosedLoop)
         self.think_s = self.workload.arrivals.think_s if isinstance(self.workload.arrivals, ClosedLoop) else 0.0
         self.dispatcher = Dispatcher(plans, self.worker, workers)
         self.keys = {t.id: api_key(t) for t in self.workload.tenants}
@@ -94,7 +101,9 @@ class Run:
         self.started = threading.Event()
         self.clock = RunClock()
         self.in_flight = 0
-        self._warm(plans[self.worker :: workers], options.run_time)
+        # Workers are not told -t: they render --render-ahead-s worth.
+        ahead = float(options.run_time) if options.run_time and not distributed else float(options.render_ahead_s)
+        self._warm(plans[self.worker :: workers], ahead)
 
     def _served_model(self, host: str) -> str:
         key = next(iter(self.keys.values()))
@@ -102,11 +111,10 @@ class Run:
         answer.raise_for_status()
         return str(answer.json()["data"][0]["id"])
 
-    def _warm(self, plans: list[Any], run_time: int | None) -> None:
+    def _warm(self, plans: list[PlannedRequest], horizon_s: float) -> None:
         # Rendering a large PNG blocks the event loop for tens of milliseconds: render the images the run
         # will send before the clock starts, so no send is late for it.
-        horizon = float("inf") if run_time is None else float(run_time)
-        refs = {ref for p in plans if p.send_at is None or p.send_at <= horizon for ref in p.images}
+        refs = {ref for p in plans if p.send_at is None or p.send_at <= horizon_s for ref in p.images}
         print(f"qvl: rendering {len(refs)} images of workload {self.workload.name} before the run starts", flush=True)
         for ref in refs:
             self.images.get(ref)
@@ -114,10 +122,11 @@ class Run:
     def start(self) -> None:
         """Start the schedule's clock: called once every user is spawned, so that no early send waits for one."""
         if not self.started.is_set():
-            self.clock = RunClock()
+            # A short lead-in: the users woken together settle before the first planned send.
+            self.clock = RunClock(lead_s=LEAD_IN_S)
             self.started.set()
 
-    def body(self, plan: Any) -> bytes:
+    def body(self, plan: PlannedRequest) -> bytes:
         return json.dumps(build_body(plan, self.workload, self.model, self.images)).encode()
 
     def finish(self) -> Summary:

@@ -1,0 +1,161 @@
+"""locust drives a workload against `qvl up --engine sim`: records, TTFT/ITL entries in locust's CSV, and
+the INVALID verdict (exit 3) when the generator cannot keep to the schedule. Locust runs in a subprocess:
+importing it would monkey-patch this test process with gevent."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from support import ROOT
+from support.servers import Cluster, Proc
+
+from qvl.procs import free_port
+
+LOCUST = Path(sys.executable).parent / "locust"
+KEYS = {"web": "sk-loadtest-web-0123456789", "app": "sk-loadtest-app-0123456789"}
+TENANT_ENV = {"QVL_LOADTEST_KEY_WEB": KEYS["web"], "QVL_LOADTEST_KEY_APP": KEYS["app"]}
+FIELDS = {
+    "index", "tenant", "task", "image_buckets", "stream", "intended_s", "sent_s", "send_lag_ms", "status",
+    "error_type", "ttft_ms", "itl", "e2e_ms", "prompt_tokens", "image_tokens", "output_tokens", "replica",
+    "cache", "worker",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """`qvl up` with two simulated replicas and the storefront tenants' keys, at a lower CPU priority than
+    locust; inter-token latency 2 ms so that 8 users keep up with storefront's 8 requests/s (at the sim's
+    default 12 ms an answer takes ~1.5 s: 12 in flight)."""
+    tmp = tmp_path_factory.mktemp("up")
+    keys = tmp / "keys.yaml"
+    keys.write_text("keys:\n" + "".join(f"  - {{id: {t}, key: {k}}}\n" for t, k in KEYS.items()))
+    cluster = Cluster(tmp)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QVL_SIM__ITL_BASE_MS", "2")
+        try:
+            up = cluster.start(
+                "up", "--engine", "sim", "--replicas", "2", "--keys-file", str(keys), ready_path="/ready", auth=True
+            )
+            # The generator must not wait for a core: on a small machine the cluster under test shares the
+            # CPUs with it, so the cluster yields (a generator's send lag is what these tests judge).
+            leader = psutil.Process(up.pid)
+            for proc in [leader, *leader.children(recursive=True)]:
+                proc.nice(10)
+            yield up
+        finally:
+            cluster.stop_all()
+
+
+def locust(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    argv = [str(LOCUST), "-f", "loadtests/locustfile.py", "--headless", "--only-summary", *args]
+    env = {**os.environ, **TENANT_ENV}
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_storefront_run_writes_records_and_ttft_itl_entries(router: Proc, tmp_path: Path) -> None:
+    records = tmp_path / "storefront.jsonl"
+    done = locust(
+        *("-u", "8", "-r", "8", "-t", "15s", "--host", router.url),
+        *(
+            "--workload",
+            "loadtests/workloads/storefront.yaml",
+            "--records",
+            str(records),
+            "--csv",
+            str(tmp_path / "sf"),
+        ),
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "run valid" in output
+
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert len(lines) > 60, f"only {len(lines)} requests in 15 s at 8/s"
+    assert all(set(line) == FIELDS for line in lines)
+    assert all(line["status"] == 200 and line["error_type"] is None for line in lines)
+    assert {line["tenant"] for line in lines} == {"web", "app"}
+    assert None not in {line["replica"] for line in lines} and len({line["replica"] for line in lines}) == 2
+    for line in lines:
+        assert line["stream"] and line["ttft_ms"] > 0 and line["e2e_ms"] >= line["ttft_ms"]
+        assert line["itl"]["count"] == line["output_tokens"] - 1 > 0, line
+        assert line["send_lag_ms"] is not None and line["image_tokens"] > 0 and line["prompt_tokens"] > 0
+        assert line["cache"] in ("miss", "hit", "coalesced", "bypass", "none")
+
+    with (tmp_path / "sf_stats.csv").open() as f:
+        types = {(row["Type"], row["Name"]) for row in csv.DictReader(f)}
+    assert {("POST", "question"), ("TTFT", "question"), ("ITL", "question")} <= types
+
+    summary = json.loads((tmp_path / "storefront.summary.json").read_text())
+    assert summary["valid"] is True and summary["requests"] == len(lines) and summary["errors"] == 0
+    assert summary["send_lag_p99_ms"] <= 10 and summary["ttft_p99_ms"] >= summary["ttft_p50_ms"] > 0
+
+
+OVERLOAD = """
+version: 1
+name: overload
+seed: 9
+images:
+  buckets: [{name: thumbnail, width: 256, height: 256, share: 1}]
+  formats: {jpeg: 1}
+popularity: {catalogue: 10, alpha: 1.0, upload_share: 0}
+tasks:
+  - {name: caption, prompt: "Describe.", output: {kind: fixed, tokens: 4}, temperature: 0.7, share: 1}
+arrivals: {process: constant, rate: 400, duration_s: 3}
+tenants: [{id: web, key_env: QVL_LOADTEST_KEY_WEB, share: 1}]
+"""
+
+
+def test_a_generator_that_falls_behind_makes_the_run_invalid(router: Proc, tmp_path: Path) -> None:
+    workload = tmp_path / "overload.yaml"
+    workload.write_text(OVERLOAD)
+    records = tmp_path / "overload.jsonl"
+    done = locust(
+        *("-u", "1", "-r", "1", "-t", "4s", "--host", router.url),
+        *("--workload", str(workload), "--records", str(records)),
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 3, output[-3000:]
+    assert "run INVALID: the generator fell behind (P99 send lag" in output and "> 10 ms)" in output
+    summary = json.loads((tmp_path / "overload.summary.json").read_text())
+    assert summary["valid"] is False and summary["send_lag_p99_ms"] > 10
+    assert len(records.read_text().splitlines()) == summary["requests"] > 0
+
+
+def test_distributed_workers_split_the_schedule(router: Proc, tmp_path: Path) -> None:
+    port = str(free_port())
+    records = tmp_path / "dist.jsonl"
+    argv = [str(LOCUST), "-f", "loadtests/locustfile.py", "--worker", "--master-port", port]
+    env = {**os.environ, **TENANT_ENV}
+    workers = [
+        subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    try:
+        done = locust(
+            *("--master", "--master-bind-port", port, "--expect-workers", "2"),
+            *("-u", "8", "-r", "8", "-t", "8s", "--host", router.url),
+            *("--workload", "loadtests/workloads/storefront.yaml", "--records", str(records)),
+        )
+    finally:
+        for worker in workers:
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert output.count("qvl: run valid") == 2, output[-3000:]
+    indices = [
+        [json.loads(line)["index"] for line in (tmp_path / f"dist.w{i}.jsonl").read_text().splitlines()] for i in (0, 1)
+    ]
+    assert indices[0] and indices[1]
+    assert all(i % 2 == 0 for i in indices[0]) and all(i % 2 == 1 for i in indices[1])
