@@ -57,6 +57,7 @@ def test_run_clock_sleeps_until_the_planned_time_and_not_when_late() -> None:
     assert clock() == 2.5
     clock.sleep_until(1.0, fake.sleep)
     assert clock() == 2.5
+    assert RunClock(fake, lead_s=0.5)() == -0.5
 
 
 class Steps:
