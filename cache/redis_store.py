@@ -21,11 +21,10 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from cache.store import CacheUnavailable
 from qvl.redis_client import redis_client
-from qvl.redis_errors import redis_unavailable
+from qvl.redis_errors import REDIS_FAILURES, redis_unavailable
 
 _T = TypeVar("_T")
 
@@ -141,7 +140,7 @@ class RedisStore:
         """Disconnect every pooled connection; the store is unusable afterwards."""
         for client in (self._client, self._subscriber):
             # Closing a connection to a dead server can fail; there is nothing left to release then.
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await client.aclose()
 
     async def _call(self, op: Callable[[], Awaitable[_T]], extra_s: float = 0.0) -> _T:
@@ -150,7 +149,7 @@ class RedisStore:
                 return await op()
 
     async def _close_pubsub(self, pubsub: PubSub) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             # redis-py leaves PubSub.aclose unannotated.
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 

@@ -12,8 +12,11 @@ from contextlib import contextmanager
 
 from redis.exceptions import RedisError
 
-REDIS_FAILURES = (RedisError, OSError, TimeoutError)
-"""What a Redis call raises when Redis is slow, down or refuses (TimeoutError: `asyncio.timeout`)."""
+REDIS_FAILURES = (RedisError, OSError, TimeoutError, RuntimeError)
+"""What a Redis call raises when Redis is slow, down or refuses (TimeoutError: `asyncio.timeout`;
+RuntimeError: uvloop's answer to a read or write on a connection Redis has just closed, in a failover
+or a kill, which redis-py lets through unwrapped). Only Redis calls run inside `redis_unavailable`, so
+a RuntimeError there is the connection's, not a bug elsewhere."""
 
 
 @contextmanager

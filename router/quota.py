@@ -124,12 +124,7 @@ class RedisBuckets:
             args += [t.rate, t.capacity, t.amount]
         with redis_unavailable(_quota_unavailable, "the quota store did not answer; try again shortly"):
             async with asyncio.timeout(self._timeout_s):
-                try:
-                    result = await self._script(keys=keys, args=args)
-                except RuntimeError as exc:
-                    # uvloop's answer to a write on a connection Redis has just closed (a failover, a kill);
-                    # redis-py lets it through unwrapped. A connection failure, then, not a 500.
-                    raise ConnectionError("the connection to Redis closed") from exc
+                result = await self._script(keys=keys, args=args)
         return float(result)
 
     async def close(self) -> None:

@@ -28,10 +28,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import orjson
-from redis.exceptions import RedisError
 
 from qvl.redis_client import redis_client
-from qvl.redis_errors import redis_unavailable
+from qvl.redis_errors import REDIS_FAILURES, redis_unavailable
 
 log = logging.getLogger("qvl.registry")
 _T = TypeVar("_T")
@@ -166,7 +165,7 @@ class Registry:
         return self._keys, member.replica_id
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await self._client.aclose()
 
     async def _call(self, work: Awaitable[_T]) -> _T:

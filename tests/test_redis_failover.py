@@ -147,7 +147,10 @@ def test_routers_ride_through_a_sentinel_failover(
             quota_s = time.monotonic() - killed_at
             after = time.monotonic()
             # Cache hits again once the new primary serves, and the load runs on a while after it.
-            wait_for(lambda: load.hits_since(after) >= 20 and time.monotonic() > after + 2, 30)
+            # ... and the membership has been read several times across it (slow on a loaded machine).
+            wait_for(
+                lambda: load.hits_since(after) >= 20 and time.monotonic() > after + 2 and membership.reads >= 5, 30
+            )
         finally:
             load.stop()
             membership.stop()

@@ -17,7 +17,14 @@ class Down(Exception):
 
 @pytest.mark.parametrize(
     "failure",
-    [RedisConnectionError("Error 111 connecting to 10.1.2.3:6379"), ResponseError("ERR"), OSError(104), TimeoutError()],
+    [
+        RedisConnectionError("Error 111 connecting to 10.1.2.3:6379"),
+        ResponseError("ERR"),
+        OSError(104),
+        TimeoutError(),
+        # uvloop, on a connection Redis closed mid-call (seen in a Sentinel failover as a 500 at the router)
+        RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed"),
+    ],
 )
 def test_every_redis_failure_becomes_the_callers_exception_naming_only_its_type(failure: Exception) -> None:
     with pytest.raises(Down) as info, redis_unavailable(Down):
