@@ -16,8 +16,10 @@ This file only wires locust to loadtests/driver.py; nothing else may import it (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -101,6 +103,10 @@ class Run:
         self.started = threading.Event()
         self.clock = RunClock()
         self.in_flight = 0
+        self.users_ready = 0
+        self.users_expected: int | None = None
+        # One TLS context for all users: building one per client costs ~50 ms of CPU each.
+        self.tls = ssl.create_default_context()
         # Workers are not told -t: they render --render-ahead-s worth.
         ahead = float(options.run_time) if options.run_time and not distributed else float(options.render_ahead_s)
         self._warm(plans[self.worker :: workers], ahead)
@@ -119,9 +125,20 @@ class Run:
         for ref in refs:
             self.images.get(ref)
 
-    def start(self) -> None:
-        """Start the schedule's clock: called once every user is spawned, so that no early send waits for one."""
-        if not self.started.is_set():
+    def user_ready(self) -> None:
+        self.users_ready += 1
+        self._maybe_start()
+
+    def spawned(self, user_count: int) -> None:
+        # On a worker, spawning_complete carries the whole run's count: wait for this process's users only.
+        runner = self.environment.runner
+        self.users_expected = runner.user_count if runner is not None else user_count
+        self._maybe_start()
+
+    def _maybe_start(self) -> None:
+        """Start the schedule's clock once every user is spawned and connected, so that no early send waits."""
+        expected = self.users_expected
+        if expected is not None and self.users_ready >= expected and not self.started.is_set():
             # A short lead-in: the users woken together settle before the first planned send.
             self.clock = RunClock(lead_s=LEAD_IN_S)
             self.started.set()
@@ -146,7 +163,15 @@ class WorkloadUser(User):
         return self.shared.think_s if self.shared is not None else 0.0
 
     def on_start(self) -> None:
-        self.client = httpx.Client(base_url=self.environment.host or "", timeout=httpx.Timeout(600, connect=10))
+        run = self.shared
+        assert run is not None
+        timeout = httpx.Timeout(600, connect=10)
+        self.client = httpx.Client(base_url=self.environment.host or "", timeout=timeout, verify=run.tls)
+        # Open the connection now, while users spawn: a first request costs the generator tens of
+        # milliseconds (connection, lazy set-up), which on the schedule's clock would be send lag.
+        with contextlib.suppress(httpx.HTTPError):
+            self.client.get("/health")
+        run.user_ready()
 
     def on_stop(self) -> None:
         self.client.close()
@@ -198,7 +223,7 @@ def _test_start(environment: Environment, **_: object) -> None:
 
 def _spawned(user_count: int, **_: object) -> None:
     if WorkloadUser.shared is not None:
-        WorkloadUser.shared.start()
+        WorkloadUser.shared.spawned(user_count)
 
 
 def _test_stop(environment: Environment, **_: object) -> None:

@@ -141,7 +141,7 @@ def test_distributed_workers_split_the_schedule(router: Proc, tmp_path: Path) ->
     try:
         done = locust(
             *("--master", "--master-bind-port", port, "--expect-workers", "2"),
-            *("-u", "8", "-r", "8", "-t", "8s", "--host", router.url),
+            *("-u", "8", "-r", "8", "-t", "10s", "--host", router.url, "--render-ahead-s", "10"),
             *("--workload", "loadtests/workloads/storefront.yaml", "--records", str(records)),
         )
     finally:
@@ -157,5 +157,5 @@ def test_distributed_workers_split_the_schedule(router: Proc, tmp_path: Path) ->
     indices = [
         [json.loads(line)["index"] for line in (tmp_path / f"dist.w{i}.jsonl").read_text().splitlines()] for i in (0, 1)
     ]
-    assert indices[0] and indices[1]
+    assert len(indices[0]) >= 5 and len(indices[1]) >= 5, indices
     assert all(i % 2 == 0 for i in indices[0]) and all(i % 2 == 1 for i in indices[1])
