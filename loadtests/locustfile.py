@@ -184,11 +184,12 @@ class WorkloadUser(User):
         plan = run.dispatcher.take()
         if plan is None:
             self._schedule_done(run)
-        body = run.body(plan)
-        if plan.send_at is not None:
-            run.clock.sleep_until(plan.send_at, time.sleep)
+        # Taken counts as in flight: the schedule is done only when no user still waits to send either.
         run.in_flight += 1
         try:
+            body = run.body(plan)
+            if plan.send_at is not None:
+                run.clock.sleep_until(plan.send_at, time.sleep)
             tokens = sum(run.tokens[ref.bucket] for ref in plan.images)
             done = send(self.client, plan, body, run.keys[plan.tenant], run.clock, tokens, run.worker)
         finally:

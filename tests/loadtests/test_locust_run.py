@@ -159,3 +159,17 @@ def test_distributed_workers_split_the_schedule(router: Proc, tmp_path: Path) ->
     ]
     assert len(indices[0]) >= 5 and len(indices[1]) >= 5, indices
     assert all(i % 2 == 0 for i in indices[0]) and all(i % 2 == 1 for i in indices[1])
+
+
+def test_a_finished_schedule_ends_the_run_with_every_request_sent(router: Proc, tmp_path: Path) -> None:
+    workload = tmp_path / "short.yaml"
+    workload.write_text(OVERLOAD.replace("rate: 400, duration_s: 3", "rate: 10, duration_s: 2"))
+    records = tmp_path / "short.jsonl"
+    done = locust(
+        *("-u", "4", "-r", "4", "-t", "30s", "--host", router.url),
+        *("--workload", str(workload), "--records", str(records)),
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "qvl: the schedule is done" in output
+    assert sorted(json.loads(line)["index"] for line in records.read_text().splitlines()) == list(range(20))
