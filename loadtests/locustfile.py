@@ -92,7 +92,9 @@ class Run:
         self.worker = runner.worker_index if isinstance(runner, WorkerRunner) else 0
         workers = max(1, int(options.expect_workers)) if distributed else 1
         plans = build_schedule(self.workload)
+        self.closed = isinstance(self.workload.arrivals, ClosedLoop)
         self.think_s = self.workload.arrivals.think_s if isinstance(self.workload.arrivals, ClosedLoop) else 0.0
+        self.done = False
         self.dispatcher = Dispatcher(plans, self.worker, workers)
         self.keys = {t.id: api_key(t) for t in self.workload.tenants}
         self.tokens = {b.name: b.tokens for b in self.workload.images.buckets}
@@ -140,7 +142,7 @@ class Run:
         expected = self.users_expected
         if expected is not None and self.users_ready >= expected and not self.started.is_set():
             # A short lead-in: the users woken together settle before the first planned send.
-            self.clock = RunClock(lead_s=LEAD_IN_S)
+            self.clock = RunClock(lead_s=0.0 if self.closed else LEAD_IN_S)
             self.started.set()
 
     def body(self, plan: PlannedRequest) -> bytes:
@@ -198,9 +200,10 @@ class WorkloadUser(User):
         self._report(done)
 
     def _schedule_done(self, run: Run) -> NoReturn:
-        if run.in_flight == 0 and isinstance(self.environment.runner, LocalRunner):
+        if run.in_flight == 0 and not run.done and isinstance(self.environment.runner, LocalRunner):
             options = self.environment.parsed_options
             if options is not None and options.headless:
+                run.done = True
                 print("qvl: the schedule is done", flush=True)
                 # Not from this greenlet: quitting kills every user, this one included.
                 threading.Thread(target=self.environment.runner.quit).start()

@@ -173,3 +173,20 @@ def test_a_finished_schedule_ends_the_run_with_every_request_sent(router: Proc, 
     assert done.returncode == 0, output[-3000:]
     assert "qvl: the schedule is done" in output
     assert sorted(json.loads(line)["index"] for line in records.read_text().splitlines()) == list(range(20))
+
+
+def test_a_closed_loop_sends_every_request_without_a_schedule(router: Proc, tmp_path: Path) -> None:
+    workload = tmp_path / "closed.yaml"
+    closed = "{process: closed, users: 3, think_s: 0.05, requests: 30}"
+    workload.write_text(OVERLOAD.replace("{process: constant, rate: 400, duration_s: 3}", closed))
+    records = tmp_path / "closed.jsonl"
+    done = locust(
+        *("-u", "3", "-r", "3", "-t", "30s", "--host", router.url),
+        *("--workload", str(workload), "--records", str(records)),
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert output.count("qvl: the schedule is done") == 1 and "run valid: P99 send lag n/a (closed loop)" in output
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == list(range(30))
+    assert all(line["intended_s"] is None and line["send_lag_ms"] is None and line["sent_s"] >= 0 for line in lines)
