@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from qvl.images import tokens_for_size
+from qvl.settings import Section
 
 ImageFormat = Literal["jpeg", "png", "webp"]
 
@@ -22,11 +23,7 @@ class WorkloadError(ValueError):
     """A workload file that cannot be read or does not match the schema; the message names the field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Bucket(_Strict):
+class Bucket(Section):
     """An image size class, such as a listing thumbnail or a zoom view."""
 
     name: str = Field(description="bucket name, unique in the file")
@@ -40,7 +37,7 @@ class Bucket(_Strict):
         return tokens_for_size(self.width, self.height)
 
 
-class Images(_Strict):
+class Images(Section):
     """The images of a request: their sizes, encodings and how many each request carries."""
 
     buckets: list[Bucket] = Field(min_length=1, description="size buckets with their shares")
@@ -57,7 +54,7 @@ class Images(_Strict):
         return self
 
 
-class Popularity(_Strict):
+class Popularity(Section):
     """Which images requests show: a Zipf-popular catalogue plus fresh customer uploads."""
 
     catalogue: int = Field(ge=1, description="K, the number of distinct product photos")
@@ -71,14 +68,14 @@ class Popularity(_Strict):
     )
 
 
-class FixedLength(_Strict):
+class FixedLength(Section):
     """Every answer asks for the same number of tokens."""
 
     kind: Literal["fixed"]
     tokens: int = Field(ge=1, description="max_tokens of every request")
 
 
-class UniformLength(_Strict):
+class UniformLength(Section):
     """max_tokens drawn uniformly between two bounds (inclusive)."""
 
     kind: Literal["uniform"]
@@ -92,7 +89,7 @@ class UniformLength(_Strict):
         return self
 
 
-class LognormalLength(_Strict):
+class LognormalLength(Section):
     """max_tokens drawn from a lognormal law, clipped to bounds: most answers short, a long tail."""
 
     kind: Literal["lognormal"]
@@ -111,7 +108,7 @@ class LognormalLength(_Strict):
 OutputLength = Annotated[FixedLength | UniformLength | LognormalLength, Field(discriminator="kind")]
 
 
-class Task(_Strict):
+class Task(Section):
     """A request template: the prompt, how long the answer may be, sampling and streaming."""
 
     name: str = Field(description="task name, unique in the file")
@@ -122,7 +119,7 @@ class Task(_Strict):
     share: float = Field(gt=0, description="relative share of requests")
 
 
-class Constant(_Strict):
+class Constant(Section):
     """Evenly spaced requests at a fixed rate (open loop)."""
 
     process: Literal["constant"]
@@ -130,7 +127,7 @@ class Constant(_Strict):
     duration_s: float = Field(gt=0, description="length of the schedule in seconds")
 
 
-class Poisson(_Strict):
+class Poisson(Section):
     """Independent arrivals at a mean rate: exponential gaps (open loop)."""
 
     process: Literal["poisson"]
@@ -138,7 +135,7 @@ class Poisson(_Strict):
     duration_s: float = Field(gt=0, description="length of the schedule in seconds")
 
 
-class Gamma(_Strict):
+class Gamma(Section):
     """Gamma-distributed gaps: cv > 1 gives bursts, cv < 1 more regular traffic than Poisson (cv = 1)."""
 
     process: Literal["gamma"]
@@ -147,7 +144,7 @@ class Gamma(_Strict):
     duration_s: float = Field(gt=0, description="length of the schedule in seconds")
 
 
-class ClosedLoop(_Strict):
+class ClosedLoop(Section):
     """N users, each sending its next request a think time after the previous answer: no send times."""
 
     process: Literal["closed"]
@@ -156,7 +153,7 @@ class ClosedLoop(_Strict):
     requests: int = Field(ge=1, description="planned requests the users work through, in order")
 
 
-class Stage(_Strict):
+class Stage(Section):
     """A stretch of Poisson traffic; with `to_rate` the rate ramps linearly from `rate` to it."""
 
     duration_s: float = Field(gt=0, description="length of the stage")
@@ -164,14 +161,14 @@ class Stage(_Strict):
     to_rate: float | None = Field(default=None, ge=0, description="rate at the end (linear ramp); None: flat")
 
 
-class Stages(_Strict):
+class Stages(Section):
     """Piecewise rate over time: steps and ramps, one stage after another (Poisson within)."""
 
     process: Literal["stages"]
     stages: list[Stage] = Field(min_length=1, description="the stages in order")
 
 
-class Diurnal(_Strict):
+class Diurnal(Section):
     """A sinusoidal rate, a day compressed: mean * (1 + amplitude * sin(2 pi t / period)), Poisson within."""
 
     process: Literal["diurnal"]
@@ -181,7 +178,7 @@ class Diurnal(_Strict):
     duration_s: float = Field(gt=0, description="length of the schedule in seconds")
 
 
-class Spike(_Strict):
+class Spike(Section):
     """A flash sale: a base Poisson rate, multiplied during one window."""
 
     process: Literal["spike"]
@@ -195,7 +192,7 @@ class Spike(_Strict):
 Arrivals = Annotated[Constant | Poisson | Gamma | ClosedLoop | Stages | Diurnal | Spike, Field(discriminator="process")]
 
 
-class Tenant(_Strict):
+class Tenant(Section):
     """An API key sending a share of the traffic: the key itself, or the environment variable holding it."""
 
     id: str = Field(description="tenant id, as reports name it")
@@ -210,7 +207,7 @@ class Tenant(_Strict):
         return self
 
 
-class Workload(_Strict):
+class Workload(Section):
     """A whole workload file, version 1."""
 
     version: Literal[1] = Field(description="schema version of the file")
