@@ -52,6 +52,8 @@ class RunClock:
     def __init__(self, now: Callable[[], float] = time.perf_counter, lead_s: float = 0.0) -> None:
         self._now = now
         self._start = now() + lead_s
+        self.start_unix = time.time() + lead_s
+        """The wall-clock (Unix) time of the clock's zero: what scraped metrics are aligned to."""
 
     def __call__(self) -> float:
         return self._now() - self._start

@@ -150,7 +150,8 @@ class Run:
 
     def finish(self) -> Summary:
         self.writer.close()
-        summary = summarise(self.writer.records, self.max_lag_ms)
+        start = self.clock.start_unix if self.started.is_set() else None
+        summary = summarise(self.writer.records, self.max_lag_ms, start, self.worker)
         summary_path(self.writer.path).write_text(summary.to_json() + "\n")
         return summary
 

@@ -61,6 +61,15 @@ class Record:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    @classmethod
+    def from_json(cls, line: str) -> Record:
+        """A record back from its JSON line (`to_json`); raises ValueError or TypeError on a foreign line."""
+        data = json.loads(line)
+        if not isinstance(data, dict):
+            raise ValueError("a record is a JSON object")
+        itl = data.pop("itl", None)
+        return cls(**data, itl=None if itl is None else GapSummary(**itl))
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0..100) by linear interpolation between order statistics; None if empty."""
@@ -125,6 +134,10 @@ class Summary:
     send_lag_p99_ms: float | None
     max_send_lag_ms: float
     valid: bool
+    clock_start_unix: float | None = None
+    """Unix time of the process's run clock's zero (records' `sent_s` count from it); None if unknown."""
+    worker: int = 0
+    """The worker index of a distributed run's process; 0 for a single process."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=2)
@@ -140,7 +153,12 @@ class Summary:
         )
 
 
-def summarise(records: Sequence[Record], max_send_lag_ms: float = DEFAULT_MAX_SEND_LAG_MS) -> Summary:
+def summarise(
+    records: Sequence[Record],
+    max_send_lag_ms: float = DEFAULT_MAX_SEND_LAG_MS,
+    clock_start_unix: float | None = None,
+    worker: int = 0,
+) -> Summary:
     """The summary of a run's records; invalid when the P99 send lag exceeds `max_send_lag_ms`."""
     lags = [r.send_lag_ms for r in records if r.send_lag_ms is not None]
     ttfts = [r.ttft_ms for r in records if r.ttft_ms is not None]
@@ -153,4 +171,6 @@ def summarise(records: Sequence[Record], max_send_lag_ms: float = DEFAULT_MAX_SE
         send_lag_p99_ms=lag_p99,
         max_send_lag_ms=max_send_lag_ms,
         valid=lag_p99 is None or lag_p99 <= max_send_lag_ms,
+        clock_start_unix=clock_start_unix,
+        worker=worker,
     )

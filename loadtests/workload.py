@@ -7,6 +7,7 @@ greater than 0`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -106,6 +107,25 @@ class LognormalLength(Section):
 
 
 OutputLength = Annotated[FixedLength | UniformLength | LognormalLength, Field(discriminator="kind")]
+
+
+def length_pmf(output: FixedLength | UniformLength | LognormalLength) -> dict[int, float]:
+    """P(max_tokens = v) of an output-length law as the schedule draws it (a lognormal rounded, then
+    clipped). max_tokens is part of the answer-cache key, so the expected hit ratio needs it."""
+    if isinstance(output, FixedLength):
+        return {output.tokens: 1.0}
+    if isinstance(output, UniformLength):
+        count = output.max - output.min + 1
+        return {v: 1 / count for v in range(output.min, output.max + 1)}
+    mu, sigma = math.log(output.median), output.sigma
+
+    def below(x: float) -> float:  # P(X < x) of the lognormal
+        return 0.5 * (1 + math.erf((math.log(x) - mu) / (sigma * math.sqrt(2)))) if x > 0 else 0.0
+
+    pmf = {v: below(v + 0.5) - below(v - 0.5) for v in range(output.min, output.max + 1)}
+    pmf[output.min] = below(output.min + 0.5)
+    pmf[output.max] = 1 - below(output.max - 0.5) if output.max > output.min else 1.0
+    return {v: p for v, p in pmf.items() if p > 0}
 
 
 class Task(Section):
@@ -258,3 +278,50 @@ def _describe(exc: ValidationError) -> str:
         loc = [str(p) for p in err["loc"] if str(p) not in _TAGS]
         parts.append(f"{'.'.join(loc) or '(root)'}: {err['msg']}")
     return "; ".join(parts)
+
+
+def with_load(workload: Workload, rate: float | None = None, duration_s: float | None = None) -> Workload:
+    """The workload at another rate or length (`qvl loadtest --rate/--duration`); raises WorkloadError where
+    the arrival process has no such knob. `rate` is the rate of constant, Poisson and Gamma arrivals, the
+    mean of a diurnal curve, the base of a spike, and the peak of stages (the others scale with it)."""
+    arrivals = workload.arrivals
+    update: dict[str, object] = {}
+    if rate is not None:
+        if rate <= 0:
+            raise WorkloadError(f"workload {workload.name}: the rate must be positive, got {rate:g}")
+        if isinstance(arrivals, ClosedLoop):
+            raise WorkloadError(f"workload {workload.name}: a closed loop has no rate; give the users instead")
+        if isinstance(arrivals, Constant | Poisson | Gamma):
+            update["rate"] = rate
+        elif isinstance(arrivals, Diurnal):
+            update["mean_rate"] = rate
+        elif isinstance(arrivals, Spike):
+            update["base_rate"] = rate
+        else:
+            peak = max(max(s.rate, s.to_rate or 0.0) for s in arrivals.stages)
+            factor = rate / peak if peak > 0 else 0.0
+            update["stages"] = [
+                s.model_copy(
+                    update={"rate": s.rate * factor, "to_rate": None if s.to_rate is None else s.to_rate * factor}
+                )
+                for s in arrivals.stages
+            ]
+    if duration_s is not None:
+        if duration_s <= 0:
+            raise WorkloadError(f"workload {workload.name}: the duration must be positive, got {duration_s:g}")
+        if isinstance(arrivals, Stages):
+            raise WorkloadError(f"workload {workload.name}: stages set their own length; change them in the file")
+        if not isinstance(arrivals, ClosedLoop):
+            update["duration_s"] = duration_s
+    if not update:
+        return workload
+    # Through the schema again, so that a scaled workload is checked as a file would be.
+    data = workload.model_dump()
+    data["arrivals"] = {**data["arrivals"], **{k: _dump(v) for k, v in update.items()}}
+    return parse_workload(data, workload.name)
+
+
+def _dump(value: object) -> object:
+    if isinstance(value, list):
+        return [v.model_dump() if isinstance(v, Section) else v for v in value]
+    return value

@@ -1,5 +1,6 @@
 """The `qvl` command: one entry, a subcommand per role (router, sim, up, replica, gpu-exporter,
-cluster up|status|scale|down, model tiny); `python -m qvl` and `python -m qvl.cli` run it too.
+cluster up|status|scale|down, model tiny, loadtest [run]|sweep|report); `python -m qvl` and `python -m qvl.cli`
+run it too.
 
 Every subcommand that runs with settings takes `--config FILE` (YAML) and reads `QVL_*` variables; its
 flags win over both. Flags that set a settings field are added with `setting_flag` (qvl/cli/flags.py),
@@ -16,7 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from qvl.cli import loadtest
 from qvl.cli.flags import SET_PREFIX, setting_flag
+from qvl.cli.loadtest import with_default_action
 from qvl.settings import Settings, SettingsError, load_settings
 
 Handler = Callable[[Settings, argparse.Namespace], int]
@@ -24,7 +27,10 @@ Handler = Callable[[Settings, argparse.Namespace], int]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, build the settings tree once, and run the chosen subcommand."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(with_default_action(list(sys.argv[1:] if argv is None else argv)))
+    standalone: Callable[[argparse.Namespace], int] | None = getattr(args, "standalone", None)
+    if standalone is not None:
+        return standalone(args)
     if getattr(args, "tiny", False):
         return _build_tiny(args.out, args.seed)
     try:
@@ -185,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     setting_flag(gpu, "--node-name", "gpu_exporter.node_name")
 
     _cluster_commands(sub)
+    loadtest.add_commands(sub)
 
     model = sub.add_parser("model", help="Build models.", description="Build models.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="WHAT")

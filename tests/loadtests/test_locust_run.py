@@ -6,53 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
-import pytest
 from support import ROOT
-from support.servers import Cluster, Proc
+from support.loadtests import LOCUST, RECORD_FIELDS, loadtest_env
+from support.servers import Proc
 
 from qvl.procs import free_port
-
-LOCUST = Path(sys.executable).parent / "locust"
-KEYS = {"web": "sk-loadtest-web-0123456789", "app": "sk-loadtest-app-0123456789"}
-TENANT_ENV = {"QVL_LOADTEST_KEY_WEB": KEYS["web"], "QVL_LOADTEST_KEY_APP": KEYS["app"]}
-FIELDS = {
-    "index", "tenant", "task", "image_buckets", "stream", "intended_s", "sent_s", "send_lag_ms", "status",
-    "error_type", "ttft_ms", "itl", "e2e_ms", "prompt_tokens", "image_tokens", "output_tokens", "replica",
-    "cache", "worker",
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    """`qvl up` with two simulated replicas and the storefront tenants' keys, at a lower CPU priority than
-    locust; inter-token latency 2 ms so that 8 users keep up with storefront's 8 requests/s (at the sim's
-    default 12 ms an answer takes ~1.5 s: 12 in flight)."""
-    tmp = tmp_path_factory.mktemp("up")
-    keys = tmp / "keys.yaml"
-    keys.write_text("keys:\n" + "".join(f"  - {{id: {t}, key: {k}}}\n" for t, k in KEYS.items()))
-    cluster = Cluster(tmp)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QVL_SIM__ITL_BASE_MS", "2")
-        try:
-            up = cluster.start(
-                "up", "--engine", "sim", "--replicas", "2", "--keys-file", str(keys), ready_path="/ready", auth=True
-            )
-            # The generator must not wait for a core: on a small machine the cluster under test shares the
-            # CPUs with it, so the cluster yields (a generator's send lag is what these tests judge).
-            leader = psutil.Process(up.pid)
-            for proc in [leader, *leader.children(recursive=True)]:
-                proc.nice(10)
-            yield up
-        finally:
-            cluster.stop_all()
-
 
 # The runs here check what a run records, not how precisely this shared 2-core machine keeps time: their
 # validity bound is generous (the default, 10 ms, is for real load machines). The overloaded run lags by
@@ -63,14 +24,14 @@ TEST_MAX_SEND_LAG_MS = "100"
 def locust(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     bound = () if "--max-send-lag-ms" in args else ("--max-send-lag-ms", TEST_MAX_SEND_LAG_MS)
     argv = [str(LOCUST), "-f", "loadtests/locustfile.py", "--headless", "--only-summary", *bound, *args]
-    env = {**os.environ, **TENANT_ENV}
+    env = loadtest_env()
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_storefront_run_writes_records_and_ttft_itl_entries(router: Proc, tmp_path: Path) -> None:
+def test_storefront_run_writes_records_and_ttft_itl_entries(sim_router: Proc, tmp_path: Path) -> None:
     records = tmp_path / "storefront.jsonl"
     done = locust(
-        *("-u", "8", "-r", "8", "-t", "15s", "--host", router.url),
+        *("-u", "8", "-r", "8", "-t", "15s", "--host", sim_router.url),
         *(
             "--workload",
             "loadtests/workloads/storefront.yaml",
@@ -86,7 +47,7 @@ def test_storefront_run_writes_records_and_ttft_itl_entries(router: Proc, tmp_pa
 
     lines = [json.loads(line) for line in records.read_text().splitlines()]
     assert len(lines) > 60, f"only {len(lines)} requests in 15 s at 8/s"
-    assert all(set(line) == FIELDS for line in lines)
+    assert all(set(line) == RECORD_FIELDS for line in lines)
     assert all(line["status"] == 200 and line["error_type"] is None for line in lines)
     assert {line["tenant"] for line in lines} == {"web", "app"}
     assert None not in {line["replica"] for line in lines} and len({line["replica"] for line in lines}) == 2
@@ -120,12 +81,12 @@ tenants: [{id: web, key_env: QVL_LOADTEST_KEY_WEB, share: 1}]
 """
 
 
-def test_a_generator_that_falls_behind_makes_the_run_invalid(router: Proc, tmp_path: Path) -> None:
+def test_a_generator_that_falls_behind_makes_the_run_invalid(sim_router: Proc, tmp_path: Path) -> None:
     workload = tmp_path / "overload.yaml"
     workload.write_text(OVERLOAD)
     records = tmp_path / "overload.jsonl"
     done = locust(
-        *("-u", "1", "-r", "1", "-t", "4s", "--host", router.url, "--max-send-lag-ms", "10"),
+        *("-u", "1", "-r", "1", "-t", "4s", "--host", sim_router.url, "--max-send-lag-ms", "10"),
         *("--workload", str(workload), "--records", str(records)),
     )
     output = done.stdout + done.stderr
@@ -136,11 +97,11 @@ def test_a_generator_that_falls_behind_makes_the_run_invalid(router: Proc, tmp_p
     assert len(records.read_text().splitlines()) == summary["requests"] > 0
 
 
-def test_distributed_workers_split_the_schedule(router: Proc, tmp_path: Path) -> None:
+def test_distributed_workers_split_the_schedule(sim_router: Proc, tmp_path: Path) -> None:
     port = str(free_port())
     records = tmp_path / "dist.jsonl"
     argv = [str(LOCUST), "-f", "loadtests/locustfile.py", "--worker", "--master-port", port]
-    env = {**os.environ, **TENANT_ENV}
+    env = loadtest_env()
     workers = [
         subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(2)
@@ -148,7 +109,7 @@ def test_distributed_workers_split_the_schedule(router: Proc, tmp_path: Path) ->
     try:
         done = locust(
             *("--master", "--master-bind-port", port, "--expect-workers", "2"),
-            *("-u", "8", "-r", "8", "-t", "10s", "--host", router.url, "--render-ahead-s", "10"),
+            *("-u", "8", "-r", "8", "-t", "10s", "--host", sim_router.url, "--render-ahead-s", "10"),
             *("--workload", "loadtests/workloads/storefront.yaml", "--records", str(records)),
         )
     finally:
@@ -168,12 +129,12 @@ def test_distributed_workers_split_the_schedule(router: Proc, tmp_path: Path) ->
     assert all(i % 2 == 0 for i in indices[0]) and all(i % 2 == 1 for i in indices[1])
 
 
-def test_a_finished_schedule_ends_the_run_with_every_request_sent(router: Proc, tmp_path: Path) -> None:
+def test_a_finished_schedule_ends_the_run_with_every_request_sent(sim_router: Proc, tmp_path: Path) -> None:
     workload = tmp_path / "short.yaml"
     workload.write_text(OVERLOAD.replace("rate: 400, duration_s: 3", "rate: 10, duration_s: 2"))
     records = tmp_path / "short.jsonl"
     done = locust(
-        *("-u", "4", "-r", "4", "-t", "30s", "--host", router.url),
+        *("-u", "4", "-r", "4", "-t", "30s", "--host", sim_router.url),
         *("--workload", str(workload), "--records", str(records)),
     )
     output = done.stdout + done.stderr
@@ -182,13 +143,13 @@ def test_a_finished_schedule_ends_the_run_with_every_request_sent(router: Proc, 
     assert sorted(json.loads(line)["index"] for line in records.read_text().splitlines()) == list(range(20))
 
 
-def test_a_closed_loop_sends_every_request_without_a_schedule(router: Proc, tmp_path: Path) -> None:
+def test_a_closed_loop_sends_every_request_without_a_schedule(sim_router: Proc, tmp_path: Path) -> None:
     workload = tmp_path / "closed.yaml"
     closed = "{process: closed, users: 3, think_s: 0.05, requests: 30}"
     workload.write_text(OVERLOAD.replace("{process: constant, rate: 400, duration_s: 3}", closed))
     records = tmp_path / "closed.jsonl"
     done = locust(
-        *("-u", "3", "-r", "3", "-t", "30s", "--host", router.url),
+        *("-u", "3", "-r", "3", "-t", "30s", "--host", sim_router.url),
         *("--workload", str(workload), "--records", str(records)),
     )
     output = done.stdout + done.stderr

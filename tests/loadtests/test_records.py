@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from support.loadtests import RECORD_FIELDS
 
 from loadtests.records import (
     Record,
@@ -39,11 +40,6 @@ RECORD = Record(
     cache="miss",
     worker=0,
 )
-FIELDS = {
-    "index", "tenant", "task", "image_buckets", "stream", "intended_s", "sent_s", "send_lag_ms", "status",
-    "error_type", "ttft_ms", "itl", "e2e_ms", "prompt_tokens", "image_tokens", "output_tokens", "replica",
-    "cache", "worker",
-}  # fmt: skip
 
 
 def test_percentile_interpolates() -> None:
@@ -67,7 +63,7 @@ def test_writer_writes_one_json_line_per_record(tmp_path: Path) -> None:
     writer.close()
     lines = [json.loads(line) for line in (tmp_path / "runs" / "r.jsonl").read_text().splitlines()]
     assert [line["index"] for line in lines] == [0, 1]
-    assert set(lines[0]) == FIELDS
+    assert set(lines[0]) == RECORD_FIELDS
     assert lines[0]["itl"] == {
         "count": 2,
         "mean_ms": 15.0,
@@ -103,3 +99,11 @@ def test_run_is_invalid_when_p99_send_lag_exceeds_the_bound() -> None:
 def test_closed_loop_has_no_lag_and_is_valid() -> None:
     summary = summarise([replace(RECORD, intended_s=None, send_lag_ms=None, error_type="x")])
     assert summary.valid and summary.send_lag_p99_ms is None and summary.errors == 1
+
+
+def test_a_record_reads_back_from_its_json_line() -> None:
+    assert Record.from_json(RECORD.to_json()) == RECORD
+    plain = replace(RECORD, stream=False, itl=None, ttft_ms=None)
+    assert Record.from_json(plain.to_json()) == plain
+    with pytest.raises(TypeError):
+        Record.from_json(json.dumps({"index": 1}))
