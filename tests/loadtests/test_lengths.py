@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from support import ROOT
 
 from loadtests.schedule import build_schedule
 from loadtests.workload import FixedLength, LognormalLength, UniformLength, length_pmf, load_workload
-from support import ROOT
 
 
 @pytest.mark.parametrize(
