@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,46 +113,58 @@ def scrape_lines(rng: random.Random, seconds: int) -> list[str]:
     return lines
 
 
+def write_run_folder(
+    folder: Path,
+    *,
+    seed: int = 7,
+    rate: float | None = 15.0,
+    stream_share: float = 0.6,
+    scrapes: bool = True,
+    run_json: dict[str, object] | None = None,
+) -> Path:
+    """Writes a run folder as `qvl loadtest` leaves it: ~300 requests over ~20 s and everything beside them."""
+    rng = random.Random(seed)
+    folder.mkdir()
+    records = make_records(rng, 300, rate or 15.0, stream_share, open_loop=rate is not None)
+    (folder / "records.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
+    summary = summarise(records, clock_start_unix=CLOCK_START)
+    (folder / "records.summary.json").write_text(summary.to_json())
+    if scrapes:
+        (folder / "metrics.jsonl").write_text("\n".join(scrape_lines(rng, 22)) + "\n")
+    meta: dict[str, object] = {
+        "workload": "storefront",
+        "target": "http://127.0.0.1:8000",
+        "rate": rate,
+        "duration_s": 20,
+        "users": 16,
+        "processes": 1,
+        "slo": SLO,
+        "max_send_lag_ms": 10.0,
+        "started_unix": CLOCK_START,
+        "ended_unix": CLOCK_START + 21,
+        "predicted": {"answer_cache_hit_ratio": 0.25, "engine_image_cache_hit_ratio": 0.4},
+    }
+    meta.update(run_json or {})
+    (folder / "run.json").write_text(json.dumps(meta))
+    return folder
+
+
 @pytest.fixture
 def write_run(tmp_path: Path) -> WriteRun:
-    """Writes a run folder as `qvl loadtest` leaves it: ~300 requests over ~20 s and everything beside them."""
+    """`write_run_folder` under this test's tmp_path: write_run("name", rate=..., ...)."""
 
-    def write(
-        name: str = "run",
-        *,
-        seed: int = 7,
-        rate: float | None = 15.0,
-        stream_share: float = 0.6,
-        scrapes: bool = True,
-        run_json: dict[str, object] | None = None,
-    ) -> Path:
-        rng = random.Random(seed)
-        folder = tmp_path / name
-        folder.mkdir()
-        records = make_records(rng, 300, rate or 15.0, stream_share, open_loop=rate is not None)
-        (folder / "records.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
-        summary = summarise(records, clock_start_unix=CLOCK_START)
-        (folder / "records.summary.json").write_text(summary.to_json())
-        if scrapes:
-            (folder / "metrics.jsonl").write_text("\n".join(scrape_lines(rng, 22)) + "\n")
-        meta: dict[str, object] = {
-            "workload": "storefront",
-            "target": "http://127.0.0.1:8000",
-            "rate": rate,
-            "duration_s": 20,
-            "users": 16,
-            "processes": 1,
-            "slo": SLO,
-            "max_send_lag_ms": 10.0,
-            "started_unix": CLOCK_START,
-            "ended_unix": CLOCK_START + 21,
-            "predicted": {"answer_cache_hit_ratio": 0.25, "engine_image_cache_hit_ratio": 0.4},
-        }
-        meta.update(run_json or {})
-        (folder / "run.json").write_text(json.dumps(meta))
-        return folder
+    def write(name: str = "run", **options: Any) -> Path:
+        return write_run_folder(tmp_path / name, **options)
 
     return write
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Report]:
+    """The default run and its report, made once: drawing the plots is most of this module's time."""
+    base = tmp_path_factory.mktemp("one-run")
+    run = write_run_folder(base / "run")
+    return run, write_report([run], base / "report")
 
 
 def read_records(folder: Path) -> list[Record]:
@@ -198,17 +211,17 @@ def check_plots(report: Report, out: Path) -> None:
     assert "url(" not in lowered and "@import" not in lowered
 
 
-def test_one_run_renders_every_plot_and_embeds_it(write_run: WriteRun, tmp_path: Path) -> None:
-    run = write_run()
-    report = write_report([run], tmp_path / "report")
-    assert report.markdown == tmp_path / "report" / "report.md" and report.html == tmp_path / "report" / "report.html"
+def test_one_run_renders_every_plot_and_embeds_it(one_run: tuple[Path, Report]) -> None:
+    run, report = one_run
+    out = run.parent / "report"
+    assert report.markdown == out / "report.md" and report.html == out / "report.html"
     assert {p.stem for p in report.plots} == ONE_RUN_PLOTS and report.skipped == []
-    check_plots(report, tmp_path / "report")
+    check_plots(report, out)
 
 
-def test_tables_match_summarise_run_of_the_same_records(write_run: WriteRun, tmp_path: Path) -> None:
-    run = write_run()
-    markdown = write_report([run], tmp_path / "report").markdown.read_text()
+def test_tables_match_summarise_run_of_the_same_records(one_run: tuple[Path, Report]) -> None:
+    run, report = one_run
+    markdown = report.markdown.read_text()
     expected = summary_of(run)
     records = read_records(run)
     assert expected.errors > 0 and expected.ttft_ms.count > 0, "the fixture should have errors and streams"
