@@ -118,12 +118,21 @@ def latency_by_bucket(records: Sequence[Record], out: Path) -> Path:
     if not by_bucket:
         raise NoData("no request was answered without error")
     names = sorted(by_bucket)
-    figure = _figure(2)
-    for axes, (title, field) in zip(figure.subplots(1, 2), (("TTFT", "ttft"), ("End-to-end", "e2e")), strict=True):
+    # No TTFT panel without a streamed answer, and no bar for a bucket without one: a zero would read as fast.
+    panels = [
+        (t, f) for t, f in (("TTFT", "ttft"), ("End-to-end", "e2e")) if any(_values(by_bucket[n], f) for n in names)
+    ]
+    figure = _figure(len(panels))
+    for axes, (title, field) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for offset, q in ((-0.2, 50), (0.2, 99)):
-            heights = [percentile(_values(by_bucket[n], field), q) or 0.0 for n in names]
-            axes.bar([i + offset for i in range(len(names))], heights, width=0.4, label=f"P{q}")
-        axes.set_xticks(range(len(names)), [f"{_text(n)}\n(n={len(by_bucket[n])})" for n in names])
+            heights = [percentile(_values(by_bucket[n], field), q) for n in names]
+            axes.bar(
+                [i + offset for i in range(len(names))],
+                [math.nan if h is None else h for h in heights],
+                0.4,
+                label=f"P{q}",
+            )
+        axes.set_xticks(range(len(names)), [f"{_text(n)}\n(n={len(_values(by_bucket[n], field))})" for n in names])
         _decorate(axes, f"{title} latency by image bucket", "", "ms")
     return _save(figure, out)
 
