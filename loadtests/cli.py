@@ -12,7 +12,7 @@ from loadtests.runner import FAILED, USAGE, LoadtestError, LoadtestOptions, exit
 from loadtests.slo import SloError, parse_slo
 from loadtests.summary import RunSummary
 from loadtests.sweep import SWEEP_JSON, run_sweep
-from loadtests.workload import WorkloadError, load_workload, with_load
+from loadtests.workload import ClosedLoop, WorkloadError, load_workload, with_load
 
 Say = Callable[[str], None]
 
@@ -34,6 +34,7 @@ def options_from(args: argparse.Namespace, rate: float | None) -> LoadtestOption
         slo_text=slo,
         max_send_lag_ms=args.max_send_lag_ms,
         drain_s=args.drain,
+        run_time_s=args.duration if isinstance(workload.arrivals, ClosedLoop) else None,
         scrape_interval_s=args.scrape_interval,
         model=args.model,
         label=getattr(args, "label", None),

@@ -69,6 +69,8 @@ class LoadtestOptions:
     max_send_lag_ms: float = DEFAULT_MAX_SEND_LAG_MS
     drain_s: float = 120.0
     """How long answers may still arrive after the schedule's last send."""
+    run_time_s: float | None = None
+    """A closed loop's time limit (it otherwise ends when its requests are done)."""
     scrape_interval_s: float = DEFAULT_INTERVAL_S
     model: str | None = None
     label: str | None = None
@@ -202,11 +204,16 @@ def _locust(
     options: LoadtestOptions, folder: rf.RunFolder, users: int, length: float | None, planned: int, progress: Progress
 ) -> int:
     """Run locust headless (a master and local workers when processes > 1); returns its exit status."""
-    limit = math.ceil((length or 0) + options.drain_s) if length is not None else math.ceil(options.drain_s)
+    # Open loop: the schedule plus the drain. Closed loop: until its requests are done, or --duration.
+    if length is not None:
+        limit: float | None = length + options.drain_s
+    else:
+        limit = options.run_time_s
     common = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE)]
     run_flags = [
         *("--headless", "--only-summary", "--exit-code-on-error", "0"),
-        *("-u", str(users), "-r", str(users), "-t", f"{limit}s", "--host", options.target),
+        *("-u", str(users), "-r", str(users), "--host", options.target),
+        *(("-t", f"{math.ceil(limit)}s") if limit is not None else ()),
         *("--workload", str(folder.file(rf.WORKLOAD)), "--records", str(folder.file(rf.RECORDS))),
         *("--csv", str(folder.file(rf.LOCUST_CSV)), "--max-send-lag-ms", str(options.max_send_lag_ms)),
         *(("--model", options.model) if options.model else ()),
@@ -218,7 +225,7 @@ def _locust(
             from qvl.procs import free_port
 
             port = str(free_port())
-            ahead = str(length or options.drain_s)
+            ahead = str(length or limit or 60.0)
             master_argv = [*common, "--master", "--master-bind-port", port, "--expect-workers", str(options.processes)]
             main = subprocess.Popen([*master_argv, *run_flags], stdout=log, stderr=subprocess.STDOUT, env=env)
             worker_flags = ["--worker", "--master-port", port, "--render-ahead-s", ahead]

@@ -71,6 +71,8 @@ class RunSummary:
         if not self.valid:
             where = f" (workers {self.late_workers})" if len(self.late_workers) > 1 or self.late_workers != [0] else ""
             text = f"run INVALID: the generator fell behind{where}: P99 send lag {lag} > {self.max_send_lag_ms:g} ms"
+        elif self.send_lag_p99_ms is None:
+            text = "run valid: a closed loop (no schedule to fall behind)"
         else:
             text = f"run valid: P99 send lag {lag} <= {self.max_send_lag_ms:g} ms"
         if self.slo_held is None:

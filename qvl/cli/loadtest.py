@@ -97,7 +97,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", type=Path, required=True, help="workload YAML file (loadtests/workloads/)")
     p.add_argument("--target", required=True, metavar="URL", help="the router's base URL, e.g. http://10.0.0.5:8000")
-    p.add_argument("--duration", type=duration, help="length of the schedule (90s, 2m); default: the workload's")
+    p.add_argument(
+        "--duration",
+        type=duration,
+        help="length of the schedule (90s, 2m); for a closed loop, a time limit; default: the workload's",
+    )
     p.add_argument(
         "--users",
         type=int,
