@@ -165,3 +165,32 @@ def test_a_run_that_cannot_be_made_says_why(sim_router: Proc, tmp_path: Path) ->
     taken = qvl_loadtest("--workload", storefront, "--target", sim_router.url, "--out", str(used))
     assert taken.returncode == 2 and "is not empty" in taken.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+CLOSED = """
+version: 1
+name: closed
+seed: 9
+images:
+  buckets: [{name: thumbnail, width: 256, height: 256, share: 1}]
+  formats: {jpeg: 1}
+popularity: {catalogue: 10, alpha: 1.0, upload_share: 0}
+tasks:
+  - {name: caption, prompt: "Describe.", output: {kind: fixed, tokens: 4}, temperature: 0.7, share: 1}
+arrivals: {process: closed, users: 2, think_s: 0.05, requests: 30}
+tenants: [{id: web, key_env: QVL_LOADTEST_KEY_WEB, share: 1}]
+"""
+
+
+def test_a_closed_loop_runs_until_its_requests_are_done(sim_router: Proc, tmp_path: Path) -> None:
+    workload = tmp_path / "closed.yaml"
+    workload.write_text(CLOSED)
+    out = tmp_path / "closed"
+    done = qvl_loadtest("--workload", str(workload), "--target", sim_router.url, "--users", "3", "--out", str(out))
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "run valid: a closed loop (no schedule to fall behind)" in output
+    folder = RunFolder(out)
+    assert [r.index for r in folder.records()] == list(range(30))
+    assert folder.meta()["users"] == 3 and folder.meta()["rate"] is None
+    assert "users: 3" in (out / "workload.yaml").read_text()
