@@ -26,6 +26,7 @@ import base64
 import collections
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
@@ -40,12 +41,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from PIL import Image, ImageDraw
 from support import ROOT
 from support.chat import image_chat
 from support.metrics import metric_sum
 from support.servers import Cluster, Proc, RedisServer
-
-from loadtests.traffic import QUESTIONS, product_photo
 
 MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 API_KEY = "sk-qvl-soak-0123456789abcdef"
@@ -60,6 +60,15 @@ WORKERS = 16
 KILL_REPLICA_AT = 20.0
 KILL_REDIS_AT = 35.0
 START_REDIS_AT = 38.0
+# Listing-size product photos and the questions asked about them (the shop traffic generator's, before it
+# became loadtests/workloads/shop.yaml; kept here so that the soak's traffic and figures stay as they were).
+SIZES = ((640, 640), (800, 600), (512, 768))
+QUESTIONS = (
+    "What product is shown? Answer with a short title.",
+    "What colour is the product?",
+    "Is there any visible damage on this item?",
+    "Write a one-sentence listing description.",
+)
 # Share of each kind of request; the catalogue kinds are greedy (cached), the uploads sampled.
 MIX = {"catalogue": 0.35, "catalogue-stream": 0.25, "upload": 0.20, "upload-stream": 0.20}
 STREAMING = {"catalogue-stream", "upload-stream"}
@@ -194,6 +203,22 @@ class Soak:
         else:
             outcome.ending, outcome.detail = _json_ending(body)
         self.outcomes.append(outcome)
+
+
+def product_photo(rng: random.Random) -> str:
+    """A PNG data URL: a coloured product shape on a white background, in a typical listing size."""
+    width, height = rng.choice(SIZES)
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+    box = (width // 5, height // 5, width * 4 // 5, height * 4 // 5)
+    draw = ImageDraw.Draw(image)
+    if rng.random() < 0.5:
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.ellipse(box, fill=colour)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _digest(data_url: str) -> str:
