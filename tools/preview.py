@@ -1,5 +1,6 @@
 """`make dashboards-preview`: PNG plots of the dashboards' time-series panels, drawn with matplotlib from a
-live Prometheus that scraped `qvl up --engine sim` under shop traffic (loadtests/traffic.py).
+live Prometheus that scraped `qvl up --engine sim` under shop traffic (loadtests/workloads/shop.yaml with 200
+products, sent by loadtests/traffic.py).
 
 Nothing is faked: the plots run each panel's own PromQL (deploy/grafana/dashboards) through Prometheus'
 range API, with Grafana's `$__rate_interval` read as `--window`. Two thirds into the run one replica is
@@ -60,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             prometheus.wait_for('count(up{job="qvl-vllm"} == 1) == 3', timeout_s=30)
             began = time.time()
             traffic = ShopTraffic(url, MODEL, seed=1, products=200)
-            _say(f"sending shop traffic to {url} for {args.seconds:.0f}s ({args.concurrency} clients)")
+            shop = traffic.workload
+            _say(
+                f"sending {shop.name} traffic ({shop.popularity.catalogue} products) to {url} "
+                f"for {args.seconds:.0f}s ({args.concurrency} clients)"
+            )
             victim = replicas[-1]
             kill_at = args.seconds * 2 / 3
 

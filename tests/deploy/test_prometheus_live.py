@@ -3,7 +3,8 @@
 One run per module: `qvl up --engine sim --replicas 3`, two GPU exporters (this machine's, which has no
 NVML and reports `qvl_gpu_exporter_up 0`, and one reading the substitute NVML module of
 tests/serving/fake_nvml, since no GPU is here), Prometheus (Debian's package) with the shipped config
-at a 1 s interval, the answer cache in a real redis-server, and ~25 s of shop traffic during which one
+at a 1 s interval, the answer cache in a real redis-server, and ~25 s of shop traffic
+(loadtests/workloads/shop.yaml through loadtests/traffic.py, broken requests included) during which one
 replica is SIGKILLed while it answers a stream and a plain request (so a stream is cut and a request
 retried, for certain) and Redis is killed and restarted. Then every recording rule and
 every panel query of every dashboard is evaluated through the HTTP API.
@@ -21,6 +22,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -105,14 +107,22 @@ def _kill_while_answering(router: Proc, session: str, pid: int) -> tuple[httpx.R
     headers = {"x-session-id": session}
     url = router.url + "/v1/chat/completions"
 
+    begun = threading.Event()
+
     def streamed() -> bytes:
         with httpx.stream("POST", url, json={**doc, "stream": True}, headers=headers, timeout=30) as response:
-            return response.read()
+            chunks = response.iter_raw()
+            first = next(chunks, b"")
+            begun.set()
+            return first + b"".join(chunks)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         stream = pool.submit(streamed)
         plain = pool.submit(httpx.post, url, json=doc, headers=headers, timeout=30)
-        time.sleep(0.2)  # both past prefill (40 ms), far from done
+        # The kill waits for the stream's first chunk rather than a fixed time: on a loaded machine the
+        # requests may not reach the victim within one, and a stream not yet begun is retried, not cut.
+        # The plain request is under way by then or, sent later, meets the dead victim: retried either way.
+        assert begun.wait(30), "the pinned stream never began"
         os.kill(pid, signal.SIGKILL)
         return plain.result(), stream.result()
 
@@ -186,6 +196,10 @@ def test_the_run_was_real_traffic_with_a_replica_lost(run: Run) -> None:
     assert refused and set(refused.values()) <= {400, 404}
     answered = [s for (kind, s), n in report.statuses.items() if kind not in refused and kind != "bad-base64"]
     assert set(answered) == {200}
+    # Every task of the workload and every extra went out (the panels' data needs them all).
+    kinds = {kind for kind, _ in report.statuses}
+    assert kinds >= {task.name for task in run.traffic.workload.tasks} | {"bad-base64"}
+    assert report.abandoned > 0
     victim = run.prometheus.query(f'up{{job="qvl-vllm", instance="{run.killed_replica}"}}')
     assert [float(s["value"][1]) for s in victim] == [0.0]
 
