@@ -11,6 +11,16 @@ Two caches, two models:
   Assumption: one replica, or image-affinity routing giving each replica its own slice of the catalogue
   with a proportionally larger cache; least-loaded routing over R replicas would do worse.
 Uploads are never seen twice: they miss, and in an LRU they push other entries out.
+
+R replicas, each with its own LRU of C images (`engine_hit_ratio_by_policy`): round-robin and least-loaded
+ignore the image, so every replica's cache sees the whole Zipf stream (thinned, same law): Che over the
+whole catalogue with C slots, per replica. Image-affinity (consistent hashing on the image) gives each
+replica about 1/R of the catalogue: Che over its slice, the slice's popularity renormalised, and uploads
+spread evenly. The overall ratio weighs each replica by its share of the lookups. Bounded-load spill-over
+(image-affinity sending a request past an overloaded owner) is not modelled: it moves the measured ratio
+towards round-robin's. A finite run can be counted from cold (`lookups`): an image is cached at lookup t
+when it was asked for within the last min(t, T) lookups, T being Che's characteristic time (infinite
+when everything fits), which is exact when the catalogue fits.
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from loadtests.arrivals import expected_count
 from loadtests.workload import Workload
@@ -140,3 +152,119 @@ def describe(workload: Workload, requests: int | None = None) -> str:
         f"(LRU of {pop.engine_cache_items} images, one replica)",
     ]
     return "\n".join(lines)
+
+
+RoutingPolicy = Literal["round-robin", "least-loaded", "image-affinity"]
+CONTENT_BLIND: frozenset[str] = frozenset({"round-robin", "least-loaded"})
+
+
+@dataclass(frozen=True)
+class ReplicaStream:
+    """What one replica's engine cache sees: its share of all image lookups, the per-lookup probabilities of
+    the catalogue images it gets (renormalised to its own stream) and the share of its lookups that are
+    uploads."""
+
+    share: float
+    rates: tuple[float, ...]
+    unique_rate: float
+
+
+def replica_streams(
+    weights: Sequence[float],
+    upload_share: float,
+    replicas: int,
+    policy: RoutingPolicy,
+    owners: Sequence[int] | None = None,
+) -> list[ReplicaStream]:
+    """How `policy` splits an image stream (catalogue `weights`, summing to 1, plus `upload_share` uploads)
+    over `replicas` engine caches.
+
+    Content-blind policies give each replica 1/R of the lookups with the same law. Image-affinity gives
+    image i to replica `owners[i]` (default: rank i to replica i mod R, an even split of the ranks, as a
+    ring with many virtual nodes gives on average); uploads spread evenly.
+    """
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    seen = [(1 - upload_share) * w for w in weights]
+    if policy in CONTENT_BLIND or replicas == 1:
+        return [ReplicaStream(1 / replicas, tuple(seen), upload_share)] * replicas
+    if owners is None:
+        owners = [i % replicas for i in range(len(weights))]
+    if len(owners) != len(weights) or any(not 0 <= o < replicas for o in owners):
+        raise ValueError(f"owners must give a replica in 0..{replicas - 1} for each of the {len(weights)} images")
+    streams = []
+    for r in range(replicas):
+        mine = [q for q, o in zip(seen, owners, strict=True) if o == r]
+        share = sum(mine) + upload_share / replicas
+        if share == 0:
+            streams.append(ReplicaStream(0.0, (), 0.0))
+            continue
+        streams.append(ReplicaStream(share, tuple(q / share for q in mine), upload_share / replicas / share))
+    return streams
+
+
+def characteristic_time(rates: Sequence[float], unique_rate: float, capacity: int) -> float:
+    """Che's characteristic time of an LRU of `capacity` items, in lookups: the T for which the expected
+    number of distinct keys asked for within the last T lookups, sum(1 - (1 - q)^T) + unique_rate T, is
+    the capacity. Infinite when every key fits and nothing unique arrives."""
+    if unique_rate == 0 and sum(1 for q in rates if q > 0) <= capacity:
+        return math.inf
+
+    def occupied(t: float) -> float:
+        return sum(1 - (1 - q) ** t for q in rates) + unique_rate * t
+
+    low, high = 0.0, 1.0
+    while occupied(high) < capacity:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if occupied(mid) < capacity else (low, mid)
+    return low
+
+
+def lru_hit_ratio(rates: Sequence[float], unique_rate: float, capacity: int, lookups: int | None = None) -> float:
+    """Expected LRU hit ratio of a stream: steady state (`lookups` None) or over the first `lookups` lookups
+    from an empty cache. Che's approximation in its discrete form (an image is cached at lookup t when it
+    was asked for within the last min(t, T) lookups); exact when every key fits."""
+    t_char = characteristic_time(rates, unique_rate, capacity)
+    if lookups is None:
+        if math.isinf(t_char):
+            return sum(rates)
+        return sum(q * (1 - (1 - q) ** t_char) for q in rates)
+    if lookups <= 0:
+        return 0.0
+    hits = 0.0
+    for q in rates:
+        if q <= 0:
+            continue
+        # Sum over t = 0 .. lookups-1 of q (1 - (1 - q)^min(t, T)).
+        warm = lookups if math.isinf(t_char) else min(lookups, math.ceil(t_char))
+        geometric = (1 - (1 - q) ** warm) / q
+        hits += q * (warm - geometric)
+        if warm < lookups:
+            hits += q * (lookups - warm) * (1 - (1 - q) ** t_char)
+    return hits / lookups
+
+
+def engine_hit_ratio_by_policy(
+    workload: Workload,
+    replicas: int,
+    policy: RoutingPolicy,
+    requests: int | None = None,
+    owners: Sequence[int] | None = None,
+) -> float:
+    """Expected engine image-cache hit ratio over all image lookups of `replicas` replicas, each an LRU of
+    `popularity.engine_cache_items` images, behind `policy` (see replica_streams for `owners`).
+
+    `requests`: count from empty caches over that many requests (warm-up included); None: steady state.
+    Bounded-load spill-over of image-affinity is not modelled."""
+    pop = workload.popularity
+    streams = replica_streams(zipf_weights(pop.catalogue, pop.alpha), pop.upload_share, replicas, policy, owners)
+    lookups = None if requests is None else requests * workload.images.per_request
+    total = 0.0
+    for stream in streams:
+        if stream.share == 0:
+            continue
+        mine = None if lookups is None else round(lookups * stream.share)
+        total += stream.share * lru_hit_ratio(stream.rates, stream.unique_rate, pop.engine_cache_items, mine)
+    return total
