@@ -290,8 +290,10 @@ def cache_table(run: LoadedRun) -> Table:
         "Answer cache: requests answered with x-qvl-cache hit or coalesced, over the requests that carried the"
         " header (bypass and none included, as the prediction counts every request). Engine caches: the increase"
         " of the hits counter over that of the queries counter through the run (vllm:mm_cache_hits_total and"
-        " vllm:mm_cache_queries_total; prefix: in tokens), summed over the scraped replicas (the image-cache"
-        " prediction assumes one replica). Error: measured minus predicted, in percentage points."
+        " vllm:mm_cache_queries_total; prefix: in tokens), summed over the scraped replicas. The image-cache"
+        " prediction counts from empty caches over the run's replicas and routing policy (run.json), as if every"
+        " request reached an engine: answer-cache hits never do, so with greedy tasks the engines see fewer"
+        " repeats than predicted. Error: measured minus predicted, in percentage points."
     )
     return Table("Cache hit ratios", ["cache", "predicted", "measured", "error (points)", "counts"], rows, note)
 

@@ -31,7 +31,7 @@ import loadtests
 from loadtests import runfolder as rf
 from loadtests.arrivals import duration_s as schedule_length
 from loadtests.arrivals import max_rate
-from loadtests.popularity import describe, expected_hit_ratios
+from loadtests.popularity import RoutingPolicy, describe, engine_hit_ratio_by_policy, expected_hit_ratios
 from loadtests.progress import Progress
 from loadtests.records import DEFAULT_MAX_SEND_LAG_MS
 from loadtests.schedule import api_key, build_schedule
@@ -107,10 +107,19 @@ def run_loadtest(options: LoadtestOptions, say: Callable[[str], None]) -> RunSum
     folder.file(rf.WORKLOAD).write_text(yaml.safe_dump(workload.model_dump(exclude_none=True), sort_keys=False))
     length = schedule_length(workload.arrivals)
     say(describe(workload, len(plans)))
+    cluster = discover(target, next(iter(keys.values())))
+    if cluster.warning:
+        say(f"warning: {cluster.warning}")
     predicted = expected_hit_ratios(workload, len(plans))
-    sources, warning = discover(target, next(iter(keys.values())))
-    if warning:
-        say(f"warning: {warning}")
+    engine_predicted = predicted.engine_image_cache
+    if cluster.replicas > 0:
+        # Session and least-loaded routing ignore the image as round-robin does.
+        policy: RoutingPolicy = "image-affinity" if cluster.policy == "image-affinity" else "round-robin"
+        engine_predicted = engine_hit_ratio_by_policy(workload, cluster.replicas, policy, len(plans))
+        say(
+            f"  expected engine image-cache hit ratio over {cluster.replicas} replicas behind {cluster.policy}, "
+            f"from empty caches: {engine_predicted:.1%} (if every request reaches an engine)"
+        )
     meta: dict[str, object] = {
         "label": options.label or out.name,
         "workload": workload.name,
@@ -123,18 +132,20 @@ def run_loadtest(options: LoadtestOptions, say: Callable[[str], None]) -> RunSum
         "processes": options.processes,
         "slo": options.slo_text,
         "max_send_lag_ms": options.max_send_lag_ms,
+        "policy": cluster.policy,
+        "replicas": cluster.replicas,
         "predicted": {
             "answer_cache_hit_ratio": predicted.answer_cache,
-            "engine_image_cache_hit_ratio": predicted.engine_image_cache,
+            "engine_image_cache_hit_ratio": engine_predicted,
         },
         "scrape_interval_s": options.scrape_interval_s,
-        "scrape_sources": [s.name for s in sources],
+        "scrape_sources": [s.name for s in cluster.sources],
         **options.extra,
         "started_unix": time.time(),
     }
     folder.file(rf.RUN).write_text(json.dumps(meta, indent=2) + "\n")
 
-    scraper = Scraper(sources, folder.file(rf.METRICS), options.scrape_interval_s)
+    scraper = Scraper(cluster.sources, folder.file(rf.METRICS), options.scrape_interval_s)
     scraper.start()
     progress = Progress(folder, len(plans), say)
     try:

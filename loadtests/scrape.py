@@ -48,19 +48,33 @@ def parse_page(text: str) -> list[tuple[str, dict[str, str], float]]:
     return samples
 
 
-def discover(target: str, api_key: str | None, timeout_s: float = 10) -> tuple[list[Source], str | None]:
-    """The router and its replicas (from GET /v1/cluster); with the reason when only the router is known."""
+@dataclass(frozen=True)
+class ClusterView:
+    """What the router says of its cluster at the start of a run: where to scrape, and how it routes."""
+
+    sources: list[Source]
+    policy: str | None
+    replicas: int
+    warning: str | None
+    """Why only the router is scraped (GET /v1/cluster failed); None when it answered."""
+
+
+def discover(target: str, api_key: str | None, timeout_s: float = 10) -> ClusterView:
+    """The router and its replicas (from GET /v1/cluster), its routing policy and replica count."""
     sources = [Source("router", f"{target.rstrip('/')}/metrics")]
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         answer = httpx.get(f"{target.rstrip('/')}/v1/cluster", headers=headers, timeout=timeout_s)
         answer.raise_for_status()
-        replicas = answer.json()["replicas"]
+        cluster = answer.json()
+        replicas = cluster["replicas"]
+        policy = cluster.get("policy")
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-        return sources, f"cannot list the replicas (GET /v1/cluster: {exc}); scraping the router only"
+        reason = f"cannot list the replicas (GET /v1/cluster: {exc}); scraping the router only"
+        return ClusterView(sources, None, 0, reason)
     for replica in replicas:
         sources.append(Source(f"replica {replica['name']}", f"{str(replica['url']).rstrip('/')}/metrics"))
-    return sources, None
+    return ClusterView(sources, policy if isinstance(policy, str) else None, len(replicas), None)
 
 
 class Scraper:
