@@ -163,6 +163,11 @@ def run_loadtest(options: LoadtestOptions, say: Callable[[str], None]) -> RunSum
         records = folder.records()
     except rf.RunFolderError as exc:
         raise LoadtestError(f"no request was recorded: {exc}") from None
+    if not records:
+        tail = folder.file(rf.LOCUST_LOG).read_text()[-2000:]
+        raise LoadtestError(f"no request was recorded; the end of {folder.file(rf.LOCUST_LOG)}:\n{tail}")
+    if len(records) < len(plans):
+        say(f"warning: {len(plans) - len(records)} of {len(plans)} planned requests were not answered in time")
     summary = summarise_run(records, folder.process_summaries(), options.objectives, options.max_send_lag_ms)
     folder.file(rf.SUMMARY).write_text(summary.to_json() + "\n")
     if scraper.failures:
@@ -214,17 +219,19 @@ def _offered_rate(workload: Workload) -> float | None:
 def _locust(
     options: LoadtestOptions, folder: rf.RunFolder, users: int, length: float | None, planned: int, progress: Progress
 ) -> int:
-    """Run locust headless (a master and local workers when processes > 1); returns its exit status."""
-    # Open loop: the schedule plus the drain. Closed loop: until its requests are done, or --duration.
-    if length is not None:
-        limit: float | None = length + options.drain_s
-    else:
-        limit = options.run_time_s
+    """Run locust headless (a master and local workers when processes > 1); returns its exit status.
+
+    No `-t`: its timer starts before the processes have rendered their images (tens of seconds for a fast
+    schedule of large PNGs), and a distributed master's runs out while its workers still render. Instead
+    the run's time counts from its first answer: the schedule plus the drain (or a closed loop's
+    --duration); then locust is stopped (SIGTERM: users stop, every process writes its records' summary).
+    A single process ends itself once its schedule is done; a master is stopped once all are answered."""
+    limit = length + options.drain_s if length is not None else options.run_time_s
+    ahead = str(length if length is not None else (limit or 60.0))
     common = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE)]
     run_flags = [
         *("--headless", "--only-summary", "--exit-code-on-error", "0"),
-        *("-u", str(users), "-r", str(users), "--host", options.target),
-        *(("-t", f"{math.ceil(limit)}s") if limit is not None else ()),
+        *("-u", str(users), "-r", str(users), "--host", options.target, "--render-ahead-s", ahead),
         *("--workload", str(folder.file(rf.WORKLOAD)), "--records", str(folder.file(rf.RECORDS))),
         *("--csv", str(folder.file(rf.LOCUST_CSV)), "--max-send-lag-ms", str(options.max_send_lag_ms)),
         *(("--model", options.model) if options.model else ()),
@@ -236,7 +243,6 @@ def _locust(
             from qvl.procs import free_port
 
             port = str(free_port())
-            ahead = str(length or limit or 60.0)
             master_argv = [*common, "--master", "--master-bind-port", port, "--expect-workers", str(options.processes)]
             main = subprocess.Popen([*master_argv, *run_flags], stdout=log, stderr=subprocess.STDOUT, env=env)
             worker_flags = ["--worker", "--master-port", port, "--render-ahead-s", ahead]
@@ -247,17 +253,24 @@ def _locust(
         else:
             main = subprocess.Popen([*common, *run_flags], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
+            first_answer: float | None = None
+            stopped = False
             while main.poll() is None:
                 done = progress.update()
-                # A master runs until -t: end it once every planned request is answered.
-                if workers and done >= planned:
+                now = time.monotonic()
+                if done and first_answer is None:
+                    first_answer = now
+                over_time = limit is not None and first_answer is not None and now - first_answer > limit
+                if not stopped and ((workers and done >= planned) or over_time):
+                    if over_time:
+                        progress.say(f"qvl loadtest: time is up ({limit:.0f} s from the first answer): stopping locust")
                     main.send_signal(signal.SIGTERM)
-                    break
+                    stopped = True
                 time.sleep(1.0)
             code = main.wait()
             for worker in workers:
                 worker.wait(timeout=60)
-            return 0 if workers and code in (0, -signal.SIGTERM) else code
+            return 0 if stopped and code in (0, -signal.SIGTERM) else code
         except BaseException:
             for proc in (main, *workers):
                 if proc.poll() is None:
