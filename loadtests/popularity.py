@@ -211,7 +211,7 @@ def characteristic_time(rates: Sequence[float], unique_rate: float, capacity: in
         return math.inf
 
     def occupied(t: float) -> float:
-        return sum(1 - (1 - q) ** t for q in rates) + unique_rate * t
+        return sum(1 - math.pow(1 - q, t) for q in rates) + unique_rate * t
 
     low, high = 0.0, 1.0
     while occupied(high) < capacity:
@@ -230,7 +230,7 @@ def lru_hit_ratio(rates: Sequence[float], unique_rate: float, capacity: int, loo
     if lookups is None:
         if math.isinf(t_char):
             return sum(rates)
-        return sum(q * (1 - (1 - q) ** t_char) for q in rates)
+        return sum(q * (1 - math.pow(1 - q, t_char)) for q in rates)
     if lookups <= 0:
         return 0.0
     hits = 0.0
@@ -242,7 +242,7 @@ def lru_hit_ratio(rates: Sequence[float], unique_rate: float, capacity: int, loo
         geometric = (1 - (1 - q) ** warm) / q
         hits += q * (warm - geometric)
         if warm < lookups:
-            hits += q * (lookups - warm) * (1 - (1 - q) ** t_char)
+            hits += q * (lookups - warm) * (1 - math.pow(1 - q, t_char))
     return hits / lookups
 
 

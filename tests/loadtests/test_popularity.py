@@ -10,6 +10,7 @@ import collections
 import pytest
 
 from loadtests.popularity import (
+    RoutingPolicy,
     che_hit_ratio,
     engine_hit_ratio_by_policy,
     lru_hit_ratio,
@@ -80,7 +81,8 @@ def test_affinity_well_above_round_robin_for_four_replicas_and_a_quarter_catalog
 
 def test_one_replica_is_the_same_for_every_policy_and_matches_che() -> None:
     w = workload(catalogue=200, cache=50, requests=1000)
-    ratios = {p: engine_hit_ratio_by_policy(w, 1, p) for p in ("round-robin", "least-loaded", "image-affinity")}
+    policies: tuple[RoutingPolicy, ...] = ("round-robin", "least-loaded", "image-affinity")
+    ratios = {p: engine_hit_ratio_by_policy(w, 1, p) for p in policies}
     assert len(set(ratios.values())) == 1
     seen = [0.98 * q for q in zipf_weights(200, 1.0)]
     # The discrete form of Che's approximation against the exponential one: within half a point.
@@ -104,7 +106,7 @@ def test_prediction_matches_exact_lru_caches(
     catalogue: int, cache: int, replicas: int, requests: int, affinity: bool
 ) -> None:
     w = workload(catalogue=catalogue, cache=cache, requests=requests)
-    policy = "image-affinity" if affinity else "round-robin"
+    policy: RoutingPolicy = "image-affinity" if affinity else "round-robin"
     expected = engine_hit_ratio_by_policy(w, replicas, policy, requests=requests)
     # Che's approximation is within about a point on Zipf laws, and the warm-up term assumes the cache
     # fills at its steady pace: over 20 seeds the mean of each case is within 0.6 points of the prediction.
