@@ -20,10 +20,10 @@ every photo is 256x256 (64 image tokens: the tiny model on a CPU), answers run t
 cache for the running batch plus about C prompts.
 
 `--puzzle` reproduces a new user's run instead: 300 requests over 60 photos of the shipped catalogue (its
-photo sizes, tasks and answer lengths) on 2 vLLM replicas with `qvl up`'s defaults, each policy in turn
-(a router of its own in front of the same replicas, photos of its own so that every policy starts cold),
-once with each replica bound to its own core as `qvl up` binds them and once unbound (vLLM's own
-binding), sampling the router's view of each replica every 0.25 s and each replica's CPU time.
+photo sizes, tasks and answer lengths, run to their length) on 2 vLLM replicas with `qvl up`'s defaults,
+each policy in turn (a router of its own in front of the same replicas, photos of its own so that every
+policy starts cold), once with each replica bound to its own core as `qvl up` binds them and once unbound
+(vLLM's own binding), sampling the router's view of each replica every 0.25 s and each replica's CPU time.
 
     python -m benchmarks.routing_policies [--engine sim|vllm|both] [--requests N] [--concurrency N]
                                           [--cache-items C] [--max-tokens N] [--policy NAME ...]
@@ -91,7 +91,7 @@ VLLM_PHOTO_SLACK = 1.5
 # cached); the tiny model keeps 2 layers x (K, V) x 2 heads x 32 x 2 bytes = 512 bytes a token.
 VLLM_BLOCK = 32
 VLLM_TOKEN_BYTES = 512
-VLLM_PROMPT_BLOCKS = 6  # a catalogue prompt with a 256x256 photo is about 150 tokens, its answer 16 more
+VLLM_PROMPT_BLOCKS = 6  # a catalogue prompt with a 256x256 photo is 165 tokens (measured), its answer 16 more
 VLLM_MAX_MODEL_LEN = 1024
 
 PUZZLE_REQUESTS = 300
@@ -373,7 +373,7 @@ class Run:
             "image_hit_per_replica": [ratio(c["mm_cache_hits"], c["mm_cache_queries"]) for c in self.counters.values()],
             "prefix_hit": ratio(total["prefix_cache_hits"], total["prefix_cache_queries"]),
             "generation_tokens": total["generation_tokens"],
-            "replay_hit": replay_lru(ok, self.cache_items),
+            "replay_hit": replay_lru(ok, self.cache_items) if self.cache_items else None,
             "prediction_error": None
             if image is None or self.predicted_image_hit is None
             else image - self.predicted_image_hit,
