@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from loadtests.arrivals import expected_count
-from loadtests.workload import Workload
+from loadtests.workload import Workload, length_pmf
 
 # Enumerating (image tuple, task) keys for several images per request grows as K^m; past this the
 # expectation is refused rather than computed slowly.
@@ -87,7 +87,12 @@ def expected_hit_ratios(workload: Workload, requests: int | None = None) -> HitR
     if pop.catalogue**m > MAX_KEYS:
         raise ValueError(f"{pop.catalogue}^{m} image tuples are too many to enumerate (at most {MAX_KEYS})")
     total_share = sum(t.share for t in workload.tasks)
-    greedy = [t.share / total_share for t in workload.tasks if t.temperature == 0]
+    # max_tokens is part of the answer-cache key: a greedy task's key is (images, task, max_tokens).
+    greedy = [
+        t.share / total_share * p for t in workload.tasks if t.temperature == 0 for p in length_pmf(t.output).values()
+    ]
+    if pop.catalogue**m * max(len(greedy), 1) > MAX_KEYS:
+        raise ValueError(f"{pop.catalogue}^{m} image tuples x {len(greedy)} task lengths are too many keys")
     seen = [(1 - pop.upload_share) * p for p in zipf_weights(pop.catalogue, pop.alpha)]
     tuples = [math.prod(c) for c in itertools.product(seen, repeat=m)]
     key_rates = [g * q for g in greedy for q in tuples]

@@ -50,7 +50,10 @@ def test_storefront_run_writes_records_and_ttft_itl_entries(sim_router: Proc, tm
     assert all(set(line) == RECORD_FIELDS for line in lines)
     assert all(line["status"] == 200 and line["error_type"] is None for line in lines)
     assert {line["tenant"] for line in lines} == {"web", "app"}
-    assert None not in {line["replica"] for line in lines} and len({line["replica"] for line in lines}) == 2
+    # Answers from the router's answer cache say `cache` (the cluster is shared with the other load tests,
+    # whose greedy captions may be stored already); the rest came from both replicas.
+    replicas = {line["replica"] for line in lines} - {"cache"}
+    assert None not in replicas and len(replicas) == 2, replicas
     for line in lines:
         assert line["stream"] and line["ttft_ms"] > 0 and line["e2e_ms"] >= line["ttft_ms"]
         assert line["itl"]["count"] == line["output_tokens"] - 1 > 0, line
