@@ -74,6 +74,7 @@ bench: install
 	$(BIN)/python -m benchmarks.cache_hits
 	$(BIN)/python -m benchmarks.vllm_replicas
 	$(BIN)/python -m benchmarks.routing_policies
+	$(BIN)/python -m benchmarks.generator_limit
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info .qvl-run
