@@ -140,9 +140,11 @@ class ImageStore:
     """Image bytes per (id, bucket, format), generated once: the same image is byte-identical every time it
     is sent, as a product photo is, so the caches can recognise it."""
 
-    def __init__(self, workload: Workload) -> None:
+    def __init__(self, workload: Workload, seed: int | None = None) -> None:
+        """`seed` (default: the workload's) renders other pixels for the same schedule: a cache that saw
+        one store's photos has not seen another's."""
         self._sizes = {b.name: (b.width, b.height) for b in workload.images.buckets}
-        self._seed = workload.seed
+        self._seed = workload.seed if seed is None else seed
         self._bytes: dict[ImageRef, bytes] = {}
 
     def get(self, ref: ImageRef) -> bytes:
