@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,13 +119,19 @@ def che_hit_ratio(rates: list[float], unique_rate: float, capacity: int) -> floa
     def occupied(t: float) -> float:
         return sum(1 - math.exp(-q * t) for q in rates) + unique_rate * t
 
+    t = _fill_time(occupied, capacity)
+    return sum(q * (1 - math.exp(-q * t)) for q in rates)
+
+
+def _fill_time(occupied: Callable[[float], float], capacity: int) -> float:
+    """The time t at which `occupied(t)`, increasing from 0, reaches `capacity` (by bisection)."""
     low, high = 0.0, 1.0
     while occupied(high) < capacity:
         high *= 2
     for _ in range(100):
         mid = (low + high) / 2
         low, high = (mid, high) if occupied(mid) < capacity else (low, mid)
-    return sum(q * (1 - math.exp(-q * low)) for q in rates)
+    return low
 
 
 def describe(workload: Workload, requests: int | None = None) -> str:
@@ -218,13 +224,7 @@ def characteristic_time(rates: Sequence[float], unique_rate: float, capacity: in
     def occupied(t: float) -> float:
         return sum(1 - math.pow(1 - q, t) for q in rates) + unique_rate * t
 
-    low, high = 0.0, 1.0
-    while occupied(high) < capacity:
-        high *= 2
-    for _ in range(100):
-        mid = (low + high) / 2
-        low, high = (mid, high) if occupied(mid) < capacity else (low, mid)
-    return low
+    return _fill_time(occupied, capacity)
 
 
 def lru_hit_ratio(rates: Sequence[float], unique_rate: float, capacity: int, lookups: int | None = None) -> float:
