@@ -45,12 +45,8 @@ def run_command(args: argparse.Namespace, say: Say) -> int:
     try:
         options = options_from(args, args.rate)
         summary = run_loadtest(options, say)
-    except (WorkloadError, SloError) as exc:
-        say(f"qvl loadtest: {exc}")
-        return USAGE
-    except LoadtestError as exc:
-        say(f"qvl loadtest: {exc}")
-        return exc.code
+    except (WorkloadError, SloError, LoadtestError) as exc:
+        return _failed("qvl loadtest", exc, say)
     say(_headline(summary))
     say(f"qvl loadtest: {summary.verdict()}")
     say(f"qvl loadtest: run folder {options.out}; report: qvl loadtest report {options.out}")
@@ -61,12 +57,8 @@ def sweep_command(args: argparse.Namespace, say: Say) -> int:
     try:
         base = options_from(args, None)
         result = run_sweep(base, args.rates, args.duration, args.stop_at_miss, say)
-    except (WorkloadError, SloError) as exc:
-        say(f"qvl loadtest sweep: {exc}")
-        return USAGE
-    except LoadtestError as exc:
-        say(f"qvl loadtest sweep: {exc}")
-        return exc.code
+    except (WorkloadError, SloError, LoadtestError) as exc:
+        return _failed("qvl loadtest sweep", exc, say)
     say((args.out / "sweep.md").read_text().rstrip())
     say(f"qvl loadtest sweep: {args.out / SWEEP_JSON}; report: qvl loadtest report {args.out}")
     return 0 if result.knee_rps is not None else FAILED
@@ -84,6 +76,12 @@ def report_command(args: argparse.Namespace, say: Say) -> int:
         return FAILED
     say(f"qvl loadtest report: {report.markdown} and {report.html} ({len(report.plots)} plots)")
     return 0
+
+
+def _failed(command: str, exc: Exception, say: Say) -> int:
+    """Say why a run could not be made; its exit status: the LoadtestError's own, else bad input (2)."""
+    say(f"{command}: {exc}")
+    return exc.code if isinstance(exc, LoadtestError) else USAGE
 
 
 def expand_runs(paths: list[Path]) -> list[Path]:
