@@ -30,7 +30,7 @@ import yaml
 import loadtests
 from loadtests import runfolder as rf
 from loadtests.arrivals import duration_s as schedule_length
-from loadtests.arrivals import max_rate
+from loadtests.arrivals import expected_count, max_rate
 from loadtests.popularity import RoutingPolicy, describe, engine_hit_ratio_by_policy, expected_hit_ratios
 from loadtests.progress import Progress
 from loadtests.records import DEFAULT_MAX_SEND_LAG_MS
@@ -211,8 +211,6 @@ def _offered_rate(workload: Workload) -> float | None:
     if isinstance(arrivals, ClosedLoop):
         return None
     length = schedule_length(arrivals) or 0.0
-    from loadtests.arrivals import expected_count
-
     return expected_count(arrivals) / length if length else None
 
 
