@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from support import ROOT
-from support.loadtests import LIMITED_KEY, RECORD_FIELDS, loadtest_env
+from support.loadtests import LIMITED_KEY, RECORD_FIELDS, loadtest_env, tiny_workload
 from support.servers import Proc
 
 from loadtests.runfolder import RunFolder
@@ -169,19 +169,7 @@ def test_a_run_that_cannot_be_made_says_why(sim_router: Proc, tmp_path: Path) ->
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-CLOSED = """
-version: 1
-name: closed
-seed: 9
-images:
-  buckets: [{name: thumbnail, width: 256, height: 256, share: 1}]
-  formats: {jpeg: 1}
-popularity: {catalogue: 10, alpha: 1.0, upload_share: 0}
-tasks:
-  - {name: caption, prompt: "Describe.", output: {kind: fixed, tokens: 4}, temperature: 0.7, share: 1}
-arrivals: {process: closed, users: 2, think_s: 0.05, requests: 30}
-tenants: [{id: web, key_env: QVL_LOADTEST_KEY_WEB, share: 1}]
-"""
+CLOSED = tiny_workload("{process: closed, users: 2, think_s: 0.05, requests: 30}")
 
 
 def test_a_closed_loop_runs_until_its_requests_are_done(sim_router: Proc, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from support import ROOT
-from support.loadtests import LOCUST, RECORD_FIELDS, loadtest_env
+from support.loadtests import LOCUST, RECORD_FIELDS, loadtest_env, tiny_workload
 from support.servers import Proc
 
 from qvl.procs import free_port
@@ -71,19 +71,7 @@ def test_storefront_run_writes_records_and_ttft_itl_entries(sim_router: Proc, tm
     assert summary["send_lag_p99_ms"] <= 10 and summary["ttft_p99_ms"] >= summary["ttft_p50_ms"] > 0
 
 
-OVERLOAD = """
-version: 1
-name: overload
-seed: 9
-images:
-  buckets: [{name: thumbnail, width: 256, height: 256, share: 1}]
-  formats: {jpeg: 1}
-popularity: {catalogue: 10, alpha: 1.0, upload_share: 0}
-tasks:
-  - {name: caption, prompt: "Describe.", output: {kind: fixed, tokens: 4}, temperature: 0.7, share: 1}
-arrivals: {process: constant, rate: 400, duration_s: 3}
-tenants: [{id: web, key_env: QVL_LOADTEST_KEY_WEB, share: 1}]
-"""
+OVERLOAD = tiny_workload("{process: constant, rate: 400, duration_s: 3}")
 
 
 def test_a_generator_that_falls_behind_makes_the_run_invalid(sim_router: Proc, tmp_path: Path) -> None:
@@ -136,7 +124,7 @@ def test_distributed_workers_split_the_schedule(sim_router: Proc, tmp_path: Path
 
 def test_a_finished_schedule_ends_the_run_with_every_request_sent(sim_router: Proc, tmp_path: Path) -> None:
     workload = tmp_path / "short.yaml"
-    workload.write_text(OVERLOAD.replace("rate: 400, duration_s: 3", "rate: 10, duration_s: 2"))
+    workload.write_text(tiny_workload("{process: constant, rate: 10, duration_s: 2}"))
     records = tmp_path / "short.jsonl"
     done = locust(
         *("-u", "4", "-r", "4", "-t", "30s", "--host", sim_router.url),
@@ -151,7 +139,7 @@ def test_a_finished_schedule_ends_the_run_with_every_request_sent(sim_router: Pr
 def test_a_closed_loop_sends_every_request_without_a_schedule(sim_router: Proc, tmp_path: Path) -> None:
     workload = tmp_path / "closed.yaml"
     closed = "{process: closed, users: 3, think_s: 0.05, requests: 30}"
-    workload.write_text(OVERLOAD.replace("{process: constant, rate: 400, duration_s: 3}", closed))
+    workload.write_text(tiny_workload(closed))
     records = tmp_path / "closed.jsonl"
     done = locust(
         *("-u", "3", "-r", "3", "-t", "30s", "--host", sim_router.url),

@@ -3,6 +3,7 @@ they drive (`qvl up --engine sim`, reniced below the generator)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import sys
@@ -30,6 +31,44 @@ RECORD_FIELDS = {
 }  # fmt: skip
 """Every field of a request record (loadtests/records.py)."""
 TENANT_ENV = {f"QVL_LOADTEST_KEY_{tenant.upper()}": key for tenant, key in KEYS.items()}
+
+
+TINY_WORKLOAD = """
+version: 1
+name: tiny
+seed: 9
+images:
+  buckets: [{{name: thumbnail, width: 256, height: 256, share: 1}}]
+  formats: {{jpeg: 1}}
+popularity: {{catalogue: 10, alpha: 1.0, upload_share: 0}}
+tasks:
+  - {{name: caption, prompt: "Describe.", output: {{kind: fixed, tokens: 4}}, temperature: 0.7, share: 1}}
+arrivals: {arrivals}
+tenants: [{{id: web, key_env: QVL_LOADTEST_KEY_WEB, share: 1}}]
+"""
+
+
+def tiny_workload(arrivals: str) -> str:
+    """A workload file of 256x256 captions of 4 tokens (sampled: never cached), with these arrivals."""
+    return TINY_WORKLOAD.format(arrivals=arrivals)
+
+
+class Lru:
+    """An exact LRU cache of keys: what a replica's engine image cache does, for checking the models."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._keys: collections.OrderedDict[object, None] = collections.OrderedDict()
+
+    def lookup(self, key: object) -> bool:
+        """Whether `key` is cached; then it is the most recent (inserted on a miss, the oldest evicted)."""
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return True
+        self._keys[key] = None
+        if len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+        return False
 
 
 def loadtest_env() -> dict[str, str]:
