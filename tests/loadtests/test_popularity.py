@@ -5,9 +5,8 @@ The single-replica expectations are tested in test_statistics.py; these tests ad
 
 from __future__ import annotations
 
-import collections
-
 import pytest
+from support.loadtests import Lru
 
 from loadtests.popularity import (
     RoutingPolicy,
@@ -44,8 +43,7 @@ def workload(catalogue: int, cache: int, requests: int, uploads: float = 0.02, a
 def simulate(w: Workload, replicas: int, affinity: bool) -> float:
     """Exact LRU caches, one per replica, fed the schedule from empty: round-robin by request index, or
     image-affinity giving catalogue rank i to replica i mod R and uploads in turn."""
-    caches = [collections.OrderedDict[object, None]() for _ in range(replicas)]
-    capacity = w.popularity.engine_cache_items
+    caches = [Lru(w.popularity.engine_cache_items) for _ in range(replicas)]
     hits = lookups = 0
     for plan in build_schedule(w):
         for ref in plan.images:
@@ -53,15 +51,8 @@ def simulate(w: Workload, replicas: int, affinity: bool) -> float:
                 r = ref.id % replicas if isinstance(ref.id, int) else int(ref.id.split("-")[1]) % replicas
             else:
                 r = plan.index % replicas
-            cache = caches[r]
             lookups += 1
-            if ref.id in cache:
-                hits += 1
-                cache.move_to_end(ref.id)
-            else:
-                cache[ref.id] = None
-                if len(cache) > capacity:
-                    cache.popitem(last=False)
+            hits += caches[r].lookup(ref.id)
     return hits / lookups
 
 

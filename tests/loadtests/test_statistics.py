@@ -12,6 +12,7 @@ import math
 import statistics
 
 import pytest
+from support.loadtests import Lru
 
 from loadtests.arrivals import expected_count, rate_at
 from loadtests.popularity import expected_hit_ratios, zipf_weights
@@ -192,18 +193,12 @@ def test_expected_engine_cache_hit_ratio_matches_lru_simulation(alpha: float, it
     w = workload(
         {"process": "constant", "rate": 50, "duration_s": 600}, alpha=alpha, catalogue=1000, engine_items=items
     )
-    lru: collections.OrderedDict[object, None] = collections.OrderedDict()
+    lru = Lru(items)
     hits = lookups = 0
     for p in build_schedule(w):
         for ref in p.images:
             lookups += 1
-            if ref.id in lru:
-                hits += 1
-                lru.move_to_end(ref.id)
-            else:
-                lru[ref.id] = None
-                if len(lru) > items:
-                    lru.popitem(last=False)
+            hits += lru.lookup(ref.id)
     expected = expected_hit_ratios(w).engine_image_cache
     # Che's approximation is within about a point for Zipf laws; the sampling noise of 30,000 lookups
     # adds half a point: 3 points.
