@@ -100,11 +100,12 @@ def test_streamed_request_becomes_a_full_record() -> None:
     assert seen[0].headers["authorization"] == "Bearer key-web" and seen[0].url.path == "/v1/chat/completions"
     assert record.status == 200 and record.error_type is None
     assert record.send_lag_ms == pytest.approx(10.0)
-    assert record.ttft_ms is not None and record.ttft_ms > 0
+    assert record.ttft_ms == pytest.approx(10.0)
     assert record.itl is not None and record.itl.count == 2 and len(done.gaps_s) == 2
     assert (record.prompt_tokens, record.output_tokens, record.image_tokens) == (900, 3, 841)
     assert (record.replica, record.cache, record.worker, record.image_buckets) == ("r2", "miss", 1, ["listing"])
-    assert record.e2e_ms > record.ttft_ms
+    # The clock moves 10 ms a reading: sent at one, first token at the next, two gaps, the end three later.
+    assert record.e2e_ms == pytest.approx(60.0) and done.gaps_s == pytest.approx([0.01, 0.01])
 
 
 def test_error_json_and_transport_errors_are_typed() -> None:
