@@ -116,17 +116,18 @@ class ImageAffinity:
         return min(replicas, key=lambda r: r.in_flight)
 
 
-PolicyFactory = Callable[[RouterSettings, Membership], Policy]
+PolicyFactory = Callable[[RouterSettings, Membership, random.Random | None], Policy]
 
 POLICIES: dict[str, PolicyFactory] = {
-    "round-robin": lambda s, m: RoundRobin(),
-    "least-loaded": lambda s, m: LeastLoaded(),
-    "session": lambda s, m: Session(s.virtual_nodes, m, LeastLoaded()),
-    "image-affinity": lambda s, m: ImageAffinity(s.load_factor, s.virtual_nodes, m, LeastLoaded()),
+    "round-robin": lambda s, m, r: RoundRobin(),
+    "least-loaded": lambda s, m, r: LeastLoaded(r),
+    "session": lambda s, m, r: Session(s.virtual_nodes, m, LeastLoaded(r)),
+    "image-affinity": lambda s, m, r: ImageAffinity(s.load_factor, s.virtual_nodes, m, LeastLoaded(r)),
 }
 
 
-def build_policy(settings: RouterSettings, membership: Membership) -> Policy:
+def build_policy(settings: RouterSettings, membership: Membership, rng: random.Random | None = None) -> Policy:
     """The policy named by `settings.policy`; `membership` names every replica of the pool (the ring's
-    members), healthy or not."""
-    return POLICIES[settings.policy](settings, membership)
+    members), healthy or not. `rng` seeds the random choices (least-loaded's two samples): the capacity
+    planner passes one so that a simulated run is reproducible; the router leaves it None."""
+    return POLICIES[settings.policy](settings, membership, rng)
