@@ -64,7 +64,7 @@ class SimResult:
     """Replicas in the fleet, lost ones included."""
     serving: int
     """Replicas that took traffic (replicas - lost)."""
-    policy: str
+    policy: PolicyName
     requests: int
     engine_steps: int
     image_lookups: int
