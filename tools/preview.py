@@ -37,7 +37,7 @@ SETTINGS = f"""\
 up: {{engine: sim, replicas: 3, model: "{MODEL}"}}
 cache: {{backend: memory}}
 router: {{policy: image-affinity}}
-sim: {{ttft_base_ms: 60, itl_base_ms: 15, output_tokens: 32, max_running: 8}}
+sim: {{prefill_base_ms: 45, step_base_ms: 15, output_tokens: 32, max_running: 8}}
 """
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 

@@ -166,8 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     setting_flag(sim, "--max-running", "sim.max_running")
     setting_flag(sim, "--output-tokens", "sim.output_tokens")
     setting_flag(sim, "--mm-cache-items", "sim.mm_cache_items")
-    for field in ("ttft_base", "ttft_per_prompt_token", "ttft_per_image_token", "itl_base", "itl_per_running"):
-        setting_flag(sim, f"--{field.replace('_', '-')}-ms", f"sim.{field}_ms")
+    setting_flag(sim, "--max-batched-tokens", "sim.max_batched_tokens")
+    for field in SIM_TERMS:
+        setting_flag(sim, f"--{field.replace('_', '-')}", f"sim.{field}")
     sim.add_argument("--zero-delay", action="store_true", help="set every latency term to zero")
 
     up = command("up", _run_up, "Start local replicas and a router in front of them, in the foreground.")
@@ -203,6 +204,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     tiny.set_defaults(handler=None, tiny=True)
     return parser
+
+
+SIM_TERMS = (
+    "step_base_ms",
+    "per_decode_ms",
+    "per_kv_ktoken_ms",
+    "prefill_base_ms",
+    "per_text_token_ms",
+    "per_image_token_ms",
+    "image_hit_discount",
+    "frontend_base_ms",
+    "frontend_per_image_token_ms",
+)
+"""The simulated engine's latency terms, each a `qvl sim` flag of the same name."""
 
 
 def _cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

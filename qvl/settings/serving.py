@@ -3,6 +3,7 @@ and the GPU exporter."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -11,25 +12,46 @@ from qvl.settings.base import EngineName, Section
 
 
 class SimSettings(Section):
-    """The simulated engine's latency model. All times in milliseconds; zero turns a term off."""
+    """The simulated engine: its limits and its step-time model (serving/sim/core.py). Times in
+    milliseconds; zero turns a term off."""
 
     host: str = Field("127.0.0.1", description="Address the simulated engine listens on.")
     port: int = Field(8100, ge=1, le=65535, description="Port the simulated engine listens on.")
     model: str = Field("Qwen/Qwen3-VL-8B-Instruct", description="Model name the engine serves.")
     max_model_len: int = Field(32768, ge=16, description="Context length reported by /v1/models.")
-    ttft_base_ms: float = Field(25.0, ge=0, description="Fixed part of time to first token.")
-    ttft_per_prompt_token_ms: float = Field(
-        0.02, ge=0, description="Prefill cost per text prompt token (about 4 characters)."
+    profile: Path | None = Field(
+        None,
+        description="Capacity profile (YAML, qvl-capacity-profile/1) whose costs and engine limits replace the "
+        "latency terms, max_running, max_batched_tokens and mm_cache_items at start-up; empty: none.",
     )
-    ttft_per_image_token_ms: float = Field(
-        0.1, ge=0, description="Vision-encode cost per image token of an image not in the mm cache."
+    # The defaults give a lone request about the old fixed model's timing: a first token after
+    # 25 ms + 0.02 ms per text token + 0.1 ms per uncached image token, then a token every ~12 ms.
+    step_base_ms: float = Field(12.0, ge=0, description="Fixed cost of every engine step (one decode round).")
+    per_decode_ms: float = Field(0.15, ge=0, description="Step cost per request decoding in the step.")
+    per_kv_ktoken_ms: float = Field(
+        0.04, ge=0, description="Step cost per 1000 tokens held in the KV cache by running requests."
     )
-    itl_base_ms: float = Field(12.0, ge=0, description="Inter-token latency with one running request.")
-    itl_per_running_ms: float = Field(
-        0.15, ge=0, description="Extra inter-token latency per additional running request."
+    prefill_base_ms: float = Field(13.0, ge=0, description="Step cost of each request prefilled in the step.")
+    per_text_token_ms: float = Field(0.02, ge=0, description="Prefill cost per text prompt token (about 4 characters).")
+    per_image_token_ms: float = Field(
+        0.1, ge=0, description="Prefill (vision encode) cost per image token of an image not in the mm cache."
+    )
+    image_hit_discount: float = Field(
+        1.0, ge=0, le=1, description="Share of an image's encode cost that an mm-cache hit saves (1: all of it)."
+    )
+    frontend_base_ms: float = Field(
+        0.0, ge=0, description="Time before the engine sees a request (HTTP, preprocessing), per request."
+    )
+    frontend_per_image_token_ms: float = Field(
+        0.0, ge=0, description="Time before the engine sees a request, per image token (image preprocessing)."
     )
     max_running: int = Field(
         64, ge=1, description="Requests decoded at once (vLLM max_num_seqs); the rest wait in a queue."
+    )
+    max_batched_tokens: int = Field(
+        8192,
+        ge=1,
+        description="Prompt tokens admitted into one step (vLLM max_num_batched_tokens); a longer prompt runs alone.",
     )
     output_tokens: int = Field(
         24,
@@ -43,7 +65,7 @@ class SimSettings(Section):
     image_max_pixels: int = Field(16777216, ge=1024, description="Qwen3-VL resize upper bound in pixels.")
 
     def zero_delay(self) -> SimSettings:
-        """The same settings with every latency term at zero (throughput benchmarks)."""
+        """The same settings with every latency term at zero (throughput benchmarks): nothing sleeps."""
         zeros = {name: 0.0 for name in type(self).model_fields if name.endswith("_ms")}
         return self.model_copy(update=zeros)
 

@@ -17,27 +17,38 @@ HTTP API
                                 vllm:kv_cache_usage_perc, vllm:prefix_cache_queries / _hits,
                                 vllm:mm_cache_queries / _hits, vllm:request_success{finished_reason},
                                 vllm:prompt_tokens, vllm:generation_tokens, and the TTFT, inter-token
-                                and end-to-end latency histograms, all labelled `model_name`
+                                and end-to-end latency histograms, all labelled `model_name`;
+                                KV-cache usage is the KV tokens running requests hold, as a share of
+                                max_running full contexts (the simulator never runs out of KV)
     Another model name gives 404 (`NotFoundError`); a malformed body or image gives 400
     (`BadRequestError`), both as OpenAI-style JSON errors. `x-request-id` is echoed. A client that
     disconnects, queued or mid-stream, has its request cancelled at once.
 
-Latency model (milliseconds; see serving/sim/engine.py)
-    TTFT = queueing + ttft_base + ttft_per_prompt_token * (text characters / 4)
-                    + ttft_per_image_token * image tokens of each image not in the mm cache
-    ITL  = itl_base + itl_per_running * (running requests - 1)
-    Image tokens follow Qwen3-VL's smart resize (qvl/images.py). At most `max_running`
-    requests decode at once; the rest queue, first in first out. The mm cache is an LRU of
-    `mm_cache_items` image digests (SHA-256 of the decoded bytes). A request generates
-    `output_tokens` tokens (finish "stop"), or fewer if `max_tokens` asks for fewer (finish "length").
+Latency model (milliseconds; written down in serving/sim/core.py, run in real time by engine.py)
+    The engine works in steps, like vLLM's continuous batching. Each step admits waiting requests
+    first in, first out (at most `max_running` run; the prompts admitted together stay within
+    `max_batched_tokens`), prefills them and decodes one token for every running request. It lasts
+        step_base + per_decode * decoding requests + per_kv_ktoken * KV tokens held / 1000
+        + per prefilled request: prefill_base + per_text_token * (text characters / 4)
+                                 + per_image_token * image tokens not in the mm cache
+                                 + per_image_token * (1 - image_hit_discount) * cached image tokens
+    A request's first token comes at the end of its prefill step, then one per step; before the
+    engine sees it, it waits frontend_base + frontend_per_image_token * image tokens. Image tokens
+    follow Qwen3-VL's smart resize (qvl/images.py). The mm cache is an LRU of `mm_cache_items`
+    image digests (SHA-256 of the decoded bytes). A request generates `output_tokens` tokens
+    (finish "stop"), or fewer if `max_tokens` asks for fewer (finish "length").
 
 Flags (each also a `sim.*` YAML setting and a `QVL_SIM__*` variable)
     --host, --port, --model               where to listen and the model name served
     --max-running N                       concurrent decodes (vLLM's max_num_seqs)
+    --max-batched-tokens N                prompt tokens admitted into one step
     --output-tokens N                     tokens generated when the request sets no cap
     --mm-cache-items N                    image digests in the LRU (0 disables the cache)
-    --ttft-base-ms, --ttft-per-prompt-token-ms, --ttft-per-image-token-ms,
-    --itl-base-ms, --itl-per-running-ms   the latency terms above
+    --step-base-ms, --per-decode-ms, --per-kv-ktoken-ms, --prefill-base-ms, --per-text-token-ms,
+    --per-image-token-ms, --image-hit-discount, --frontend-base-ms, --frontend-per-image-token-ms
+                                          the terms above
+    --profile PATH                        a capacity profile (serving/sim/profile.py): its costs and
+                                          engine limits replace the terms and limits above
     --zero-delay                          every latency term at zero: nothing sleeps (throughput tests)
     Settings without a flag: sim.max_model_len (context length; longer requests get a 400) and
     sim.image_min_pixels / sim.image_max_pixels (the resize bounds, Qwen3-VL's by default).
@@ -145,8 +156,9 @@ class SimApp:
             work = self._stream(send, call, generation, headers)
         else:
             work = self._complete(send, generation, headers)
-        if self.engine.latency.zero and self.engine.has_free_slot():
-            # Nothing here can suspend except a send, which a disconnect releases: skip the watcher.
+        if self.engine.zero:
+            # At zero cost the engine never waits (it steps itself), so nothing here can suspend
+            # except a send, which a disconnect releases: skip the watcher.
             await work
         else:
             await _cancel_on_disconnect(receive, work)
@@ -288,12 +300,14 @@ def run_sim(settings: SimSettings, log_level: str) -> int:
     )
     server = uvicorn.Server(config)
     logger.info(
-        "simulated engine for %s on http://%s:%d (max_running=%d%s)",
+        "simulated engine for %s on http://%s:%d (max_running=%d, max_batched_tokens=%d%s%s)",
         settings.model,
         settings.host,
         settings.port,
         settings.max_running,
-        ", zero delay" if app.engine.latency.zero else "",
+        settings.max_batched_tokens,
+        f", profile {settings.profile}" if settings.profile else "",
+        ", zero delay" if app.engine.zero else "",
     )
     # uvicorn re-raises a captured SIGINT after its graceful shutdown; Ctrl+C is a clean stop here.
     with contextlib.suppress(KeyboardInterrupt):

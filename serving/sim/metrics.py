@@ -47,7 +47,9 @@ class EngineLoad(Protocol):
     def waiting(self) -> int: ...
 
     @property
-    def max_running(self) -> int: ...
+    def kv_cache_usage(self) -> float:
+        """Share of the KV cache in use, 0 to 1."""
+        ...
 
 
 class _Histogram:
@@ -136,11 +138,10 @@ class SimMetrics(Collector):
 
     def collect(self) -> Iterable[Metric]:
         model, load = self._model, self._load
-        running = load.running
         gauges = (
-            ("vllm:num_requests_running", "Number of requests in model execution batches.", running),
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", load.running),
             ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", load.waiting),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", running / load.max_running),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", load.kv_cache_usage),
         )
         for name, doc, value in gauges:
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])

@@ -94,7 +94,7 @@ def test_cache_control_no_cache_and_no_store(cluster: Cluster) -> None:
 
 
 def test_a_streamed_miss_is_recorded_and_stored(cluster: Cluster) -> None:
-    sim = cluster.sim("--itl-base-ms", "5")
+    sim = cluster.sim("--step-base-ms", "5")
     router = cluster.router(sim)
     with_usage = {"stream": True, "stream_options": {"include_usage": True}}
     streamed = post(router, question((9, 9, 9), **with_usage))
@@ -135,7 +135,7 @@ def test_fifty_identical_concurrent_requests_through_two_routers_cost_one_upstre
     # This test is about single-flight: 25 connections opening at once on a loaded 2-core machine can
     # take longer than the 20 ms default and be (correctly) bypassed, which is another test's subject.
     monkeypatch.setenv("QVL_CACHE__REDIS_TIMEOUT_S", "0.5")
-    sims = [cluster.sim("--ttft-base-ms", "600", "--itl-base-ms", "10") for _ in range(2)]
+    sims = [cluster.sim("--prefill-base-ms", "590", "--step-base-ms", "10") for _ in range(2)]
     routers = [cluster.router(*sims, flags=("--cache", redis_server.url)) for _ in range(2)]
     doc = question((42, 42, 42))
 
@@ -157,7 +157,7 @@ def test_a_dead_leader_holds_other_routers_only_until_its_lock_expires(
     cluster: Cluster, redis_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("QVL_CACHE__LOCK_TTL_S", "2")
-    sim = cluster.sim("--ttft-base-ms", "5000")
+    sim = cluster.sim("--prefill-base-ms", "5000")
     leader = cluster.router(sim, flags=("--cache", redis_server.url))
     follower = cluster.router(sim, flags=("--cache", redis_server.url))
     doc = question((5, 6, 7), max_tokens=2)
@@ -181,7 +181,7 @@ def test_a_dead_leader_holds_other_routers_only_until_its_lock_expires(
 
 
 def test_redis_dying_mid_run_fails_no_request_and_hits_resume(cluster: Cluster, redis_server) -> None:
-    sim = cluster.sim("--ttft-base-ms", "5", "--itl-base-ms", "1")
+    sim = cluster.sim("--prefill-base-ms", "4", "--step-base-ms", "1")
     router = cluster.router(sim, flags=("--cache", redis_server.url))
     docs = [question((i, 0, 0)) for i in range(30)]
 

@@ -62,7 +62,7 @@ up: {engine: sim, replicas: 3, model: "Qwen/Qwen3-VL-4B-Instruct"}
 # session: the fault probes below are pinned to the victim by their session id; the shop traffic
 # carries none and goes least-loaded.
 router: {policy: session}
-sim: {ttft_base_ms: 40, itl_base_ms: 15, output_tokens: 32, max_running: 8}
+sim: {prefill_base_ms: 25, step_base_ms: 15, output_tokens: 32, max_running: 8}
 """
 # Per-GPU series: on this machine they exist only through the substitute NVML (see the docstring).
 PER_GPU = ("qvl_gpu_utilization", "qvl_gpu_memory", "qvl_gpu_temperature", "qvl_gpu_power")

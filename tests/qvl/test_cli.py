@@ -53,7 +53,7 @@ def test_help_comes_from_the_settings_field() -> None:
     assert setting_field("router.port").description in " ".join(text.split())
     assert "--keys-file PATH" in text
     assert "{round-robin,least-loaded,session,image-affinity}" in text
-    assert "--ttft-base-ms MS" in COMMANDS["qvl sim"].format_help()
+    assert "--step-base-ms MS" in COMMANDS["qvl sim"].format_help()
     assert "--enforce-eager, --no-enforce-eager" in COMMANDS["qvl replica"].format_help()
 
 

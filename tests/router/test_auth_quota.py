@@ -241,7 +241,7 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(cluster: Cluster, tmp_pat
 
 
 def test_a_full_replica_queue_answers_503_with_retry_after(cluster: Cluster, tmp_path: Path) -> None:
-    sim = cluster.sim("--ttft-base-ms", "400", "--output-tokens", "2")
+    sim = cluster.sim("--prefill-base-ms", "400", "--output-tokens", "2")
     config = tmp_path / "qvl.yaml"
     config.write_text("router: {admission: {max_in_flight_per_replica: 2, queue_size: 2, queue_timeout_s: 5}}\n")
     router = cluster.router(sim, flags=("--config", str(config)))
@@ -260,7 +260,7 @@ def test_a_full_replica_queue_answers_503_with_retry_after(cluster: Cluster, tmp
 
 
 def test_sigterm_drains_in_flight_requests_flushes_the_audit_log_then_exits(cluster: Cluster, tmp_path: Path) -> None:
-    sim = cluster.sim("--itl-base-ms", "50", "--output-tokens", "30")  # ~1.5 s per answer
+    sim = cluster.sim("--step-base-ms", "50", "--output-tokens", "30")  # ~1.5 s per answer
     audit = tmp_path / "audit" / "audit.log"
     router = cluster.router(sim, flags=("--audit-log", str(audit)))
     doc = image_chat(MODEL, png_data_url(), stream=True)

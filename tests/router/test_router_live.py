@@ -129,7 +129,7 @@ def test_image_affinity_same_image_same_replica(cluster: Cluster) -> None:
 
 
 def test_image_affinity_hot_image_spills_past_the_load_bound(cluster: Cluster) -> None:
-    slow = ("--ttft-base-ms", "400", "--itl-base-ms", "20", "--output-tokens", "5")
+    slow = ("--prefill-base-ms", "380", "--step-base-ms", "20", "--output-tokens", "5")
     sims = [cluster.sim(*slow) for _ in range(2)]
     router = cluster.router(*sims, flags=("--policy", "image-affinity", "--load-factor", "1.25"))
     hot = png_data_url((1, 2, 3))
@@ -143,8 +143,8 @@ def test_image_affinity_hot_image_spills_past_the_load_bound(cluster: Cluster) -
 
 
 def test_least_loaded_sends_fewer_requests_to_a_slow_replica(cluster: Cluster) -> None:
-    fast = cluster.sim("--ttft-base-ms", "5", "--itl-base-ms", "1", "--output-tokens", "4")
-    slow = cluster.sim("--ttft-base-ms", "200", "--itl-base-ms", "40", "--output-tokens", "4")
+    fast = cluster.sim("--prefill-base-ms", "4", "--step-base-ms", "1", "--output-tokens", "4")
+    slow = cluster.sim("--prefill-base-ms", "160", "--step-base-ms", "40", "--output-tokens", "4")
     router = cluster.router(fast, slow, flags=("--policy", "least-loaded"))
     docs = [image_chat(MODEL, png_data_url((i % 250, 0, 0))) for i in range(80)]
     results = asyncio.run(fire(router, docs, concurrency=8))
@@ -154,7 +154,7 @@ def test_least_loaded_sends_fewer_requests_to_a_slow_replica(cluster: Cluster) -
 
 
 def test_killing_a_replica_mid_run_loses_no_request(cluster: Cluster) -> None:
-    sims = [cluster.sim("--ttft-base-ms", "10", "--itl-base-ms", "5", "--output-tokens", "8") for _ in range(3)]
+    sims = [cluster.sim("--prefill-base-ms", "5", "--step-base-ms", "5", "--output-tokens", "8") for _ in range(3)]
     router = cluster.router(*sims, flags=("--policy", "round-robin"))
     docs = [image_chat(MODEL, png_data_url((i % 200, 9, 9))) for i in range(300)]
 
@@ -184,7 +184,7 @@ def test_killing_a_replica_mid_run_loses_no_request(cluster: Cluster) -> None:
 
 
 def test_a_stream_cut_by_replica_death_ends_with_an_error_event(cluster: Cluster) -> None:
-    sim = cluster.sim("--itl-base-ms", "100", "--output-tokens", "100")
+    sim = cluster.sim("--step-base-ms", "100", "--output-tokens", "100")
     router = cluster.router(sim)
     events: list[str] = []
     started = time.monotonic()
@@ -209,7 +209,7 @@ def test_a_stream_cut_by_replica_death_ends_with_an_error_event(cluster: Cluster
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_cancels_the_upstream_request(cluster: Cluster, stream: bool) -> None:
-    sim = cluster.sim("--itl-base-ms", "100", "--output-tokens", "200")
+    sim = cluster.sim("--step-base-ms", "100", "--output-tokens", "200")
     router = cluster.router(sim)
     doc = image_chat(MODEL, png_data_url(), stream=stream)
     if stream:

@@ -14,7 +14,7 @@ MODEL = "qwen3-vl-sim"
 
 
 def test_a_stream_records_ttft_and_inter_token_latency(cluster: Cluster) -> None:
-    sim = cluster.sim("--ttft-base-ms", "80", "--itl-base-ms", "30", "--output-tokens", "6")
+    sim = cluster.sim("--prefill-base-ms", "50", "--step-base-ms", "30", "--output-tokens", "6")
     router = cluster.router(sim)
     doc = image_chat(MODEL, png_data_url(), stream=True)
     with httpx.stream("POST", router.url + "/v1/chat/completions", json=doc, timeout=20) as resp:

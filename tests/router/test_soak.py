@@ -53,7 +53,7 @@ KEY_ID = "env-" + hashlib.sha256(API_KEY.encode()).hexdigest()[:8]
 OUTPUT_TOKENS = 16
 SETTINGS = f"""\
 up: {{engine: sim, replicas: 3, model: "{MODEL}"}}
-sim: {{ttft_base_ms: 30, itl_base_ms: 5, output_tokens: {OUTPUT_TOKENS}}}
+sim: {{prefill_base_ms: 25, step_base_ms: 5, output_tokens: {OUTPUT_TOKENS}}}
 """
 SECONDS = 60.0
 WORKERS = 16

@@ -30,7 +30,7 @@ def test_every_engine_name_is_registered_once() -> None:
 
 def test_sim_runs_qvl_sim_with_the_launchers_settings(tmp_path: Path) -> None:
     sim = ENGINES["sim"]
-    conf = sim.with_model(settings(sim={"ttft_base_ms": 7}), "shop-vl")
+    conf = sim.with_model(settings(sim={"step_base_ms": 7}), "shop-vl")
     assert sim.served_model(conf) == "shop-vl"
     local = sim.local(conf, 3)
     assert local.gpus == [(), (), ()] and local.cpus == [(), (), ()]  # the simulator binds nothing
@@ -41,7 +41,7 @@ def test_sim_runs_qvl_sim_with_the_launchers_settings(tmp_path: Path) -> None:
     assert command.argv[:4] == [sys.executable, "-m", "qvl", "sim"]
     assert flag_value(command.argv, "--host") == "10.0.0.5" and flag_value(command.argv, "--port") == "9100"
     written = yaml.safe_load(Path(flag_value(command.argv, "--config")).read_text())
-    assert written["sim"]["model"] == "shop-vl" and written["sim"]["ttft_base_ms"] == 7
+    assert written["sim"]["model"] == "shop-vl" and written["sim"]["step_base_ms"] == 7
     assert "api_keys" not in written
     assert command.summary == "simulated engine"
 

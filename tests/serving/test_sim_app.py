@@ -192,7 +192,7 @@ def test_metrics_after_requests(cluster: Cluster) -> None:
 
 
 def test_latency_flags_shape_timing(cluster: Cluster) -> None:
-    sim = cluster.sim("--ttft-base-ms", "150", "--itl-base-ms", "20", "--output-tokens", "5")
+    sim = cluster.sim("--prefill-base-ms", "130", "--step-base-ms", "20", "--output-tokens", "5")
     response = httpx.post(chat_url(sim), json=image_chat(MODEL, png_data_url()))
     assert response.status_code == 200
     # The engine's own histograms show the configured delays were applied (lower bounds only).
@@ -201,7 +201,7 @@ def test_latency_flags_shape_timing(cluster: Cluster) -> None:
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(cluster: Cluster) -> None:
-    sim = cluster.sim("--itl-base-ms", "50", "--ttft-base-ms", "0")
+    sim = cluster.sim("--step-base-ms", "50", "--prefill-base-ms", "0")
     body = image_chat(MODEL, png_data_url(), stream=True)  # 24 tokens: over a second in all
     with httpx.Client(timeout=5) as client, client.stream("POST", chat_url(sim), json=body) as response:
         # next() rather than a for loop: breaking out of iter_lines() would close the connection.
@@ -218,7 +218,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(cluster: Cluster) -> None:
 
 
 def test_client_disconnect_while_running_or_queued(cluster: Cluster) -> None:
-    sim = cluster.sim("--max-running", "1", "--ttft-base-ms", "10000")
+    sim = cluster.sim("--max-running", "1", "--prefill-base-ms", "10000")
 
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=30) as first, httpx.AsyncClient(timeout=30) as second:

@@ -88,7 +88,7 @@ def sim_cluster(tmp: Path, *flags: str) -> Iterator[Proc]:
     )
     cluster = Cluster(tmp)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QVL_SIM__ITL_BASE_MS", "2")
+        patch.setenv("QVL_SIM__STEP_BASE_MS", "2")
         try:
             up = cluster.start(
                 "up",
