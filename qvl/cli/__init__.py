@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _build_tiny(args.out, args.seed)
     try:
         settings = settings_for(args)
+        settings = with_sim_profile(settings, _runs_sim(args, settings))
     except SettingsError as exc:
         print(f"qvl: {exc}", file=sys.stderr)
         return 2
@@ -169,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     setting_flag(sim, "--max-batched-tokens", "sim.max_batched_tokens")
     for field in SIM_TERMS:
         setting_flag(sim, f"--{field.replace('_', '-')}", f"sim.{field}")
+    _profile_flag(sim)
     sim.add_argument("--zero-delay", action="store_true", help="set every latency term to zero")
 
     up = command("up", _run_up, "Start local replicas and a router in front of them, in the foreground.")
@@ -177,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     _routing_flags(up)
     _edge_flags(up)
     setting_flag(up, "--model", "up.model", metavar="MODEL")
+    _profile_flag(up, help="engine sim: a capacity profile whose costs and engine limits every replica runs with")
     _replica_flags(up)
 
     replica = command("replica", _run_replica, "Run one vLLM replica in the foreground.")
@@ -218,6 +221,35 @@ SIM_TERMS = (
     "frontend_per_image_token_ms",
 )
 """The simulated engine's latency terms, each a `qvl sim` flag of the same name."""
+
+
+def _profile_flag(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    setting_flag(p, "--profile", "sim.profile", type=Path, metavar="PATH", help=help)
+
+
+def with_sim_profile(settings: Settings, runs_sim: bool) -> Settings:
+    """`settings` with sim.profile's costs and engine limits in place of the sim terms, when the command
+    runs simulated engines and a profile is set; its path made absolute, for replicas started elsewhere.
+
+    Raises SettingsError with the profile's problem (the file and the field) when it is bad."""
+    path = settings.sim.profile
+    if path is None or not runs_sim:
+        return settings
+    from serving.sim.profile import ProfileError, load_profile
+
+    path = path.resolve()
+    try:
+        profile = load_profile(path)
+    except ProfileError as exc:
+        raise SettingsError(str(exc)) from None
+    sim = profile.apply(settings.sim).model_copy(update={"profile": path})
+    return settings.model_copy(update={"sim": sim})
+
+
+def _runs_sim(args: argparse.Namespace, settings: Settings) -> bool:
+    """Whether the command runs simulated engines in this process or as its replicas."""
+    handler = getattr(args, "handler", None)
+    return handler is _run_sim or (handler is _run_up and settings.up.engine == "sim")
 
 
 def _cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
