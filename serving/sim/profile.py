@@ -6,6 +6,7 @@
     schema: qvl-capacity-profile/1
     fitted_on: {model, hardware, engine, engine_version, date, workload, rates, requests, replicas}
     engine: {max_running, max_batched_tokens, mm_cache_items, tensor_parallel_size}
+    tokens: {chars_per_token, template_tokens, image_min_pixels, image_max_pixels}
     costs:                       # each {value, low, high}: the estimate and its 90 % bootstrap interval
       step_base_ms, per_decode_ms, per_kv_ktoken_ms,            # every engine step
       prefill_base_ms, per_text_token_ms, per_image_token_ms,   # each prefill in a step
@@ -19,12 +20,14 @@ The step-time model these terms belong to is written down in serving/sim/core.py
 from __future__ import annotations
 
 import datetime
+import math
 from pathlib import Path
 from typing import Final, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from qvl.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, tokens_for_size
 from qvl.settings import SimSettings
 from qvl.settings.base import Section
 from serving.sim.core import StepCosts
@@ -77,6 +80,23 @@ class EngineLimits(Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica.")
 
 
+class Tokens(Section):
+    """How the measured model counts a prompt: the planner prices requests it never sent with this."""
+
+    chars_per_token: float = Field(4.0, gt=0, description="Prompt characters per text token.")
+    template_tokens: int = Field(0, ge=0, description="Tokens the chat template adds to every prompt.")
+    image_min_pixels: int = Field(DEFAULT_MIN_PIXELS, ge=1, description="The processor's resize lower bound.")
+    image_max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="The processor's resize upper bound.")
+
+    def text_tokens(self, text: str) -> int:
+        """Text tokens of a prompt (the template's included)."""
+        return self.template_tokens + math.ceil(len(text) / self.chars_per_token)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Tokens of a `width` x `height` image after the processor's resize."""
+        return tokens_for_size(width, height, min_pixels=self.image_min_pixels, max_pixels=self.image_max_pixels)
+
+
 class Costs(Section):
     """The fitted step-time and front-end terms, in milliseconds (the discount is a share)."""
 
@@ -98,6 +118,7 @@ class CapacityProfile(Section):
     fitted_on: FittedOn
     engine: EngineLimits
     costs: Costs
+    tokens: Tokens = Field(default_factory=Tokens, description="How the model counts prompt tokens.")
     validation: dict[str, float] | None = Field(
         None, description="Prediction errors measured by `qvl plan validate` (relative, 0.1 = 10 %)."
     )

@@ -1,0 +1,166 @@
+"""What `qvl plan ...` does with its parsed flags (qvl/cli/plan.py parses them): build the options, run,
+print the outcome, map it to the exit status (0 done, 1 failed, 2 bad input, 5 error over a bound)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from loadtests.planner.calibrate import CALIBRATION_JSON, CalibrateOptions, CalibrationError, calibrate
+from loadtests.planner.validate import METRICS, BoundsError, ValidateOptions, Validation, parse_bounds, validate
+from loadtests.runner import LoadtestError
+from loadtests.slo import SloError, parse_slo
+from loadtests.workload import WorkloadError, load_workload
+from serving.sim.profile import ProfileError, load_profile
+
+Say = Callable[[str], None]
+FAILED = 1
+USAGE = 2
+OVER_BOUND = 5
+
+
+def calibrate_command(args: argparse.Namespace, say: Say) -> int:
+    if not 2 <= args.levels <= 12:
+        say(f"qvl plan calibrate: --levels must be 2 to 12 (6 to 8 recommended), got {args.levels}")
+        return USAGE
+    try:
+        workload = load_workload(args.workload)
+        options = CalibrateOptions(
+            workload=workload,
+            workload_file=str(args.workload),
+            target=args.target,
+            out=args.out,
+            runs=args.runs,
+            levels=args.levels,
+            level_s=args.level_duration,
+            probe_s=args.probe_duration,
+            max_rate=args.max_rate,
+            rates=tuple(args.rates or ()),
+            max_running=args.max_running,
+            max_batched_tokens=args.max_batched_tokens,
+            mm_cache_items=args.mm_cache_items,
+            hardware=args.hardware,
+            bootstrap=args.bootstrap,
+            api_key=_first_key(workload),
+        )
+        profile, fitted = calibrate(options, say)
+    except WorkloadError as exc:
+        say(f"qvl plan calibrate: {exc}")
+        return USAGE
+    except (CalibrationError, LoadtestError, ProfileError) as exc:
+        say(f"qvl plan calibrate: {exc}")
+        return FAILED
+    say(profile_table(profile))
+    say(
+        f"qvl plan calibrate: fitted on {profile.fitted_on.requests} requests in {fitted.iterations} rounds; "
+        f"median error of the fitted TTFT {fitted.ttft_error:.1%}, of the last-token time {fitted.e2e_error:.1%}"
+    )
+    say(f"qvl plan calibrate: wrote {args.out}; next: qvl plan validate --profile {args.out} ...")
+    return 0
+
+
+def profile_table(profile: object) -> str:
+    """The fitted terms with their intervals, one per line."""
+    costs = profile.costs
+    lines = ["term                          estimate   90% interval"]
+    for name, estimate in costs:
+        lines.append(f"{name:<28} {estimate.value:>10.4g}   [{estimate.low:.4g}, {estimate.high:.4g}]")
+    engine = profile.engine
+    lines.append(
+        f"engine limits: max_running {engine.max_running}, max_batched_tokens {engine.max_batched_tokens}, "
+        f"mm_cache_items {engine.mm_cache_items}"
+    )
+    return "\n".join(lines)
+
+
+def _first_key(workload: object) -> str | None:
+    tenants = workload.tenants
+    tenant = tenants[0]
+    if tenant.key is not None:
+        return str(tenant.key)
+    return os.environ.get(tenant.key_env or "")
+
+
+def validate_command(args: argparse.Namespace, say: Say) -> int:
+    try:
+        profile = load_profile(args.profile)
+        workload = load_workload(args.workload)
+        objectives = parse_slo(args.slo)
+        bounds = parse_bounds(args.bounds)
+        runs = _calibration_runs(args.profile)
+        options = ValidateOptions(
+            profile_path=args.profile,
+            profile=profile,
+            workload=workload,
+            workload_file=str(args.workload),
+            target=args.target,
+            out=args.out,
+            objectives=objectives,
+            slo_text=args.slo,
+            bounds=bounds,
+            level_s=args.level_duration,
+            rates=tuple(args.rates or ()),
+            calibration_runs=runs,
+            api_key=_first_key(workload),
+        )
+    except (WorkloadError, SloError, BoundsError, ProfileError) as exc:
+        say(f"qvl plan validate: {exc}")
+        return USAGE
+    try:
+        validation = validate(options, say)
+    except (LoadtestError, ValueError) as exc:
+        say(f"qvl plan validate: {exc}")
+        return FAILED
+    say(error_table(validation))
+    if validation.passed:
+        say(f"qvl plan validate: every error within its bound; recorded in {args.profile}")
+        return 0
+    for failure in validation.failures:
+        say(f"qvl plan validate: {failure}")
+    say(f"qvl plan validate: the profile is not good enough to recommend with (recorded in {args.profile})")
+    return OVER_BOUND
+
+
+def error_table(validation: Validation) -> str:
+    """Per level and metric: predicted / measured and the error; then the summary with the bounds."""
+    lines = [f"{'level':<18} {'metric':<10} {'predicted':>10} {'measured':>10} {'error':>7}"]
+    for level in validation.levels:
+        for name in METRICS:
+            p, m, e = level.predicted.get(name), level.measured.get(name), level.error.get(name)
+            lines.append(f"{level.name:<18} {name:<10} {_num(p):>10} {_num(m):>10} {_pct(e):>7}")
+    lines.append("summary (median over steady levels; bursty on its own):")
+    for name, value in validation.errors.items():
+        bound = validation.bounds.get(name)
+        mark = "" if bound is None else f"  bound {bound:.0%} {'ok' if value <= bound else 'OVER'}"
+        lines.append(f"  {name:<18} {value:>7.1%}{mark}")
+    rate = validation.max_rate
+    if rate:
+        lines.append(
+            f"  highest SLO-compliant rate: predicted {_num(rate.get('predicted'))} req/s; measured held at "
+            f"{_num(rate.get('measured_held'))}, missed at {_num(rate.get('measured_missed'))}; "
+            f"error {_pct(rate.get('error'))}"
+        )
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _calibration_runs(profile_path: Path) -> tuple[Path, ...]:
+    """The level folders calibration.json beside the profile names (none if it is not there)."""
+    path = profile_path.parent / CALIBRATION_JSON
+    if not path.exists():
+        return ()
+    try:
+        data = json.loads(path.read_text())
+        return tuple(Path(p) for p in data.get("runs", []))
+    except (OSError, ValueError, AttributeError):
+        return ()

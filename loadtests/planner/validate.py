@@ -1,0 +1,370 @@
+"""`qvl plan validate`: predict load levels the calibration did not see, measure them, publish the error.
+
+Levels (from the calibration's rates r1 < ... < rk): two between calibration levels (the geometric means
+of the middle pair and of the upper pair), one above the highest (1.15 rk), and a bursty one: Gamma
+arrivals with a coefficient of variation of 3 at the middle calibration rate. Each is simulated in virtual
+time with the profile (loadtests/planner/vtime.py, the router's own policy over as many replicas as the
+target has) and run for real against the target, with the same schedule.
+
+Errors are relative, |predicted - measured| / measured, per metric: P50/P90/P99 of TTFT, of the inter-token
+latency (each request's mean gap) and of end-to-end time, and goodput under the SLO; the summary of a
+metric is the median over the steady (Poisson) levels, and the bursty level is reported on its own. The
+highest SLO-compliant rate is predicted by bisection in virtual time and compared with what the measured
+levels (calibration and validation) bracket. Bounds (defaults: the issue's fidelity targets) decide
+whether the profile may be used to recommend: `qvl plan size` refuses a profile whose recorded errors
+exceed them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loadtests.planner.scenario import prepare
+from loadtests.planner.vtime import simulate
+from loadtests.runner import LoadtestOptions, run_loadtest
+from loadtests.scrape import discover
+from loadtests.slo import Objective
+from loadtests.summary import RunSummary
+from loadtests.workload import Gamma, Workload, with_load
+from serving.sim.profile import CapacityProfile, write_profile
+
+Say = Callable[[str], None]
+VALIDATION_JSON = "validation.json"
+METRICS = (
+    "ttft_p50",
+    "ttft_p90",
+    "ttft_p99",
+    "itl_p50",
+    "itl_p90",
+    "itl_p99",
+    "e2e_p50",
+    "e2e_p90",
+    "e2e_p99",
+    "goodput",
+)
+DEFAULT_BOUNDS: dict[str, float] = {
+    "ttft_p50": 0.10,
+    "itl_p50": 0.10,
+    "e2e_p50": 0.10,
+    "ttft_p99": 0.20,
+    "bursty_ttft_p99": 0.25,
+}
+BURSTY_CV = 3.0
+
+
+class BoundsError(ValueError):
+    """A --bounds text that cannot be read; the message says which part."""
+
+
+def parse_bounds(text: str | None) -> dict[str, float]:
+    """`ttft_p50=10%,ttft_p99=0.2,...` as {metric: share}; the defaults for None."""
+    if not text:
+        return dict(DEFAULT_BOUNDS)
+    bounds: dict[str, float] = {}
+    known = {*METRICS, *(f"bursty_{m}" for m in METRICS), "max_rate"}
+    for part in text.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or name not in known:
+            raise BoundsError(f"not a bound: {part.strip()!r} (metric=10%, metric one of {', '.join(sorted(known))})")
+        try:
+            share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+        except ValueError:
+            raise BoundsError(f"not a number in {part.strip()!r}") from None
+        if share <= 0:
+            raise BoundsError(f"a bound must be positive, got {part.strip()!r}")
+        bounds[name] = share
+    return bounds
+
+
+@dataclass(frozen=True)
+class Level:
+    """One validation level: what it is, and the predicted and measured metric values (ms, req/s)."""
+
+    name: str
+    kind: str
+    """between, above or bursty."""
+    rate: float
+    folder: str
+    predicted: dict[str, float | None]
+    measured: dict[str, float | None]
+    error: dict[str, float | None]
+    valid: bool
+    """The measured run was valid (its generator kept up)."""
+
+
+@dataclass
+class Validation:
+    profile: str
+    levels: list[Level]
+    errors: dict[str, float]
+    """Metric (or bursty_metric) -> the median relative error over the steady levels (the bursty one's own)."""
+    bounds: dict[str, float]
+    max_rate: dict[str, float | None] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    simulated_requests: int = 0
+    simulation_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return json.dumps(data, indent=2)
+
+
+def metrics_of(summary: RunSummary) -> dict[str, float | None]:
+    """The compared metrics of a run summary (milliseconds; goodput in req/s)."""
+    return {
+        "ttft_p50": summary.ttft_ms.p50,
+        "ttft_p90": summary.ttft_ms.p90,
+        "ttft_p99": summary.ttft_ms.p99,
+        "itl_p50": summary.itl_ms.p50,
+        "itl_p90": summary.itl_ms.p90,
+        "itl_p99": summary.itl_ms.p99,
+        "e2e_p50": summary.e2e_ms.p50,
+        "e2e_p90": summary.e2e_ms.p90,
+        "e2e_p99": summary.e2e_ms.p99,
+        "goodput": summary.goodput_rps,
+    }
+
+
+def relative_errors(
+    predicted: Mapping[str, float | None], measured: Mapping[str, float | None]
+) -> dict[str, float | None]:
+    """|predicted - measured| / measured per metric; None where either is missing or measured is 0."""
+    errors: dict[str, float | None] = {}
+    for name in METRICS:
+        p, m = predicted.get(name), measured.get(name)
+        errors[name] = abs(p - m) / abs(m) if p is not None and m else None
+    return errors
+
+
+def validation_levels(workload: Workload, rates: Sequence[float], duration_s: float) -> list[tuple[str, str, Workload]]:
+    """(name, kind, workload) of each level to check, from the calibration's rates."""
+    ordered = sorted(rates)
+    if len(ordered) < 2:
+        raise ValueError("validation needs a calibration of at least 2 levels")
+    k = len(ordered)
+    middle = ordered[k // 2 - 1], ordered[k // 2]
+    upper = ordered[-2], ordered[-1]
+    chosen = [("between", math.sqrt(middle[0] * middle[1])), ("between", math.sqrt(upper[0] * upper[1]))]
+    chosen.append(("above", 1.15 * ordered[-1]))
+    levels = [
+        (f"{kind} {rate:.3g}", kind, with_load(workload, float(f"{rate:.3g}"), duration_s)) for kind, rate in chosen
+    ]
+    bursty_rate = float(f"{ordered[k // 2]:.3g}")
+    gamma = Gamma(process="gamma", rate=bursty_rate, cv=BURSTY_CV, duration_s=duration_s)
+    levels.append((f"bursty {bursty_rate:.3g}", "bursty", workload.model_copy(update={"arrivals": gamma})))
+    return levels
+
+
+def predict(
+    workload: Workload,
+    profile: CapacityProfile,
+    replicas: int,
+    policy: str,
+    objectives: Sequence[Objective],
+    answer_cache: bool,
+) -> tuple[RunSummary, int, float]:
+    """A virtual-time run of `workload` with the profile: its summary, requests and wall seconds."""
+    scenario = prepare(workload, text_tokens={t.name: profile.tokens.text_tokens(t.prompt) for t in workload.tasks})
+    result = simulate(scenario, profile, replicas, policy, answer_cache=answer_cache)  # type: ignore[arg-type]
+    return result.summary(tuple(objectives)), result.requests, result.wall_s
+
+
+def highest_compliant_rate(
+    workload: Workload,
+    profile: CapacityProfile,
+    replicas: int,
+    policy: str,
+    objectives: Sequence[Objective],
+    answer_cache: bool,
+    low: float,
+    high: float,
+    duration_s: float,
+) -> float | None:
+    """The highest rate whose virtual-time run holds every objective, by bisection in [low, high] to 2 %."""
+
+    def holds(rate: float) -> bool:
+        summary, _, _ = predict(
+            with_load(workload, rate, duration_s), profile, replicas, policy, objectives, answer_cache
+        )
+        return bool(summary.slo_held)
+
+    if not holds(low):
+        return None
+    while holds(high):
+        low, high = high, high * 2
+        if high > 1e6:
+            return high
+    while high / low > 1.02:
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if holds(mid) else (low, mid)
+    return low
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    profile_path: Path
+    profile: CapacityProfile
+    workload: Workload
+    workload_file: str
+    target: str
+    out: Path
+    objectives: tuple[Objective, ...]
+    slo_text: str
+    bounds: dict[str, float]
+    level_s: float = 40.0
+    rates: tuple[float, ...] = ()
+    """The calibration rates the levels are placed around (default: the profile's)."""
+    calibration_runs: tuple[Path, ...] = ()
+    """The calibration's level folders: measured rates that bracket the highest compliant rate."""
+    api_key: str | None = None
+
+
+def validate(options: ValidateOptions, say: Say) -> Validation:
+    """Predict, measure, compare; writes validation.json and the errors into the profile."""
+    out = options.out
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: give a new --out folder")
+    cluster = discover(options.target, options.api_key)
+    if cluster.replicas == 0:
+        raise ValueError(f"cannot see the replicas behind {options.target}: {cluster.warning}")
+    policy = cluster.policy or "least-loaded"
+    rates = list(options.rates or options.profile.fitted_on.rates)
+    levels: list[Level] = []
+    simulated = 0
+    sim_s = 0.0
+    measured_rates: list[tuple[float, bool]] = []
+    plan = validation_levels(options.workload, rates, options.level_s)
+    for number, (name, kind, workload) in enumerate(plan, 1):
+        say(f"[validation {number}/{len(plan)}] {name} req/s")
+        folder = out / name.replace(" ", "-")
+        measured = run_loadtest(
+            LoadtestOptions(
+                workload=workload,
+                workload_file=options.workload_file,
+                target=options.target,
+                out=folder,
+                objectives=options.objectives,
+                slo_text=options.slo_text,
+                label=f"validation {name}",
+                drain_s=60.0,
+                scrape_interval_s=1.0,
+            ),
+            say,
+        )
+        answer_cache = any(k in measured.cache for k in ("hit", "miss", "coalesced"))
+        predicted, requests, wall = predict(
+            workload, options.profile, cluster.replicas, policy, options.objectives, answer_cache
+        )
+        simulated += requests
+        sim_s += wall
+        p, m = metrics_of(predicted), metrics_of(measured)
+        error = relative_errors(p, m)
+        levels.append(Level(name, kind, workload.arrivals.rate, str(folder), p, m, error, measured.valid))  # type: ignore[union-attr]
+        if kind != "bursty" and measured.slo_held is not None:
+            measured_rates.append((workload.arrivals.rate, measured.slo_held))  # type: ignore[union-attr]
+        say("  " + _error_line(error))
+    for folder in options.calibration_runs:
+        summary = _summary_of(folder, options.objectives)
+        if summary is not None:
+            measured_rates.append(summary)
+    errors = _summarise(levels)
+    max_rate = _max_rate(options, cluster.replicas, policy, rates, measured_rates)
+    failures = [
+        f"{name} error {errors[name]:.1%} is over its bound {bound:.0%}"
+        for name, bound in options.bounds.items()
+        if name in errors and errors[name] > bound
+    ]
+    missing = [name for name in options.bounds if name not in errors and name != "max_rate"]
+    failures += [f"{name}: no measurement to check its bound against" for name in missing]
+    if (
+        "max_rate" in options.bounds
+        and max_rate.get("error") is not None
+        and max_rate["error"] > options.bounds["max_rate"]
+    ):  # type: ignore[operator]
+        failures.append(f"max_rate error {max_rate['error']:.1%} is over its bound {options.bounds['max_rate']:.0%}")
+    validation = Validation(
+        str(options.profile_path), levels, errors, options.bounds, max_rate, failures, simulated, sim_s
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / VALIDATION_JSON).write_text(validation.to_json() + "\n")
+    recorded = {**errors, **{f"bound.{k}": v for k, v in options.bounds.items()}, "passed": float(validation.passed)}
+    write_profile(options.profile.model_copy(update={"validation": recorded}), options.profile_path)
+    return validation
+
+
+def _summarise(levels: Sequence[Level]) -> dict[str, float]:
+    errors: dict[str, float] = {}
+    steady = [lv for lv in levels if lv.kind != "bursty"]
+    bursty = [lv for lv in levels if lv.kind == "bursty"]
+    for name in METRICS:
+        values = [lv.error[name] for lv in steady if lv.error.get(name) is not None]
+        if values:
+            errors[name] = float(statistics.median(values))  # type: ignore[type-var]
+        burst = [lv.error[name] for lv in bursty if lv.error.get(name) is not None]
+        if burst:
+            errors[f"bursty_{name}"] = float(statistics.median(burst))  # type: ignore[type-var]
+    return errors
+
+
+def _max_rate(
+    options: ValidateOptions, replicas: int, policy: str, rates: Sequence[float], measured: Sequence[tuple[float, bool]]
+) -> dict[str, float | None]:
+    """The predicted highest compliant rate, the measured bracket (highest held, lowest missed above it)."""
+    if not options.objectives:
+        return {}
+    answer_cache = True
+    predicted = highest_compliant_rate(
+        options.workload,
+        options.profile,
+        replicas,
+        policy,
+        options.objectives,
+        answer_cache,
+        min(rates) / 4,
+        max(rates),
+        options.level_s,
+    )
+    held = [r for r, ok in measured if ok]
+    top = max(held) if held else None
+    above = [r for r, ok in measured if not ok and (top is None or r > top)]
+    missed = min(above) if above else None
+    error: float | None = None
+    if predicted is not None and top is not None:
+        if missed is not None and top <= predicted <= missed:
+            error = 0.0  # inside the bracket the measurements allow
+        elif predicted < top:
+            error = (top - predicted) / top
+        elif missed is not None:
+            error = (predicted - missed) / missed
+    return {"predicted": predicted, "measured_held": top, "measured_missed": missed, "error": error}
+
+
+def _summary_of(folder: Path, objectives: Sequence[Objective]) -> tuple[float, bool] | None:
+    """A calibration level's rate and whether it held the objectives (recomputed from its records)."""
+    from loadtests.runfolder import RunFolder
+    from loadtests.summary import summarise_run
+
+    run = RunFolder(folder)
+    rate = run.meta().get("rate")
+    if not isinstance(rate, int | float):
+        return None
+    summary = summarise_run(run.records(), run.process_summaries(), objectives)
+    return float(rate), bool(summary.slo_held)
+
+
+def _error_line(error: Mapping[str, float | None]) -> str:
+    shown = []
+    for name in ("ttft_p50", "ttft_p99", "itl_p50", "e2e_p50", "e2e_p99", "goodput"):
+        value = error.get(name)
+        shown.append(f"{name} {'n/a' if value is None else f'{value:.0%}'}")
+    return "error: " + ", ".join(shown)
