@@ -75,6 +75,7 @@ bench: install
 	$(BIN)/python -m benchmarks.vllm_replicas
 	$(BIN)/python -m benchmarks.routing_policies
 	$(BIN)/python -m benchmarks.generator_limit
+	$(BIN)/python -m benchmarks.planner_speed
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info .qvl-run
