@@ -4,8 +4,9 @@ answer-cache key, so that a sizing search simulates the same requests at every f
 preparing them again.
 
 Stand-ins for what a real run measures, each a plain function so that calibration can share it:
-- text tokens: about 4 characters a token, as the simulated engine counts them (serving/sim/openai_api.py);
-  a calibration that measured a task's real count passes `text_tokens={task: count}` instead;
+- text and image tokens: as the profile's `tokens` count them (a calibration fits them to what the measured
+  model reported; the default is the simulated engine's own count, 4 characters a token and Qwen3-VL's
+  resize bounds); `text_tokens={task: count}` overrides a task's count;
 - an image's digest: SHA-256 of the workload seed and the image id. The same id is the same photo (as the
   ImageStore renders the same bytes for it), so caches and the image-affinity ring recognise it; no pixels
   are rendered;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from cache.keys import cache_key
 from cache.policy import decide
@@ -30,14 +31,10 @@ from loadtests.workload import Workload
 from qvl.settings import CacheSettings
 from router.edge import ChatRequest, SamplingParams
 from serving.sim.core import CoreImage
+from serving.sim.profile import Tokens
 
 MODEL = "qwen3-vl"
 """The model name in the bodies the cache keys are taken of (one model: the name only has to be fixed)."""
-
-
-def prompt_text_tokens(text: str) -> int:
-    """Text tokens of a prompt as the simulated engine counts them: 4 characters a token, rounded up."""
-    return (len(text) + 3) // 4
 
 
 def image_digest(ref: ImageRef, seed: int) -> bytes:
@@ -81,13 +78,15 @@ class Scenario:
     workload: Workload
     items: tuple[Item, ...]
     cache: CacheSettings
+    tokens: Tokens = field(default_factory=Tokens)
+    """How the engine counts prompt tokens (a profile's)."""
 
     def with_images(self, refs: Sequence[tuple[ImageRef, ...]]) -> Scenario:
         """The same requests showing other images (`refs[i]` for item i), each ref's bucket giving its
         tokens; answer-cache keys are kept, so only the engines' image caches and routing see the change."""
         if len(refs) != len(self.items):
             raise ValueError(f"need images for {len(self.items)} requests, got {len(refs)}")
-        images = _Images(self.workload)
+        images = _Images(self.workload, self.tokens)
         items = []
         for item, new in zip(self.items, refs, strict=True):
             core = tuple(images.core(ref) for ref in new)
@@ -102,9 +101,9 @@ class Scenario:
 class _Images:
     """Core images per image id, made once: one object per photo however often it is shown."""
 
-    def __init__(self, workload: Workload) -> None:
+    def __init__(self, workload: Workload, tokens: Tokens) -> None:
         self._seed = workload.seed
-        self._tokens = {b.name: b.tokens for b in workload.images.buckets}
+        self._tokens = {b.name: tokens.image_tokens(b.width, b.height) for b in workload.images.buckets}
         self._made: dict[tuple[int | str, str], CoreImage] = {}
 
     def core(self, ref: ImageRef) -> CoreImage:
@@ -118,6 +117,7 @@ def prepare(
     workload: Workload,
     plans: Sequence[PlannedRequest] | None = None,
     *,
+    tokens: Tokens | None = None,
     text_tokens: Mapping[str, int] | None = None,
     natural_tokens: int | None = None,
     cache: CacheSettings | None = None,
@@ -126,9 +126,10 @@ def prepare(
     closed loop (the planner simulates open-loop arrivals: a schedule of send times)."""
     plans = build_schedule(workload) if plans is None else plans
     cache = CacheSettings() if cache is None else cache
-    counts = {t.name: prompt_text_tokens(t.prompt) for t in workload.tasks}
+    counting = Tokens() if tokens is None else tokens
+    counts = {t.name: counting.text_tokens(t.prompt) for t in workload.tasks}
     counts.update(text_tokens or {})
-    images = _Images(workload)
+    images = _Images(workload, counting)
     blank = _NoPixels(workload)
     keys: dict[tuple[object, ...], str | None] = {}
     items = []
@@ -155,7 +156,7 @@ def prepare(
         )
         buckets = [r.bucket for r in plan.images]
         items.append(Item(plan, plan.send_at, counts[plan.task], core, tokens, output, request, key, buckets))
-    return Scenario(workload, tuple(items), cache)
+    return Scenario(workload, tuple(items), cache, counting)
 
 
 def _answer_key(

@@ -124,7 +124,7 @@ def size(
     """The smallest N holding every objective at `peak_rate` (see `size_scenario` for the options), on
     the workload's arrivals at that rate (`at_rate`) for `duration_s` (default: the workload's own length)."""
     return size_scenario(
-        prepare(at_rate(workload, peak_rate, duration_s)),
+        prepare(at_rate(workload, peak_rate, duration_s), tokens=profile.tokens),
         profile,
         objectives,
         peak_rate,

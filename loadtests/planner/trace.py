@@ -165,7 +165,7 @@ def size_trace(
             needed = by_rate[peak]
         else:
             sizing = size_scenario(
-                prepare(at_rate(workload, peak, sample_s)),
+                prepare(at_rate(workload, peak, sample_s), tokens=profile.tokens),
                 profile,
                 objectives,
                 peak,

@@ -174,7 +174,7 @@ def predict(
     answer_cache: bool,
 ) -> tuple[RunSummary, int, float]:
     """A virtual-time run of `workload` with the profile: its summary, requests and wall seconds."""
-    scenario = prepare(workload, text_tokens={t.name: profile.tokens.text_tokens(t.prompt) for t in workload.tasks})
+    scenario = prepare(workload, tokens=profile.tokens)
     result = simulate(scenario, profile, replicas, policy, answer_cache=answer_cache)  # type: ignore[arg-type]
     return result.summary(tuple(objectives)), result.requests, result.wall_s
 

@@ -129,7 +129,7 @@ def simulate(
     scrape interval and the ring's settings (its `policy` is replaced); `seed` seeds the policy's random
     choices. Raises ValueError when no replica would serve."""
     started = time.perf_counter()
-    scenario = workload if isinstance(workload, Scenario) else prepare(workload)
+    scenario = workload if isinstance(workload, Scenario) else prepare(workload, tokens=profile.tokens)
     if replicas < 1 or not 0 <= lost < replicas:
         raise ValueError(f"need at least one serving replica, got {replicas} with {lost} lost")
     settings = (router or RouterSettings()).model_copy(update={"policy": policy})

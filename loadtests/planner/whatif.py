@@ -90,7 +90,7 @@ def what_ifs(
     policy), in this order: as planned, each hit ratio, more high-resolution images, each cv, each policy."""
     planned = at_rate(workload, peak_rate, duration_s)
     length = arrivals_duration_s(planned.arrivals) or 0.0
-    scenario = prepare(planned)
+    scenario = prepare(planned, tokens=profile.tokens)
 
     def row(name: str, scenario: Scenario, policy: PolicyName = base.policy) -> WhatIf:
         try:
@@ -134,10 +134,15 @@ def what_ifs(
             share = min(1.0, share * target / measured)
             result = row(name, force_hit_ratio(scenario, share, hot, seed))
         rows.append(replace(result, target_hit_ratio=target))
-    rows.append(row(f"{high_res_factor:g}x high-resolution share", prepare(more_high_res(planned, high_res_factor))))
+    rows.append(
+        row(
+            f"{high_res_factor:g}x high-resolution share",
+            prepare(more_high_res(planned, high_res_factor), tokens=profile.tokens),
+        )
+    )
     for cv in cvs:
         bursty = _with_arrivals(planned, {"process": "gamma", "rate": peak_rate, "cv": cv, "duration_s": length})
-        rows.append(row(f"bursty arrivals (Gamma cv {cv:g})", prepare(bursty)))
+        rows.append(row(f"bursty arrivals (Gamma cv {cv:g})", prepare(bursty, tokens=profile.tokens)))
     for policy in policies if policies is not None else get_args(PolicyName):
         if policy == base.policy:
             rows.append(_row(f"policy {policy}", base.replicas, base.at_n))

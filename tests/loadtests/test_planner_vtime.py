@@ -8,11 +8,12 @@ from collections import defaultdict
 import pytest
 from support.planner import make_profile, planner_workload
 
-from loadtests.planner.scenario import prepare, prompt_text_tokens
+from loadtests.planner.scenario import prepare
 from loadtests.planner.vtime import simulate
 from loadtests.slo import parse_slo
 from qvl.settings import RouterSettings
 from qvl.settings.router import AdmissionSettings
+from serving.sim.profile import Tokens
 
 
 def test_a_lone_request_takes_the_front_end_then_one_prefill_step_then_one_decode_step_per_token() -> None:
@@ -27,7 +28,7 @@ def test_a_lone_request_takes_the_front_end_then_one_prefill_step_then_one_decod
     )
     workload = planner_workload("{process: constant, rate: 1, duration_s: 1}", tokens=6)
     image = workload.images.buckets[0].tokens
-    text = prompt_text_tokens("Describe.")
+    text = Tokens().text_tokens("Describe.")
     result = simulate(workload, profile, 1)
     (record,) = result.records
     frontend = 3 + 0.01 * image
