@@ -10,10 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loadtests.planner.calibrate import CALIBRATION_JSON, CalibrateOptions, CalibrationError, calibrate
+from loadtests.planner.size import SizingError
+from loadtests.planner.sizing_run import SIZING_JSON, SIZING_MD, RefusedError, SizeOptions, run_size
 from loadtests.planner.validate import METRICS, BoundsError, ValidateOptions, Validation, parse_bounds, validate
+from loadtests.planner.verify import VerifyOptions, verify
+from loadtests.planner.vtime import DEFAULT_POLICY
 from loadtests.runner import LoadtestError
 from loadtests.slo import SloError, parse_slo
 from loadtests.workload import WorkloadError, load_workload
+from qvl.procs import StartError
 from serving.sim.profile import ProfileError, load_profile
 
 Say = Callable[[str], None]
@@ -164,3 +169,88 @@ def _calibration_runs(profile_path: Path) -> tuple[Path, ...]:
         return tuple(Path(p) for p in data.get("runs", []))
     except (OSError, ValueError, AttributeError):
         return ()
+
+
+def size_command(args: argparse.Namespace, say: Say) -> int:
+    try:
+        profile = load_profile(args.profile)
+        workload = load_workload(args.workload)
+        options = SizeOptions(
+            profile_path=args.profile,
+            profile=profile,
+            workload=workload,
+            objectives=parse_slo(args.slo),
+            slo_text=args.slo,
+            out=args.out,
+            bounds=parse_bounds(args.bounds),
+            peak_rate=args.peak_rate,
+            trace=args.trace,
+            duration_s=args.duration,
+            policy=args.policy or DEFAULT_POLICY,
+            what_if=not args.no_what_if,
+            unvalidated=args.unvalidated,
+        )
+    except (WorkloadError, SloError, BoundsError, ProfileError) as exc:
+        say(f"qvl plan size: {exc}")
+        return USAGE
+    try:
+        result = run_size(options, say)
+    except RefusedError as exc:
+        say(f"qvl plan size: refusing to recommend: {exc}")
+        return OVER_BOUND
+    except (SizingError, ValueError) as exc:
+        say(f"qvl plan size: {exc}")
+        return FAILED
+    say((args.out / SIZING_MD).read_text())
+    note = "" if result["validated"] else " (UNVALIDATED profile)"
+    say(
+        f"qvl plan size: N = {result['replicas']} replicas, {result['headroom_replicas']} with one lost; "
+        f"{result['gpus']} GPUs{note}; wrote {args.out / SIZING_JSON}"
+    )
+    return 0
+
+
+def verify_command(args: argparse.Namespace, say: Say) -> int:
+    try:
+        profile = load_profile(args.profile)
+        workload = load_workload(args.workload)
+        options = VerifyOptions(
+            profile_path=args.profile,
+            profile=profile,
+            workload=workload,
+            workload_file=str(args.workload),
+            objectives=parse_slo(args.slo),
+            slo_text=args.slo,
+            rate=args.rate,
+            replicas=args.replicas,
+            out=args.out,
+            bounds=parse_bounds(args.bounds),
+            duration_s=args.duration,
+            target=args.target,
+            api_key=_first_key(workload),
+        )
+    except (WorkloadError, SloError, BoundsError, ProfileError) as exc:
+        say(f"qvl plan verify: {exc}")
+        return USAGE
+    try:
+        result = verify(options, say)
+    except (LoadtestError, StartError, ValueError) as exc:
+        say(f"qvl plan verify: {exc}")
+        return FAILED
+    for run in result.runs:
+        say(
+            f"  {run.replicas} replicas: SLO {'held' if run.slo_held else 'missed'} (virtual time predicted "
+            f"{'held' if run.predicted_slo_held else 'missed'}); " + _errors_line(run.error)
+        )
+    if result.passed:
+        say(f"qvl plan verify: verified: the SLO holds at {args.replicas} and fails at {args.replicas - 1}")
+        return 0
+    for failure in result.failures:
+        say(f"qvl plan verify: {failure}")
+    return OVER_BOUND
+
+
+def _errors_line(errors: dict[str, float | None]) -> str:
+    return "virtual vs real: " + ", ".join(
+        f"{k} {_pct(v)}" for k, v in errors.items() if k in ("ttft_p50", "ttft_p99", "itl_p50", "e2e_p50")
+    )

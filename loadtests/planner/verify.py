@@ -164,7 +164,13 @@ def _fleet(options: VerifyOptions, replicas: int, workdir: Path) -> Iterator[tup
         "--run-dir",
         str(workdir / "run"),
     ]
-    child = spawn(f"qvl up ({replicas} sim replicas)", argv, url=f"http://127.0.0.1:{port}", log=workdir / "up.log", env=dict(os.environ))
+    child = spawn(
+        f"qvl up ({replicas} sim replicas)",
+        argv,
+        url=f"http://127.0.0.1:{port}",
+        log=workdir / "up.log",
+        env=dict(os.environ),
+    )
     try:
         child.wait_ready(START_TIMEOUT_S, "/ready")
         from loadtests.scrape import discover
