@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from loadtests.planner.fit import Fit, Limits, cache_items_for, fit
-from loadtests.planner.observe import engine_facts, fit_tokens, observations
+from loadtests.planner.observe import engine_facts, fit_tokens, natural_output_tokens, observations
 from loadtests.runfolder import RunFolder
 from loadtests.runner import LoadtestError, LoadtestOptions, run_loadtest
 from loadtests.scrape import ClusterView, discover
@@ -116,6 +116,7 @@ def calibrate(options: CalibrateOptions, say: Say) -> tuple[CapacityProfile, Fit
     limits = Limits(max_running, options.max_batched_tokens, items)
     fitted = fit(observed, limits, bootstrap=options.bootstrap)
     tokens = fit_tokens(options.workload, [r for f in folders for r in RunFolder(f).records()])
+    tokens = tokens.model_copy(update={"natural_output_tokens": natural_output_tokens(folders)})
     model, version = _engine_facts(options.target, cluster, say)
     profile = _profile(options, fitted, limits, rates, len(observed), cluster.replicas, model, version)
     profile = profile.model_copy(update={"tokens": tokens})

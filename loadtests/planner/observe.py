@@ -170,6 +170,21 @@ def fit_tokens(workload: Workload, records: Sequence[Record]) -> Tokens:
     )
 
 
+def natural_output_tokens(folders: Sequence[Path]) -> int | None:
+    """Where the measured model stopped on its own: the one answer length every request cut short of its
+    max_tokens had (the simulated engine stops at its `output_tokens`); None when answers ran to max_tokens
+    (the tiny model's random answers do) or stopped at lengths that vary (a real model's do: then the
+    workload's max_tokens distribution stands for the answer lengths)."""
+    short: set[int] = set()
+    for path in folders:
+        folder = RunFolder(path)
+        plans = build_schedule(load_workload(folder.file("workload.yaml")))
+        for record in folder.records():
+            if record.status == 200 and record.output_tokens and record.output_tokens < plans[record.index].max_tokens:
+                short.add(record.output_tokens)
+    return short.pop() if len(short) == 1 else None
+
+
 def _pixel_cap(width: int, height: int, tokens: int) -> int:
     """The largest max_pixels at which a width x height image costs at most `tokens` tokens."""
     lo, hi = 1024, DEFAULT_MAX_PIXELS

@@ -127,6 +127,7 @@ def prepare(
     plans = build_schedule(workload) if plans is None else plans
     cache = CacheSettings() if cache is None else cache
     counting = Tokens() if tokens is None else tokens
+    natural = counting.natural_output_tokens if natural_tokens is None else natural_tokens
     counts = {t.name: counting.text_tokens(t.prompt) for t in workload.tasks}
     counts.update(text_tokens or {})
     images = _Images(workload, counting)
@@ -144,7 +145,7 @@ def prepare(
         else:
             key = keys[memo] = _answer_key(plan, workload, blank, digests, cache)
         tokens = sum(image.tokens for image in core)
-        output = plan.max_tokens if natural_tokens is None else min(plan.max_tokens, natural_tokens)
+        output = plan.max_tokens if natural is None else min(plan.max_tokens, natural)
         request = ChatRequest(
             model=MODEL,
             stream=plan.stream,

@@ -6,7 +6,7 @@
     schema: qvl-capacity-profile/1
     fitted_on: {model, hardware, engine, engine_version, date, workload, rates, requests, replicas}
     engine: {max_running, max_batched_tokens, mm_cache_items, tensor_parallel_size}
-    tokens: {chars_per_token, template_tokens, image_min_pixels, image_max_pixels}
+    tokens: {chars_per_token, template_tokens, image_min_pixels, image_max_pixels, natural_output_tokens}
     costs:                       # each {value, low, high}: the estimate and its 90 % bootstrap interval
       step_base_ms, per_decode_ms, per_kv_ktoken_ms,            # every engine step
       prefill_base_ms, per_text_token_ms, per_image_token_ms,   # each prefill in a step
@@ -87,6 +87,11 @@ class Tokens(Section):
     template_tokens: int = Field(0, ge=0, description="Tokens the chat template adds to every prompt.")
     image_min_pixels: int = Field(DEFAULT_MIN_PIXELS, ge=1, description="The processor's resize lower bound.")
     image_max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="The processor's resize upper bound.")
+    natural_output_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Where the model stops on its own when max_tokens allows more; empty: answers run to max_tokens.",
+    )
 
     def text_tokens(self, text: str) -> int:
         """Text tokens of a prompt (the template's included)."""
@@ -142,7 +147,7 @@ class CapacityProfile(Section):
         return (c.frontend_base_ms.value + c.frontend_per_image_token_ms.value * image_tokens) / 1000
 
     def apply(self, settings: SimSettings) -> SimSettings:
-        """`settings` with the latency terms and engine limits replaced by this profile's."""
+        """`settings` with the latency terms, engine limits and token counting replaced by this profile's."""
         c = self.costs
         return settings.model_copy(
             update={
@@ -158,6 +163,10 @@ class CapacityProfile(Section):
                 "max_running": self.engine.max_running,
                 "max_batched_tokens": self.engine.max_batched_tokens,
                 "mm_cache_items": self.engine.mm_cache_items,
+                "image_min_pixels": self.tokens.image_min_pixels,
+                "image_max_pixels": self.tokens.image_max_pixels,
+                # Answers run to max_tokens unless the measured model stopped on its own.
+                "output_tokens": self.tokens.natural_output_tokens or settings.max_model_len,
             }
         )
 
