@@ -101,7 +101,7 @@ def validate_command(args: argparse.Namespace, say: Say) -> int:
             profile=profile,
             workload=workload,
             workload_file=str(args.workload),
-            target=args.target,
+            target=args.target or "",
             out=args.out,
             objectives=objectives,
             slo_text=args.slo,
@@ -110,6 +110,7 @@ def validate_command(args: argparse.Namespace, say: Say) -> int:
             rates=tuple(args.rates or ()),
             calibration_runs=runs,
             api_key=_first_key(workload),
+            reuse=args.reuse,
         )
     except (WorkloadError, SloError, BoundsError, ProfileError) as exc:
         say(f"qvl plan validate: {exc}")
@@ -254,3 +255,20 @@ def _errors_line(errors: dict[str, float | None]) -> str:
     return "virtual vs real: " + ", ".join(
         f"{k} {_pct(v)}" for k, v in errors.items() if k in ("ttft_p50", "ttft_p99", "itl_p50", "e2e_p50")
     )
+
+
+def report_command(args: argparse.Namespace, say: Say) -> int:
+    # Imported here: the report pulls in matplotlib, which the other `qvl plan` actions never need.
+    from loadtests.planner.planfolder import ReportError
+    from loadtests.planner.report import write_plan_report
+
+    out = args.out or args.folder / "report"
+    try:
+        report = write_plan_report(args.folder, out, say)
+    except (ReportError, WorkloadError) as exc:
+        say(f"qvl plan report: {exc}")
+        return USAGE
+    for name in report.missing:
+        say(f"qvl plan report: no {name} in {args.folder}: its section is left out")
+    say(f"qvl plan report: wrote {report.markdown}, {report.html}, {report.json} and {len(report.plots)} plots")
+    return 0

@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loadtests.planner.scenario import prepare
-from loadtests.planner.vtime import simulate
+from loadtests.planner.vtime import DEFAULT_POLICY, simulate
+from loadtests.runfolder import RunFolder
 from loadtests.runner import LoadtestOptions, run_loadtest
 from loadtests.scrape import discover
 from loadtests.slo import Objective
-from loadtests.summary import RunSummary
-from loadtests.workload import Gamma, Workload, with_load
+from loadtests.summary import RunSummary, summarise_run
+from loadtests.workload import Gamma, Workload, load_workload, with_load
 from serving.sim.profile import CapacityProfile, write_profile
 
 Say = Callable[[str], None]
@@ -227,6 +228,8 @@ class ValidateOptions:
     calibration_runs: tuple[Path, ...] = ()
     """The calibration's level folders: measured rates that bracket the highest compliant rate."""
     api_key: str | None = None
+    reuse: Path | None = None
+    """A previous validation's folder: compare with its measured levels instead of running them again."""
 
 
 def validate(options: ValidateOptions, say: Say) -> Validation:
@@ -234,10 +237,13 @@ def validate(options: ValidateOptions, say: Say) -> Validation:
     out = options.out
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: give a new --out folder")
-    cluster = discover(options.target, options.api_key)
-    if cluster.replicas == 0:
-        raise ValueError(f"cannot see the replicas behind {options.target}: {cluster.warning}")
-    policy = cluster.policy or "least-loaded"
+    if options.reuse is None:
+        cluster = discover(options.target, options.api_key)
+        if cluster.replicas == 0:
+            raise ValueError(f"cannot see the replicas behind {options.target}: {cluster.warning}")
+        replicas, policy = cluster.replicas, cluster.policy or DEFAULT_POLICY
+    else:
+        replicas, policy = _reused_fleet(options.reuse)
     rates = list(options.rates or options.profile.fitted_on.rates)
     levels: list[Level] = []
     simulated = 0
@@ -246,24 +252,28 @@ def validate(options: ValidateOptions, say: Say) -> Validation:
     plan = validation_levels(options.workload, rates, options.level_s)
     for number, (name, kind, workload) in enumerate(plan, 1):
         say(f"[validation {number}/{len(plan)}] {name} req/s")
-        folder = out / name.replace(" ", "-")
-        measured = run_loadtest(
-            LoadtestOptions(
-                workload=workload,
-                workload_file=options.workload_file,
-                target=options.target,
-                out=folder,
-                objectives=options.objectives,
-                slo_text=options.slo_text,
-                label=f"validation {name}",
-                drain_s=60.0,
-                scrape_interval_s=1.0,
-            ),
-            say,
-        )
+        if options.reuse is not None:
+            folder = options.reuse / name.replace(" ", "-")
+            measured, workload = _reused_level(folder, options.objectives)
+        else:
+            folder = out / name.replace(" ", "-")
+            measured = run_loadtest(
+                LoadtestOptions(
+                    workload=workload,
+                    workload_file=options.workload_file,
+                    target=options.target,
+                    out=folder,
+                    objectives=options.objectives,
+                    slo_text=options.slo_text,
+                    label=f"validation {name}",
+                    drain_s=60.0,
+                    scrape_interval_s=1.0,
+                ),
+                say,
+            )
         answer_cache = any(k in measured.cache for k in ("hit", "miss", "coalesced"))
         predicted, requests, wall = predict(
-            workload, options.profile, cluster.replicas, policy, options.objectives, answer_cache
+            workload, options.profile, replicas, policy, options.objectives, answer_cache
         )
         simulated += requests
         sim_s += wall
@@ -278,7 +288,7 @@ def validate(options: ValidateOptions, say: Say) -> Validation:
         if summary is not None:
             measured_rates.append(summary)
     errors = _summarise(levels)
-    max_rate = _max_rate(options, cluster.replicas, policy, rates, measured_rates)
+    max_rate = _max_rate(options, replicas, policy, rates, measured_rates)
     failures = [
         f"{name} error {errors[name]:.1%} is over its bound {bound:.0%}"
         for name, bound in options.bounds.items()
@@ -349,11 +359,25 @@ def _max_rate(
     return {"predicted": predicted, "measured_held": top, "measured_missed": missed, "error": error}
 
 
+def _reused_fleet(folder: Path) -> tuple[int, str]:
+    """Replicas and policy the measured levels of a previous validation ran against (their run.json)."""
+    for level in sorted(folder.iterdir()) if folder.is_dir() else []:
+        meta = RunFolder(level).meta() if level.is_dir() else {}
+        if isinstance(meta.get("replicas"), int) and meta["replicas"] > 0:
+            return int(meta["replicas"]), str(meta.get("policy") or DEFAULT_POLICY)
+    raise ValueError(f"{folder} holds no measured validation level to reuse")
+
+
+def _reused_level(folder: Path, objectives: Sequence[Objective]) -> tuple[RunSummary, Workload]:
+    """A measured level of a previous validation: its summary under `objectives`, and its workload."""
+    if not (folder / "workload.yaml").exists():
+        raise ValueError(f"{folder}: no measured level to reuse (validate at the same rates first)")
+    run = RunFolder(folder)
+    return summarise_run(run.records(), run.process_summaries(), objectives), load_workload(folder / "workload.yaml")
+
+
 def _summary_of(folder: Path, objectives: Sequence[Objective]) -> tuple[float, bool] | None:
     """A calibration level's rate and whether it held the objectives (recomputed from its records)."""
-    from loadtests.runfolder import RunFolder
-    from loadtests.summary import summarise_run
-
     run = RunFolder(folder)
     rate = run.meta().get("rate")
     if not isinstance(rate, int | float):

@@ -70,7 +70,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "simulation; measure them on the replicas; print the error per metric and record it in the profile. "
         "Exit 5 when an error is over its bound.",
     )
-    val.add_argument("--target", required=True, metavar="URL", help="the router's base URL")
+    where = val.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", metavar="URL", help="the router's base URL: measure the levels there")
+    where.add_argument(
+        "--reuse",
+        type=Path,
+        metavar="DIR",
+        help="a previous validation's --out folder: compare with its measured levels (e.g. another profile)",
+    )
     _profile_flags(val)
     val.add_argument("--level-duration", type=duration, default=40.0, help="length of each level (default: 40s)")
     val.add_argument(
@@ -117,6 +124,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     verify.add_argument("--rate", type=float, required=True, help="requests per second")
     verify.add_argument("--replicas", type=int, required=True, help="N, the recommended replica count")
     verify.add_argument("--duration", type=duration, default=60.0, help="length of each run (default: 60s)")
+    verify.add_argument(
+        "--target",
+        metavar="URL",
+        help="measure your own cluster of N replicas at this router instead of starting simulated ones",
+    )
     verify.add_argument("--bounds", help="error bounds for real time against virtual time (as for validate)")
     verify.add_argument("--out", type=Path, required=True, help="folder for the runs and verify.json")
     verify.set_defaults(standalone=_standalone("verify_command"))
