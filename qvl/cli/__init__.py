@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     _routing_flags(up)
     _edge_flags(up)
     setting_flag(up, "--model", "up.model", metavar="MODEL")
-    _profile_flag(up, help="engine sim: a capacity profile whose costs and engine limits every replica runs with")
+    _profile_flag(up, help="engine sim: a capacity profile (costs, engine limits) every replica runs with")
     _replica_flags(up)
 
     replica = command("replica", _run_replica, "Run one vLLM replica in the foreground.")
@@ -230,7 +230,7 @@ def _profile_flag(p: argparse.ArgumentParser, help: str | None = None) -> None:
 
 
 def with_sim_profile(settings: Settings, runs_sim: bool) -> Settings:
-    """`settings` with sim.profile's costs and engine limits in place of the sim terms, when the command
+    """`settings` with sim.profile's values in place of the sim settings it holds, when the command
     runs simulated engines and a profile is set; its path made absolute, for replicas started elsewhere.
 
     Raises SettingsError with the profile's problem (the file and the field) when it is bad."""

@@ -21,8 +21,8 @@ class SimSettings(Section):
     max_model_len: int = Field(32768, ge=16, description="Context length reported by /v1/models.")
     profile: Path | None = Field(
         None,
-        description="Capacity profile (YAML, qvl-capacity-profile/1) whose costs and engine limits replace the "
-        "latency terms, max_running, max_batched_tokens and mm_cache_items at start-up; empty: none.",
+        description="Capacity profile (YAML, qvl-capacity-profile/1) whose values replace the sim settings it "
+        "holds (the latency terms, max_running, max_batched_tokens, mm_cache_items, ...) at start-up; empty: none.",
     )
     # The defaults give a lone request about the old fixed model's timing: a first token after
     # 25 ms + 0.02 ms per text token + 0.1 ms per uncached image token, then a token every ~12 ms.

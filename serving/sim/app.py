@@ -47,8 +47,8 @@ Flags (each also a `sim.*` YAML setting and a `QVL_SIM__*` variable)
     --step-base-ms, --per-decode-ms, --per-kv-ktoken-ms, --prefill-base-ms, --per-text-token-ms,
     --per-image-token-ms, --image-hit-discount, --frontend-base-ms, --frontend-per-image-token-ms
                                           the terms above
-    --profile PATH                        a capacity profile (serving/sim/profile.py): its costs and
-                                          engine limits replace the terms and limits above
+    --profile PATH                        a capacity profile (serving/sim/profile.py): its costs, engine
+                                          limits and token counting replace the settings above
     --zero-delay                          every latency term at zero: nothing sleeps (throughput tests)
     Settings without a flag: sim.max_model_len (context length; longer requests get a 400) and
     sim.image_min_pixels / sim.image_max_pixels (the resize bounds, Qwen3-VL's by default).

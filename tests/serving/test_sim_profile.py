@@ -74,11 +74,11 @@ def test_a_profile_round_trips_through_its_file(tmp_path: Path) -> None:
 
 def test_apply_replaces_the_terms_and_limits() -> None:
     loaded = profile()
-    sim = loaded.apply(SimSettings(model="m", max_running=64, output_tokens=9))
+    sim = loaded.apply(SimSettings(model="m", port=8123, max_running=64))
     assert (sim.max_running, sim.max_batched_tokens, sim.mm_cache_items) == (3, 4096, 77)
     assert (sim.step_base_ms, sim.prefill_base_ms, sim.image_hit_discount) == (9.5, 21.0, 0.9)
     assert (sim.frontend_base_ms, sim.frontend_per_image_token_ms) == (3.0, 0.002)
-    assert (sim.model, sim.output_tokens) == ("m", 9)  # not the profile's business
+    assert (sim.model, sim.port) == ("m", 8123)  # not the profile's business
     # The engine reads the settings into the very step model the planner takes from the profile.
     assert step_costs(sim) == loaded.step_costs()
     engine = SimEngine(sim)
