@@ -194,6 +194,13 @@ def _engine_facts(target: str, cluster: ClusterView, say: Say) -> tuple[str, str
     return model, version
 
 
+def _engine_name(version: str) -> str:
+    """vllm, or sim for the simulated engine (its /version says qvl-sim), from a replica's version."""
+    if version.startswith("qvl-sim"):
+        return "sim"
+    return "unknown" if version == "unknown" else "vllm"
+
+
 def _hardware() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -237,7 +244,7 @@ def _profile(
         fitted_on=FittedOn(
             model=model,
             hardware=options.hardware or _hardware(),
-            engine="vllm" if version != "unknown" else "unknown",
+            engine=_engine_name(version),
             engine_version=version,
             date=datetime.datetime.now(datetime.UTC).replace(microsecond=0),
             workload=options.workload.name,

@@ -1,6 +1,6 @@
 """Real vLLM replicas on the CPU (the tiny Qwen3-VL), behind the router, driven by the openai client.
 
-Two replicas are started once for the session (about 30 s each, in parallel); every test starts
+Two replicas are started once for the session (`vllm_pair`, tests/support/vllm.py); every test starts
 its own router in front of them.
 """
 
@@ -13,8 +13,6 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,48 +22,15 @@ import pytest
 from PIL import Image
 from support.chat import image_chat, png_data_url
 from support.servers import Cluster, Proc
+from support.vllm import STARTUP_S, VllmPair
 
-from qvl.procs import Child, StartError, free_port, spawn
+from qvl.procs import StartError, free_port, spawn
 from qvl.settings import ReplicaSettings
-from serving.tiny_model import SERVED_NAME, build_tiny_model
-from serving.vllm_replica import ReplicaPlan, core_list, detect_cpus, launch, plan_replicas
+from serving.tiny_model import SERVED_NAME
+from serving.vllm_replica import core_list, detect_cpus, launch, plan_replicas
 
 pytestmark = pytest.mark.vllm
 MODEL = SERVED_NAME
-STARTUP_S = 300
-
-
-@dataclass
-class VllmPair:
-    model: Path
-    plans: list[ReplicaPlan]
-    replicas: list[Child]
-
-    def restart(self, index: int) -> None:
-        self.replicas[index].stop()
-        self.replicas[index] = launch(self.plans[index], "127.0.0.1")
-        self.replicas[index].wait_ready(STARTUP_S)
-
-
-@pytest.fixture(scope="session")
-def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPair]:
-    run_dir = tmp_path_factory.mktemp("vllm")
-    model = build_tiny_model(run_dir / "tiny").path
-    # max_num_seqs 4: a burst of 16 requests leaves some waiting, which least-loaded must see. Each
-    # replica gets its own half of the cores this process may use (one each on a 2-core machine).
-    spec = ReplicaSettings(served_model_name=MODEL, device="cpu", max_num_seqs=4, run_dir=str(run_dir))
-    plans = plan_replicas(spec, str(model), [free_port(), free_port()], [], run_dir, os.environ)
-    replicas = [launch(plan, "127.0.0.1") for plan in plans]
-    pair = VllmPair(model, plans, replicas)
-    try:
-        for replica in replicas:
-            replica.wait_ready(STARTUP_S)
-        yield pair
-    finally:
-        for replica in pair.replicas:
-            replica.terminate()
-        for replica in pair.replicas:
-            replica.stop()
 
 
 def one_vllm_replica(model: Path, run_dir: Path) -> list[str]:
