@@ -61,6 +61,8 @@ class SimSettings(Section):
     mm_cache_items: int = Field(
         256, ge=0, description="Image digests kept in the replica's LRU (stands for vLLM's mm/prefix cache)."
     )
+    text_chars_per_token: float = Field(4.0, gt=0, description="Prompt characters per text token.")
+    text_template_tokens: int = Field(0, ge=0, description="Tokens the chat template adds to every prompt.")
     image_min_pixels: int = Field(65536, ge=1024, description="Qwen3-VL resize lower bound in pixels.")
     image_max_pixels: int = Field(16777216, ge=1024, description="Qwen3-VL resize upper bound in pixels.")
 

@@ -13,6 +13,7 @@ HTTP API
                                 `max_tokens` / `max_completion_tokens`; images as base64 data URLs
     GET  /v1/models             the one served model, with `max_model_len`
     GET  /health                200, empty body
+    GET  /version               {"version": "qvl-sim <version>"} (vLLM answers its own version here)
     GET  /metrics               Prometheus text: vllm:num_requests_running / _waiting,
                                 vllm:kv_cache_usage_perc, vllm:prefix_cache_queries / _hits,
                                 vllm:mm_cache_queries / _hits, vllm:request_success{finished_reason},
@@ -60,11 +61,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import orjson
 import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
@@ -92,6 +95,13 @@ _NOT_FOUND = b'{"detail":"Not Found"}'
 _METHOD_NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 
 
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("qvl-cluster")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
 class SimApp:
     """The simulated engine as a raw ASGI application (no framework on the hot path)."""
 
@@ -107,7 +117,9 @@ class SimApp:
             "/v1/models": {"GET": self._list_models},
             "/health": {"GET": self._health},
             "/metrics": {"GET": self._metrics},
+            "/version": {"GET": self._version},
         }
+        self._version_body = orjson.dumps({"version": f"qvl-sim {_package_version()}"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -128,6 +140,9 @@ class SimApp:
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _respond(send, 200, b"", [])
 
+    async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _respond(send, 200, self._version_body, [_JSON])
+
     async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _respond(send, 200, self._models, [_JSON])
 
@@ -143,7 +158,13 @@ class SimApp:
         if body is None:
             return
         try:
-            call = parse_chat(body, self.settings.model, self._image_tokens)
+            call = parse_chat(
+                body,
+                self.settings.model,
+                self._image_tokens,
+                self.settings.text_chars_per_token,
+                self.settings.text_template_tokens,
+            )
             generation = self.engine.submit(call.request)
         except RequestRejected as exc:
             error = BadRequest(str(exc))

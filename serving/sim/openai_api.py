@@ -9,6 +9,7 @@ Errors carry vLLM's shape: `{"error": {"message", "type", "param", "code"}}` wit
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -63,8 +64,15 @@ class ChatCall:
     request: SimRequest
 
 
-def parse_chat(body: bytes, served_model: str, counter: ImageTokenCounter) -> ChatCall:
-    """Read a /v1/chat/completions body; raises BadRequest (400) or ModelNotFound (404)."""
+def parse_chat(
+    body: bytes,
+    served_model: str,
+    counter: ImageTokenCounter,
+    chars_per_token: float = 4.0,
+    template_tokens: int = 0,
+) -> ChatCall:
+    """Read a /v1/chat/completions body; raises BadRequest (400) or ModelNotFound (404). Text tokens are
+    template_tokens + characters / chars_per_token (rounded up), as a capacity profile counts them."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -89,7 +97,8 @@ def parse_chat(body: bytes, served_model: str, counter: ImageTokenCounter) -> Ch
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise BadRequest(f"`{name}` must be a positive integer", param=name)
     chars, images = _read_messages(doc.get("messages"), counter)
-    request = SimRequest(text_tokens=(chars + 3) // 4, images=images, max_tokens=max_tokens)
+    text_tokens = template_tokens + math.ceil(chars / chars_per_token)
+    request = SimRequest(text_tokens=text_tokens, images=images, max_tokens=max_tokens)
     return ChatCall(stream=stream, include_usage=include_usage, request=request)
 
 

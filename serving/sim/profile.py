@@ -163,6 +163,8 @@ class CapacityProfile(Section):
                 "max_running": self.engine.max_running,
                 "max_batched_tokens": self.engine.max_batched_tokens,
                 "mm_cache_items": self.engine.mm_cache_items,
+                "text_chars_per_token": self.tokens.chars_per_token,
+                "text_template_tokens": self.tokens.template_tokens,
                 "image_min_pixels": self.tokens.image_min_pixels,
                 "image_max_pixels": self.tokens.image_max_pixels,
                 # Answers run to max_tokens unless the measured model stopped on its own.

@@ -27,6 +27,7 @@ from serving.sim.profile import (
     Estimate,
     FittedOn,
     ProfileError,
+    Tokens,
     load_profile,
     write_profile,
 )
@@ -176,3 +177,17 @@ def test_qvl_sim_serves_with_the_profiles_limits(cluster: Cluster, tmp_path: Pat
 
     asyncio.run(scenario())
     wait_for(lambda: engine_load(sim) == (0, 0), 5)
+
+
+def test_qvl_sim_counts_tokens_as_the_profile_says_and_names_itself(cluster: Cluster, tmp_path: Path) -> None:
+    path = tmp_path / "counting.yaml"
+    tokens = Tokens(chars_per_token=2.0, template_tokens=10, image_max_pixels=448 * 448, natural_output_tokens=7)
+    write_profile(profile(prefill_base_ms=1).model_copy(update={"tokens": tokens}), path)
+    sim = cluster.sim("--profile", str(path))
+    assert httpx.get(sim.url + "/version").json()["version"].startswith("qvl-sim ")
+    text = "What colour is this bag?"  # 24 characters
+    doc = image_chat(MODEL, png_data_url(size=(640, 640)), text=text, max_tokens=50)
+    usage = httpx.post(sim.url + "/v1/chat/completions", json=doc, timeout=30).json()["usage"]
+    # 10 template + 24 / 2 text tokens, and the 640x640 photo capped at 448x448: 196 image tokens.
+    assert usage["prompt_tokens"] == 10 + 12 + 196
+    assert usage["completion_tokens"] == 7  # it stops where the profile says the model stops
