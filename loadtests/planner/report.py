@@ -130,7 +130,8 @@ def _curves(page: _Page, plan: Plan, levels: Sequence[Measured], curve: Curve | 
             f"Lines: virtual-time runs with the profile at each offered rate ({curve.duration_s:g} s, the mean of "
             f"schedules), with the workload of level {curve.source}, {curve.replicas} replicas, policy "
             f"{curve.policy}, answer cache {'on' if curve.answer_cache else 'off'}. Points: the measured runs. "
-            f"Predicted highest SLO-compliant rate: {_num(curve.highest_rate, 2)} req/s ({curve.highest_source})."
+            f"Predicted highest SLO-compliant rate (the dotted line): {_num(curve.highest_rate, 2)} req/s "
+            f"({curve.highest_source}; the averaged curves may cross a bound a little off it)."
         )
     )
     page.plot("Latency against offered rate", "headline", lambda p: plots.headline(curve, levels, plan.objectives, p))
