@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(ENGINE)
 EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu),ray
 
-.PHONY: install system-deps demo test lint typecheck promcheck pytest bench dashboards-preview clean
+.PHONY: install system-deps demo test lint typecheck promcheck pytest bench bench-planner capacity-demo dashboards-preview clean
 
 install: system-deps $(STAMP)
 
@@ -76,6 +76,16 @@ bench: install
 	$(BIN)/python -m benchmarks.routing_policies
 	$(BIN)/python -m benchmarks.generator_limit
 	$(BIN)/python -m benchmarks.planner_speed
+
+# The capacity planner's whole loop on 2 real vLLM CPU replicas of the tiny model: calibrate, validate, size,
+# verify, report (loadtests/planner/demo.py; about 20 minutes). PLAN: the planning folder (must be new).
+PLAN ?= plan
+capacity-demo: install
+	$(BIN)/python -m loadtests.planner.demo --out $(PLAN)
+
+# The planner's fidelity against real vLLM replicas (long: about 30 minutes; not part of `make bench`).
+bench-planner: install
+	$(BIN)/python -m benchmarks.planner_fidelity
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info .qvl-run

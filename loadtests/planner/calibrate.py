@@ -5,9 +5,10 @@
 2. Sweep: `levels` Poisson levels from 10 % to 90 % of X, spaced evenly on a log scale, each an
    ordinary load-test run folder under `runs/` (a different workload seed each, so every level starts
    with caches that have not seen its photos).
-3. Fit (loadtests/planner/fit.py) on every answered streamed request; the mm cache's size is the LRU size
-   that reproduces the hits the replicas' own counters show; the running cap is what the replicas' gauges
-   show while requests waited, else `max_running`.
+3. Fit (loadtests/planner/fit.py) on every answered streamed request; the mm cache's size is the smallest
+   LRU size that reproduces the hits the replicas' own counters show (every size up to the largest that
+   does is recorded in calibration.json: a cache that never had to evict shows only a lower bound); the running cap is what the replicas' gauges
+   show when requests waited while the most ever seen ran, else `max_running`.
 4. Write the profile (serving/sim/profile.py) and calibration.json (levels, fit diagnostics) beside it.
 """
 
@@ -101,16 +102,18 @@ def calibrate(options: CalibrateOptions, say: Say) -> tuple[CapacityProfile, Fit
     say(f"calibration: sweep done {_bar(len(rates), len(rates))}; fitting")
     observed = observations(folders)
     facts = engine_facts(folders)
-    max_running = facts.most_running_while_waiting or options.max_running
+    max_running = facts.running_cap or options.max_running
     if max_running is None:
         raise CalibrationError(
             f"the replicas never had requests waiting (at most {facts.most_running} ran at once), so their "
             "running cap was not seen: give --max-running (vLLM's max_num_seqs)"
         )
+    items_range: tuple[int, int | None] | None = None
     if options.mm_cache_items is not None:
         items = options.mm_cache_items
     elif facts.mm_queries:
-        items = cache_items_for(observed, facts.mm_hits)
+        items_range = cache_items_for(observed, facts.mm_hits)
+        items = items_range[0]
     else:
         raise CalibrationError("the replicas report no mm-cache counters: give --mm-cache-items")
     limits = Limits(max_running, options.max_batched_tokens, items)
@@ -129,7 +132,12 @@ def calibrate(options: CalibrateOptions, say: Say) -> tuple[CapacityProfile, Fit
                 "runs": [str(f) for f in folders],
                 "rates": rates,
                 "requests": len(observed),
-                "limits": {"max_running": max_running, "mm_cache_items": items},
+                "limits": {
+                    "max_running": max_running,
+                    "running_cap_seen": facts.running_cap is not None,
+                    "mm_cache_items": items,
+                    "mm_cache_items_consistent": None if items_range is None else list(items_range),
+                },
                 "mm_cache": {"queries": facts.mm_queries, "hits": facts.mm_hits},
                 "fit": {
                     "iterations": fitted.iterations,

@@ -323,15 +323,26 @@ def lru_hits(observations: Sequence[Observation], items: int) -> int:
     return hits
 
 
-def cache_items_for(observations: Sequence[Observation], measured_hits: int, upper: int = 4096) -> int:
-    """The smallest LRU size per replica whose hits reach `measured_hits` (the most it can give, if never)."""
-    lo, hi = 0, upper
-    if lru_hits(observations, hi) < measured_hits:
-        return hi
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if lru_hits(observations, mid) >= measured_hits:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+def cache_items_for(
+    observations: Sequence[Observation], measured_hits: int, upper: int = 4096
+) -> tuple[int, int | None]:
+    """The LRU sizes per replica whose hits over the requests match `measured_hits`: (smallest, largest),
+    the largest None when any size up to `upper` does (the runs never made the cache evict). A planner
+    takes the smallest: the fewest hits the measurements allow."""
+
+    def smallest(at_least: int) -> int:
+        lo, hi = 0, upper
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if lru_hits(observations, mid) >= at_least:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    if lru_hits(observations, upper) < measured_hits:
+        return upper, None
+    low = smallest(measured_hits)
+    if lru_hits(observations, upper) <= measured_hits:
+        return low, None
+    return low, max(low, smallest(measured_hits + 1) - 1)

@@ -35,7 +35,15 @@ class EngineFacts:
     most_running: int
     """The most requests one replica ran at once (a scrape's vllm:num_requests_running)."""
     most_running_while_waiting: int | None
-    """The most running at a scrape where requests also waited: the running cap, when it was reached."""
+    """The most running at a scrape where requests also waited."""
+
+    @property
+    def running_cap(self) -> int | None:
+        """The running cap, when the runs reached it: requests waited while the most ever seen ran.
+        (Requests also wait for a moment between steps with free places, so waiting alone says nothing.)"""
+        if self.most_running_while_waiting is not None and self.most_running_while_waiting == self.most_running:
+            return self.most_running
+        return None
 
 
 def image_digest(workload: Workload, ref: ImageRef) -> bytes:
