@@ -7,8 +7,9 @@
    with caches that have not seen its photos).
 3. Fit (loadtests/planner/fit.py) on every answered streamed request; the mm cache's size is the smallest
    LRU size that reproduces the hits the replicas' own counters show (every size up to the largest that
-   does is recorded in calibration.json: a cache that never had to evict shows only a lower bound); the running cap is what the replicas' gauges
-   show when requests waited while the most ever seen ran, else `max_running`.
+   does is recorded in calibration.json: a cache that never had to evict shows only a lower bound); the
+   running cap is what the replicas' gauges show when requests waited while the most ever seen ran, else
+   `max_running`.
 4. Write the profile (serving/sim/profile.py) and calibration.json (levels, fit diagnostics) beside it.
 """
 

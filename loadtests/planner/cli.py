@@ -17,9 +17,9 @@ from loadtests.planner.verify import VerifyOptions, verify
 from loadtests.planner.vtime import DEFAULT_POLICY
 from loadtests.runner import LoadtestError
 from loadtests.slo import SloError, parse_slo
-from loadtests.workload import WorkloadError, load_workload
+from loadtests.workload import Workload, WorkloadError, load_workload
 from qvl.procs import StartError
-from serving.sim.profile import ProfileError, load_profile
+from serving.sim.profile import CapacityProfile, ProfileError, load_profile
 
 Say = Callable[[str], None]
 FAILED = 1
@@ -67,7 +67,7 @@ def calibrate_command(args: argparse.Namespace, say: Say) -> int:
     return 0
 
 
-def profile_table(profile: object) -> str:
+def profile_table(profile: CapacityProfile) -> str:
     """The fitted terms with their intervals, one per line."""
     costs = profile.costs
     lines = ["term                          estimate   90% interval"]
@@ -81,7 +81,7 @@ def profile_table(profile: object) -> str:
     return "\n".join(lines)
 
 
-def _first_key(workload: object) -> str | None:
+def _first_key(workload: Workload) -> str | None:
     tenants = workload.tenants
     tenant = tenants[0]
     if tenant.key is not None:

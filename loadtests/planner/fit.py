@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import nnls  # type: ignore[import-untyped]  # scipy ships no type hints (scipy-stubs not installed)
 
 from serving.sim.core import FEATURES, CoreImage, CoreRequest, EngineCore, StepCosts
 
@@ -133,15 +133,24 @@ def replay(
             sums = tuple(s + v for s, v in zip(sums, x, strict=True))
             outcome = core.finish()
             for request in outcome.first_tokens:
-                trace = traces[request.handle]  # type: ignore[index]
-                trace.wait = now - reaches(request.handle)  # type: ignore[arg-type]
+                handle = _index(request)
+                trace = traces[handle]
+                trace.wait = now - reaches(handle)
                 trace.prefill = x
                 trace.at_prefill = sums
             for request in outcome.finished:
-                traces[request.handle].at_last = sums  # type: ignore[index]
+                traces[_index(request)].at_last = sums
             now += duration
             steps += 1
     return traces, steps
+
+
+def _index(request: CoreRequest) -> int:
+    """The observation index a replayed request carries as its handle (replay adds only those)."""
+    handle = request.handle
+    if not isinstance(handle, int):
+        raise TypeError(f"replayed request has handle {handle!r}, not an observation index")
+    return handle
 
 
 def _design(observations: Sequence[Observation], traces: Sequence[_Trace]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -188,7 +197,7 @@ def _solve(x: np.ndarray, y: np.ndarray, rounds: int = 4) -> np.ndarray:
     return full
 
 
-def _to_costs(beta: Sequence[float]) -> StepCosts:
+def _to_costs(beta: Sequence[float] | np.ndarray) -> StepCosts:
     return StepCosts.from_coefficients([float(b) for b in beta[: len(FEATURES)]])
 
 

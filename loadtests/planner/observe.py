@@ -130,17 +130,16 @@ def fit_tokens(workload: Workload, records: Sequence[Record]) -> Tokens:
     there is a single task).
     """
     default = Tokens()
-    answered = [r for r in records if r.prompt_tokens and len(r.image_buckets) == 1]
+    # Each with its prompt size, which the filter has made an int.
+    answered = [(r, r.prompt_tokens) for r in records if r.prompt_tokens and len(r.image_buckets) == 1]
     if workload.images.per_request != 1 or not answered:
         return default
     buckets = {b.name: b for b in workload.images.buckets}
     smallest = min(buckets.values(), key=lambda b: b.width * b.height)
     text: dict[str, float] = {}
-    for task in {r.task for r in answered}:
+    for task in {r.task for r, _ in answered}:
         sizes = [
-            r.prompt_tokens - smallest.tokens
-            for r in answered
-            if r.task == task and r.image_buckets[0] == smallest.name
+            prompt - smallest.tokens for r, prompt in answered if r.task == task and r.image_buckets[0] == smallest.name
         ]
         if sizes:
             text[task] = statistics.median(sizes)
@@ -156,11 +155,11 @@ def fit_tokens(workload: Workload, records: Sequence[Record]) -> Tokens:
         return default
     seen = {}
     for bucket in buckets.values():
-        sizes = [
-            r.prompt_tokens - text[r.task] for r in answered if r.image_buckets[0] == bucket.name and r.task in text
+        bucket_sizes = [
+            prompt - text[r.task] for r, prompt in answered if r.image_buckets[0] == bucket.name and r.task in text
         ]
-        if sizes:
-            seen[bucket.name] = round(statistics.median(sizes))
+        if bucket_sizes:
+            seen[bucket.name] = round(statistics.median(bucket_sizes))
     capped = [b for b in buckets.values() if b.name in seen and seen[b.name] < b.tokens - 1]
     cap = default.image_max_pixels
     if capped:

@@ -144,7 +144,7 @@ def prepare(
             key = keys[memo]
         else:
             key = keys[memo] = _answer_key(plan, workload, blank, digests, cache)
-        tokens = sum(image.tokens for image in core)
+        image_tokens = sum(image.tokens for image in core)
         output = plan.max_tokens if natural is None else min(plan.max_tokens, natural)
         request = ChatRequest(
             model=MODEL,
@@ -153,10 +153,10 @@ def prepare(
             image_digests=digests,
             session_id=None,
             body=b"",
-            image_tokens=tokens,
+            image_tokens=image_tokens,
         )
         buckets = [r.bucket for r in plan.images]
-        items.append(Item(plan, plan.send_at, counts[plan.task], core, tokens, output, request, key, buckets))
+        items.append(Item(plan, plan.send_at, counts[plan.task], core, image_tokens, output, request, key, buckets))
     return Scenario(workload, tuple(items), cache, counting)
 
 

@@ -222,7 +222,7 @@ def markdown(result: dict[str, object]) -> str:
 
 
 def _n(value: object) -> str:
-    return "n/a" if value is None else f"{value:.4g}"  # type: ignore[str-format]
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 __all__ = ["SIZING_JSON", "RefusedError", "SizeOptions", "WhatIf", "refusals", "run_size"]

@@ -323,12 +323,9 @@ def validate(options: ValidateOptions, say: Say) -> Validation:
     ]
     missing = [name for name in options.bounds if name not in errors and name != "max_rate"]
     failures += [f"{name}: no measurement to check its bound against" for name in missing]
-    if (
-        "max_rate" in options.bounds
-        and max_rate.get("error") is not None
-        and max_rate["error"] > options.bounds["max_rate"]
-    ):  # type: ignore[operator]
-        failures.append(f"max_rate error {max_rate['error']:.1%} is over its bound {options.bounds['max_rate']:.0%}")
+    rate_error = max_rate.get("error")
+    if "max_rate" in options.bounds and rate_error is not None and rate_error > options.bounds["max_rate"]:
+        failures.append(f"max_rate error {rate_error:.1%} is over its bound {options.bounds['max_rate']:.0%}")
     validation = Validation(
         str(options.profile_path), levels, errors, options.bounds, max_rate, failures, simulated, sim_s
     )
@@ -344,12 +341,12 @@ def _summarise(levels: Sequence[Level]) -> dict[str, float]:
     steady = [lv for lv in levels if lv.kind != "bursty"]
     bursty = [lv for lv in levels if lv.kind == "bursty"]
     for name in METRICS:
-        values = [lv.error[name] for lv in steady if lv.error.get(name) is not None]
+        values = [e for lv in steady if (e := lv.error.get(name)) is not None]
         if values:
-            errors[name] = float(statistics.median(values))  # type: ignore[type-var]
-        burst = [lv.error[name] for lv in bursty if lv.error.get(name) is not None]
+            errors[name] = float(statistics.median(values))
+        burst = [e for lv in bursty if (e := lv.error.get(name)) is not None]
         if burst:
-            errors[f"bursty_{name}"] = float(statistics.median(burst))  # type: ignore[type-var]
+            errors[f"bursty_{name}"] = float(statistics.median(burst))
     return errors
 
 

@@ -127,7 +127,8 @@ def _failures(runs: Sequence[FleetRun], options: VerifyOptions) -> list[str]:
         error = at_n.error.get(name)
         if error is not None and error > bound:
             failures.append(
-                f"{at_n.replicas} replicas: virtual time and real time differ by {error:.1%} in {name} (bound {bound:.0%})"
+                f"{at_n.replicas} replicas: virtual time and real time differ by {error:.1%} in {name} "
+                f"(bound {bound:.0%})"
             )
     if len(runs) > 1:
         below = runs[1]
