@@ -349,8 +349,8 @@ def cache_items_for(
                 lo = mid + 1
         return lo
 
-    if lru_hits(observations, upper) < measured_hits:
-        return upper, None
+    # The counters may count a request the records lack (one that failed): never more than any size gives.
+    measured_hits = min(measured_hits, lru_hits(observations, upper))
     low = smallest(measured_hits)
     if lru_hits(observations, upper) <= measured_hits:
         return low, None

@@ -137,15 +137,17 @@ def test_validation_passes_and_a_wrong_profile_fails_and_is_refused(
 
 
 def test_verify_holds_at_n_fails_at_n_minus_1_and_virtual_time_agrees(tmp_path: Path) -> None:
+    # 60 s runs (about 480 requests): a P99 of 30 s (240 requests) is the third-highest value, and differed
+    # from virtual time's by 5 % in one run and 26 % in the next.
     profile = tmp_path / "profile.yaml"
     write_profile(hidden_profile(), profile)
     common = ("--profile", str(profile), "--workload", str(CALIBRATION), "--slo", SLO)
-    sized = qvl_plan("size", *common, "--peak-rate", "12", "--duration", "60s", "--no-what-if", "--unvalidated",
+    sized = qvl_plan("size", *common, "--peak-rate", "8", "--duration", "60s", "--no-what-if", "--unvalidated",
                      "--out", str(tmp_path / "size"))  # fmt: skip
     assert sized.returncode == 0, sized.stderr[-3000:]
     n = json.loads((tmp_path / "size" / "sizing.json").read_text())["replicas"]
-    assert n >= 2  # the rate is chosen so that one replica is not enough
-    done = qvl_plan("verify", *common, "--rate", "12", "--replicas", str(n), "--duration", "30s",
+    assert n == 2  # the rate is chosen so that one replica is not enough and two are: 2 real-time replicas
+    done = qvl_plan("verify", *common, "--rate", "8", "--replicas", str(n), "--duration", "60s",
                     "--out", str(tmp_path / "verify"))  # fmt: skip
     result = json.loads((tmp_path / "verify" / "verify.json").read_text())
     assert done.returncode == 0, (done.stderr[-3000:], result["failures"])
