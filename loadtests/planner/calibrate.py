@@ -26,8 +26,7 @@ from pathlib import Path
 import httpx
 
 from loadtests.planner.fit import Fit, Limits, cache_items_for, fit
-from loadtests.planner.observe import engine_facts, fit_tokens, natural_output_tokens, observations
-from loadtests.runfolder import RunFolder
+from loadtests.planner.observe import engine_facts, fit_tokens, natural_output_tokens, observations, read_levels
 from loadtests.runner import LoadtestError, LoadtestOptions, run_loadtest
 from loadtests.scrape import ClusterView, discover
 from loadtests.workload import ClosedLoop, Workload, with_load
@@ -101,7 +100,11 @@ def calibrate(options: CalibrateOptions, say: Say) -> tuple[CapacityProfile, Fit
         run_loadtest(_run_options(options, workload, folder, f"calibration level {number}"), say)
         folders.append(folder)
     say(f"calibration: sweep done {_bar(len(rates), len(rates))}; fitting")
-    observed = observations(folders)
+    levels = read_levels(folders)
+    # One count of tokens for all levels: the fit prices requests with the profile's own counting.
+    tokens = fit_tokens(options.workload, [r for level in levels for r in level.records])
+    tokens = tokens.model_copy(update={"natural_output_tokens": natural_output_tokens(levels)})
+    observed = observations(levels, tokens)
     facts = engine_facts(folders)
     max_running = facts.running_cap or options.max_running
     if max_running is None:
@@ -119,8 +122,6 @@ def calibrate(options: CalibrateOptions, say: Say) -> tuple[CapacityProfile, Fit
         raise CalibrationError("the replicas report no mm-cache counters: give --mm-cache-items")
     limits = Limits(max_running, options.max_batched_tokens, items)
     fitted = fit(observed, limits, bootstrap=options.bootstrap)
-    tokens = fit_tokens(options.workload, [r for f in folders for r in RunFolder(f).records()])
-    tokens = tokens.model_copy(update={"natural_output_tokens": natural_output_tokens(folders)})
     model, version = _engine_facts(options.target, cluster, say)
     profile = _profile(options, fitted, limits, rates, len(observed), cluster.replicas, model, version)
     profile = profile.model_copy(update={"tokens": tokens})

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import nnls  # type: ignore[import-untyped]  # scipy ships no type hints (scipy-stubs not installed)
@@ -80,7 +80,6 @@ class Fit:
     """Median relative error of the fitted first-token times."""
     e2e_error: float
     """Median relative error of the fitted last-token times."""
-    history: list[tuple[float, ...]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -219,13 +218,12 @@ def fit(
     if len(observations) < len(TERMS):
         raise ValueError(f"need at least {len(TERMS)} measured requests to fit, got {len(observations)}")
     beta = np.asarray([*(start or StepCosts(0.01, 0.001, 0.0, 0.005, 0.0001, 0.0001, 0.5)).coefficients(), 0.0, 0.0])
-    history: list[tuple[float, ...]] = []
     levels = sorted({o.level for o in observations})
     if start is None and len(levels) > 2:
         light = [o for o in observations if o.level in levels[:2]]
         if len(light) >= 4 * len(TERMS):
-            beta, _ = _alternate(light, limits, beta, iterations, tolerance, history)
-    beta, done = _alternate(observations, limits, beta, iterations, tolerance, history)
+            beta, _ = _alternate(light, limits, beta, iterations, tolerance)
+    beta, done = _alternate(observations, limits, beta, iterations, tolerance)
     traces, _ = replay(observations, _to_costs(beta), (float(beta[-2]), float(beta[-1])), limits)
     x, y, owners = _design(observations, traces)
     # The estimate is the solve on the settled schedule, the same solve the bootstrap repeats.
@@ -244,7 +242,6 @@ def fit(
         rows=len(y),
         ttft_error=float(np.median(relative[is_ttft])),
         e2e_error=float(np.median(relative[~is_ttft])) if np.any(~is_ttft) else math.nan,
-        history=history,
     )
 
 
@@ -254,7 +251,6 @@ def _alternate(
     beta: np.ndarray,
     iterations: int,
     tolerance: float,
-    history: list[tuple[float, ...]],
 ) -> tuple[np.ndarray, int]:
     """Replay with `beta`, solve, repeat (damped) until it stops moving; the best round's `beta`."""
     best: tuple[float, np.ndarray] | None = None
@@ -270,7 +266,6 @@ def _alternate(
             new = 0.5 * new + 0.5 * beta
         moved = float(np.max(np.abs(new - beta) / np.maximum(np.abs(beta), 1e-6)))
         beta = new
-        history.append(tuple(float(b) for b in beta))
         if moved < tolerance:
             break
     traces, _ = replay(observations, _to_costs(beta), (float(beta[-2]), float(beta[-1])), limits)

@@ -17,7 +17,7 @@ from pathlib import Path
 from loadtests.planner.fit import Observation
 from loadtests.records import Record
 from loadtests.runfolder import RunFolder, Scrape
-from loadtests.schedule import ImageRef, build_schedule
+from loadtests.schedule import ImageRef, PlannedRequest, build_schedule
 from loadtests.workload import Workload, load_workload
 from qvl.images import DEFAULT_MAX_PIXELS, tokens_for_size
 from serving.sim.core import CoreImage
@@ -51,20 +51,35 @@ def image_digest(workload: Workload, ref: ImageRef) -> bytes:
     return f"{workload.seed}:{ref.id}:{ref.bucket}:{ref.format}".encode()
 
 
-def observations(folders: Sequence[Path]) -> list[Observation]:
-    """Every answered streamed request of `folders` (lightest level first), on one timeline."""
-    found: list[Observation] = []
-    offset = 0.0
-    for level, path in enumerate(folders):
+@dataclass(frozen=True)
+class Level:
+    """One measured level, read once: its workload (as run), planned requests and records."""
+
+    workload: Workload
+    plans: list[PlannedRequest]
+    records: list[Record]
+
+
+def read_levels(folders: Sequence[Path]) -> list[Level]:
+    """The run folders' workloads, schedules and records, in the order given (lightest level first)."""
+    levels = []
+    for path in folders:
         folder = RunFolder(path)
         workload = load_workload(folder.file("workload.yaml"))
-        plans = build_schedule(workload)
-        records = folder.records()
-        counting = fit_tokens(workload, records)
+        levels.append(Level(workload, build_schedule(workload), folder.records()))
+    return levels
+
+
+def observations(levels: Sequence[Level], counting: Tokens) -> list[Observation]:
+    """Every answered streamed request of `levels`, on one timeline, priced with `counting`."""
+    found: list[Observation] = []
+    offset = 0.0
+    for number, level in enumerate(levels):
+        workload = level.workload
         tokens = {b.name: counting.image_tokens(b.width, b.height) for b in workload.images.buckets}
         texts = {t.name: counting.text_tokens(t.prompt) for t in workload.tasks}
         end = 0.0
-        for record in records:
+        for record in level.records:
             end = max(end, record.sent_s + record.e2e_ms / 1000)
             if (
                 record.status != 200
@@ -75,7 +90,7 @@ def observations(folders: Sequence[Path]) -> list[Observation]:
                 or record.prompt_tokens is None
             ):
                 continue
-            plan = plans[record.index]
+            plan = level.plans[record.index]
             images = tuple(CoreImage(image_digest(workload, ref), tokens[ref.bucket]) for ref in plan.images)
             found.append(
                 Observation(
@@ -86,7 +101,7 @@ def observations(folders: Sequence[Path]) -> list[Observation]:
                     output_tokens=record.output_tokens,
                     text_tokens=texts[record.task],
                     images=images,
-                    level=level,
+                    level=number,
                 )
             )
         offset += end + LEVEL_GAP_S
@@ -177,17 +192,16 @@ def fit_tokens(workload: Workload, records: Sequence[Record]) -> Tokens:
     )
 
 
-def natural_output_tokens(folders: Sequence[Path]) -> int | None:
+def natural_output_tokens(levels: Sequence[Level]) -> int | None:
     """Where the measured model stopped on its own: the one answer length every request cut short of its
     max_tokens had (the simulated engine stops at its `output_tokens`); None when answers ran to max_tokens
     (the tiny model's random answers do) or stopped at lengths that vary (a real model's do: then the
     workload's max_tokens distribution stands for the answer lengths)."""
     short: set[int] = set()
-    for path in folders:
-        folder = RunFolder(path)
-        plans = build_schedule(load_workload(folder.file("workload.yaml")))
-        for record in folder.records():
-            if record.status == 200 and record.output_tokens and record.output_tokens < plans[record.index].max_tokens:
+    for level in levels:
+        for record in level.records:
+            cap = level.plans[record.index].max_tokens
+            if record.status == 200 and record.output_tokens and record.output_tokens < cap:
                 short.add(record.output_tokens)
     return short.pop() if len(short) == 1 else None
 

@@ -6,7 +6,7 @@ preparing them again.
 Stand-ins for what a real run measures, each a plain function so that calibration can share it:
 - text and image tokens: as the profile's `tokens` count them (a calibration fits them to what the measured
   model reported; the default is the simulated engine's own count, 4 characters a token and Qwen3-VL's
-  resize bounds); `text_tokens={task: count}` overrides a task's count;
+  resize bounds);
 - an image's digest: SHA-256 of the workload seed and the image id. The same id is the same photo (as the
   ImageStore renders the same bytes for it), so caches and the image-affinity ring recognise it; no pixels
   are rendered;
@@ -21,7 +21,7 @@ Stand-ins for what a real run measures, each a plain function so that calibratio
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from cache.keys import cache_key
@@ -118,7 +118,6 @@ def prepare(
     plans: Sequence[PlannedRequest] | None = None,
     *,
     tokens: Tokens | None = None,
-    text_tokens: Mapping[str, int] | None = None,
     natural_tokens: int | None = None,
     cache: CacheSettings | None = None,
 ) -> Scenario:
@@ -129,7 +128,6 @@ def prepare(
     counting = Tokens() if tokens is None else tokens
     natural = counting.natural_output_tokens if natural_tokens is None else natural_tokens
     counts = {t.name: counting.text_tokens(t.prompt) for t in workload.tasks}
-    counts.update(text_tokens or {})
     images = _Images(workload, counting)
     blank = _NoPixels(workload)
     keys: dict[tuple[object, ...], str | None] = {}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from loadtests.planner.validate import metrics_of, predict, relative_errors
 from loadtests.runner import LoadtestOptions, run_loadtest
+from loadtests.scrape import discover
 from loadtests.slo import Objective
 from loadtests.workload import Workload, with_load
 from qvl.procs import free_port, spawn
@@ -143,8 +144,6 @@ def _failures(runs: Sequence[FleetRun], options: VerifyOptions) -> list[str]:
 def _fleet(options: VerifyOptions, replicas: int, workdir: Path) -> Iterator[tuple[str, str, bool]]:
     """(router URL, its routing policy, whether its answer cache is on) for `replicas` replicas."""
     if options.target:
-        from loadtests.scrape import discover
-
         cluster = discover(options.target, options.api_key)
         yield options.target, cluster.policy or "least-loaded", True
         return
@@ -178,8 +177,6 @@ def _fleet(options: VerifyOptions, replicas: int, workdir: Path) -> Iterator[tup
     )
     try:
         child.wait_ready(START_TIMEOUT_S, "/ready")
-        from loadtests.scrape import discover
-
         cluster = discover(child.url, options.api_key)
         yield child.url, cluster.policy or "least-loaded", False
     finally:
