@@ -15,12 +15,14 @@ install: system-deps $(STAMP)
 # redis-sentinel: the failover test starts three sentinels (redis+sentinel:// URLs).
 # prometheus (with promtool): checks of deploy/prometheus, and the live dashboard tests run their own.
 # docker-compose: validates deploy/compose.yaml offline (`docker-compose config`; no Docker engine needed).
+# chromium: the console's browser tests drive Debian's Chromium with Playwright (no browser download).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v redis-sentinel >/dev/null 2>&1 || missing="$$missing redis-sentinel"; \
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing (apt-get)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

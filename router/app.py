@@ -29,6 +29,10 @@ from router.admission import Admission
 from router.audit import build_audit_log
 from router.auth import KeyRing
 from router.chat import CHAT_PATH, ChatCompletions
+from router.console.live import Live
+from router.console.pages import mount_console
+from router.console.service import Console
+from router.console.session import Sessions
 from router.discovery import RegistryWatch
 from router.errors import (
     InvalidRequest,
@@ -90,7 +94,11 @@ def create_app(settings: Settings) -> FastAPI:
         )
         quotas = Quotas(settings.router.quota, routers=lambda: quota_routers(settings, watch))
         await audit.start()
-        app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache, keys, quotas, audit)
+        console = None
+        if settings.router.console.enabled:
+            live = Live(settings.router.console, metrics.registry, lambda: pool.replicas, client)
+            console = Console(settings.router.console, Sessions(settings.router.console, keys), live)
+        app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache, keys, quotas, audit, console)
         if watch is not None:
             await watch.announce()
             await watch.refresh()
@@ -101,6 +109,8 @@ def create_app(settings: Settings) -> FastAPI:
         ]
         if watch is not None:
             checks.append(asyncio.create_task(watch.run(), name="registry-watch"))
+        if console is not None:
+            checks.append(asyncio.create_task(console.live.run(), name="console-sampling"))
         try:
             yield
         finally:
@@ -119,6 +129,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = RouterAPI(title="qvl-cluster router", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Registered for method checks (GET answers 405); POSTs are dispatched before the middleware stack.
     app.router.routes.append(Route(CHAT_PATH, app.chat, methods=["POST"]))
+    if settings.router.console.enabled:
+        mount_console(app)
 
     # Every error answer, FastAPI's own included, is built by router/errors.py's error_answer.
     @app.exception_handler(RouterError)

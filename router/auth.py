@@ -10,6 +10,10 @@ key never has to be on disk either. A key is known to logs, metrics and the audi
         models: [Qwen/Qwen3-VL-8B-Instruct] # optional: every model when left out (or ["*"])
         requests_per_minute: 600            # optional: quota.requests_per_minute when left out
         image_tokens_per_minute: 400000     # optional: quota.image_tokens_per_minute when left out
+        role: operator                      # optional: viewer (the default) or operator (see below)
+
+`role` is the key's standing in the web console (router/console/): a viewer signs in to the playground
+only; an operator also sees the operations page. Keys from QVL_API_KEYS are viewers.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -28,6 +32,8 @@ from router.errors import PermissionDenied, Unauthenticated
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _BEARER = b"bearer "
+Role = Literal["viewer", "operator"]
+ROLES: tuple[Role, ...] = ("viewer", "operator")
 
 
 class AuthConfigError(ValueError):
@@ -41,10 +47,14 @@ class ApiKey:
     """None: every model."""
     requests_per_minute: float | None = None
     image_tokens_per_minute: float | None = None
+    role: Role = "viewer"
+    digest: str = ""
+    """SHA-256 hex of the key ("" for ANONYMOUS): ties a console session to this very key."""
 
 
-ANONYMOUS = ApiKey(id="", models=None)
-"""The caller when auth is off: no id, every model, the default quotas."""
+ANONYMOUS = ApiKey(id="", models=None, role="operator")
+"""The caller when auth is off: no id, every model, the default quotas; the console lets it see everything,
+as the router's other endpoints do."""
 
 
 def key_hash(key: str) -> str:
@@ -56,6 +66,7 @@ class KeyRing:
 
     def __init__(self, keys: dict[str, ApiKey], enabled: bool) -> None:
         self._keys = keys
+        self._by_id = {key.id: key for key in keys.values()}
         self.enabled = enabled
 
     @classmethod
@@ -67,7 +78,7 @@ class KeyRing:
         for key in (k.strip() for k in settings.api_keys.get_secret_value().split(",")):
             if key:
                 digest = key_hash(key)
-                keys.setdefault(digest, ApiKey(id=f"env-{digest[:8]}", models=None))
+                keys.setdefault(digest, ApiKey(id=f"env-{digest[:8]}", models=None, digest=digest))
         if settings.router.auth.enabled and not keys:
             raise AuthConfigError(
                 "auth is on but no API key is configured: set QVL_API_KEYS or auth.keys_file, "
@@ -90,6 +101,12 @@ class KeyRing:
         if found is None:
             raise Unauthenticated("invalid API key", code="invalid_api_key")
         return found
+
+    def by_id(self, key_id: str) -> ApiKey | None:
+        """The key with this id (ANONYMOUS for "" while auth is off), or None."""
+        if not self.enabled:
+            return ANONYMOUS if key_id == "" else None
+        return self._by_id.get(key_id)
 
     @staticmethod
     def authorize(key: ApiKey, model: str) -> None:
@@ -114,7 +131,15 @@ def _read_keys_file(path: Path) -> dict[str, ApiKey]:
         where = f"keys file {path}, keys[{i}]"
         if not isinstance(entry, dict):
             raise AuthConfigError(f"{where} must be a mapping")
-        unknown = set(entry) - {"id", "key", "sha256", "models", "requests_per_minute", "image_tokens_per_minute"}
+        unknown = set(entry) - {
+            "id",
+            "key",
+            "sha256",
+            "models",
+            "requests_per_minute",
+            "image_tokens_per_minute",
+            "role",
+        }
         if unknown:
             raise AuthConfigError(f"{where} has unknown fields {sorted(unknown)}")
         key_id = entry.get("id")
@@ -131,6 +156,8 @@ def _read_keys_file(path: Path) -> dict[str, ApiKey]:
             models=_models(entry.get("models"), where),
             requests_per_minute=_rate(entry.get("requests_per_minute"), f"{where}: requests_per_minute"),
             image_tokens_per_minute=_rate(entry.get("image_tokens_per_minute"), f"{where}: image_tokens_per_minute"),
+            role=_role(entry.get("role", "viewer"), where),
+            digest=digest,
         )
     return keys
 
@@ -154,6 +181,13 @@ def _models(value: object, where: str) -> frozenset[str] | None:
     if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
         raise AuthConfigError(f"{where}: models must be a list of model names")
     return None if "*" in value else frozenset(value)
+
+
+def _role(value: object, where: str) -> Role:
+    for role in ROLES:
+        if value == role:
+            return role
+    raise AuthConfigError(f"{where}: role must be one of {', '.join(ROLES)}")
 
 
 def _rate(value: object, where: str) -> float | None:

@@ -68,7 +68,12 @@ class ChatCompletions:
         request: ChatRequest | None = None
         try:
             # Who is asking comes first: an unknown caller costs no body parsing.
-            key = state.keys.authenticate(headers.get(b"authorization"))
+            authorization = headers.get(b"authorization")
+            if authorization is None and state.console is not None and b"cookie" in headers:
+                # The console's playground: its session cookie stands for the key, with the CSRF header.
+                key = state.console.sessions.chat_key(headers)
+            else:
+                key = state.keys.authenticate(authorization)
             body = await _read_body(receive, settings.router.max_request_bytes, headers.get(b"content-length"))
             if settings.router.fetch.enabled:
                 # Remote images become data URLs here, once: replicas never fetch anything.

@@ -4,8 +4,11 @@ Hierarchy (the `type` string is stable: clients match on it and metrics use it a
 
     RouterError                      500 internal_error
     ├── InvalidRequest               400 invalid_request_error   bad JSON, bad fields, bad image, bad parameters
-    ├── Unauthenticated              401 authentication_error    no API key, or not a valid one
-    ├── PermissionDenied             403 permission_denied       the key may not use the model
+    ├── Unauthenticated              401 authentication_error    no API key, or not a valid one (or, in the
+    │                                                            console, no valid session cookie)
+    ├── PermissionDenied             403 permission_denied       the key may not use the model, a console viewer
+    │                                                            asked for an operator's page, or a console
+    │                                                            write came without its CSRF token
     ├── NotFound                     404 not_found               no such path
     ├── ModelNotFound                404 model_not_found         no replica serves the model
     ├── MethodNotAllowed             405 method_not_allowed      the path does not take this method (Allow)
@@ -62,8 +65,15 @@ InvalidRequestCode = Literal[
     "image_fetch_timeout",
     "image_fetch_failed",
 ]
-UnauthenticatedCode = Literal["missing_api_key", "invalid_api_key"]
-PermissionDeniedCode = Literal["model_not_allowed"]
+UnauthenticatedCode = Literal[
+    "missing_api_key",
+    "invalid_api_key",
+    # the console's session cookie (router/console/session.py)
+    "console_session_missing",
+    "console_session_invalid",
+    "console_session_expired",
+]
+PermissionDeniedCode = Literal["model_not_allowed", "operator_only", "csrf_token_invalid"]
 NotFoundCode = Literal["unknown_path"]
 ModelNotFoundCode = Literal["model_not_found"]
 MethodNotAllowedCode = Literal["method_not_allowed"]

@@ -43,8 +43,9 @@ _ERROR_REF = {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}
 _MEANING: dict[type[RouterError], str] = {
     RouterError: "a bug in the router",
     InvalidRequest: "the body is not JSON, a field is missing or malformed, or an image is refused",
-    Unauthenticated: "no API key, or not a valid one",
-    PermissionDenied: "the API key may not use this model",
+    Unauthenticated: "no API key, or not a valid one (the console: no valid session cookie)",
+    PermissionDenied: "the API key may not use this model, or (the console) its role may not see this, or a write "
+    "came without the session's CSRF token",
     NotFound: "no such path",
     ModelNotFound: "no replica serves the model",
     MethodNotAllowed: "the path does not take this method (the `Allow` header lists those it takes)",
@@ -63,10 +64,10 @@ _PASSTHROUGH = (
     " A replica's own 4xx answer is passed through unchanged (vLLM's error object, whose `code` is the status number)."
 )
 _NOT_CHAT: frozenset[ErrorCode] = frozenset(
-    {"unknown_path", "method_not_allowed", "invalid_parameters", "internal_error"}
+    {"unknown_path", "method_not_allowed", "invalid_parameters", "internal_error", "operator_only"}
 )
 """Codes the chat operation does not document: FastAPI's routing and parameters (the chat endpoint parses its
-own body and takes one path and method), and a bug's 500, which no operation promises."""
+own body and takes one path and method), a bug's 500, which no operation promises, and the console's role check."""
 
 
 def error_descriptions(codes: Iterable[ErrorCode]) -> dict[str, str]:
@@ -88,14 +89,19 @@ def error_descriptions(codes: Iterable[ErrorCode]) -> dict[str, str]:
 
 
 _CHAT_ERRORS = error_descriptions(code for code in CODES if code not in _NOT_CHAT)
+_CONSOLE_SESSION: list[ErrorCode] = ["console_session_missing", "console_session_invalid", "console_session_expired"]
 _CHAT_ERRORS["400"] += _PASSTHROUGH
 # FastAPI routes that check the API key or can refuse (router/app.py): their error answers, added to FastAPI's.
 _ROUTE_ERRORS = {
     "/ready": error_descriptions(["no_healthy_replica"]),
     "/v1/models": error_descriptions(["missing_api_key", "invalid_api_key"]),
     "/v1/cluster": error_descriptions(["missing_api_key", "invalid_api_key"]),
+    "/console/api/session": error_descriptions(_CONSOLE_SESSION),
+    "/console/api/playground": error_descriptions(_CONSOLE_SESSION),
+    "/console/api/operations": error_descriptions([*_CONSOLE_SESSION, "operator_only"]),
 }
 _AUTHENTICATED = ("/v1/models", "/v1/cluster")
+CONSOLE_SESSION = "ConsoleSession"
 _VALIDATION_ERRORS = error_descriptions(["invalid_parameters"])
 """Replaces FastAPI's generated 422: a route's parameters that do not validate get a 400 (router/app.py)."""
 
@@ -112,6 +118,13 @@ def with_chat_completions(generated: dict[str, Any]) -> dict[str, Any]:
         "scheme": "bearer",
         "description": "An API key from QVL_API_KEYS or auth.keys_file; not needed when auth.enabled is false.",
     }
+    components["securitySchemes"][CONSOLE_SESSION] = {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": "qvl_console",
+        "description": "The console's session cookie, set by signing in at /console/signin with an API key. "
+        "POST /v1/chat/completions also takes it in place of the key, with the session's `x-csrf-token` header.",
+    }
     paths = schema.setdefault("paths", {})
     for item in paths.values():
         for operation in item.values():
@@ -127,6 +140,8 @@ def with_chat_completions(generated: dict[str, Any]) -> dict[str, Any]:
         operation.setdefault("responses", {}).update(_error_responses(errors))
         if path in _AUTHENTICATED:
             operation["security"] = [{BEARER: []}, {}]
+        elif path.startswith("/console/"):
+            operation["security"] = [{CONSOLE_SESSION: []}]
     paths[CHAT_PATH] = {"post": _chat_operation()}
     return schema
 

@@ -24,6 +24,19 @@ from router.upstream import ConnectFailed, ConnectionLost, Origin, UpstreamClien
 log = logging.getLogger("qvl.router.replicas")
 
 
+@dataclass(frozen=True, slots=True)
+class EngineGauges:
+    """What a replica's /metrics page says about its engine, summed over label sets. None: not on the page."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float | None = None
+    """vllm:kv_cache_usage_perc (0..1; the fullest engine where several report)."""
+    mm_cache_queries: float | None = None
+    """vllm:mm_cache_queries_total: images (and other media items) looked up in the engine's media cache."""
+    mm_cache_hits: float | None = None
+
+
 @dataclass(eq=False, slots=True)
 class Replica:
     """One engine replica as the router sees it. `in_flight` counts requests this router has open on it."""
@@ -39,6 +52,9 @@ class Replica:
     successes: int = 0
     last_error: str | None = None
     last_check: float = 0.0
+    last_answer: float = 0.0
+    """time.time() of the replica's last passed health check or metrics scrape (0: never)."""
+    engine: EngineGauges = EngineGauges()
     origin: Origin = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,20 +87,39 @@ def replica_name(url: str) -> str:
     return f"{parts.hostname}:{port}"
 
 
-def parse_queue_metrics(text: str) -> tuple[float, float]:
-    """(running, waiting) summed over every label set of vLLM's gauges in a Prometheus text page."""
-    running = waiting = 0.0
+_ENGINE_SERIES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv",
+    "vllm:mm_cache_queries_total": "mm_q",
+    "vllm:mm_cache_queries": "mm_q",
+    "vllm:mm_cache_hits_total": "mm_h",
+    "vllm:mm_cache_hits": "mm_h",
+}
+
+
+def parse_engine_metrics(text: str) -> EngineGauges:
+    """The engine's queue, KV-cache and media-cache series from a vLLM (or `qvl sim`) Prometheus text page."""
+    found: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith("vllm:num_requests_"):
+        if not line.startswith("vllm:"):
             continue
-        name, _, rest = line.partition("{")
-        if not rest:
-            name = line.split(" ", 1)[0]
-        if name == "vllm:num_requests_waiting":
-            waiting += float(line.rsplit(" ", 1)[1])
-        elif name == "vllm:num_requests_running":
-            running += float(line.rsplit(" ", 1)[1])
-    return running, waiting
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        which = _ENGINE_SERIES.get(name)
+        if which is None:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        if which == "kv":
+            found[which] = max(found.get(which, 0.0), value)
+        else:
+            found[which] = found.get(which, 0.0) + value
+    return EngineGauges(
+        running=found.get("running", 0.0),
+        waiting=found.get("waiting", 0.0),
+        kv_cache_usage=found.get("kv"),
+        mm_cache_queries=found.get("mm_q"),
+        mm_cache_hits=found.get("mm_h"),
+    )
 
 
 class ReplicaPool:
@@ -172,6 +207,7 @@ class ReplicaPool:
         except (ConnectFailed, ConnectionLost, TimeoutError, ValueError) as exc:
             self.report_failure(replica, f"health check failed: {exc}")
             return
+        replica.last_answer = time.time()
         self._report_success(replica)
 
     async def _fetch_models(self, replica: Replica) -> frozenset[str]:
@@ -185,11 +221,14 @@ class ReplicaPool:
         return models
 
     async def scrape_load(self, replica: Replica) -> None:
-        """Read the engine's running and waiting gauges from its /metrics page."""
+        """Read the engine's queue, KV-cache and media-cache series from its /metrics page."""
         try:
             status, body = await self._get(replica, b"/metrics")
             if status == 200:
-                replica.running, replica.waiting = parse_queue_metrics(body.decode("utf-8", "replace"))
+                gauges = parse_engine_metrics(body.decode("utf-8", "replace"))
+                replica.engine = gauges
+                replica.running, replica.waiting = gauges.running, gauges.waiting
+                replica.last_answer = time.time()
         except (ConnectFailed, ConnectionLost, TimeoutError, ValueError, IndexError):
             # A stale queue depth only weakens least-loaded; health checks decide ejection.
             return

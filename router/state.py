@@ -8,6 +8,7 @@ from cache.flight import AnswerCache
 from qvl.settings import Settings
 from router.audit import AuditSink
 from router.auth import KeyRing
+from router.console.service import Console
 from router.metrics import RouterMetrics
 from router.proxy import Proxy
 from router.quota import Quotas
@@ -28,3 +29,5 @@ class RouterState:
     keys: KeyRing
     quotas: Quotas
     audit: AuditSink
+    console: Console | None = None
+    """The web console's sessions and live data; None when router.console.enabled is false."""

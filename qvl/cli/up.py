@@ -59,6 +59,12 @@ def run_up(settings: Settings) -> int:
                 )
                 say(f"{child.name} healthy at {child.url} after {seconds:.1f}s")
             router = settings.router.model_copy(update={"replicas": [c.url for c in children]})
+            if exporter is not None and exporter.url not in router.console.gpu_exporters:
+                # The console's operations page shows this host's GPUs from the exporter started here.
+                console = router.console.model_copy(
+                    update={"gpu_exporters": [*router.console.gpu_exporters, exporter.url]}
+                )
+                router = router.model_copy(update={"console": console})
             return _serve_router(settings.model_copy(update={"router": router}), children, exporter)
     except (StartError, PlacementError, AuthConfigError) as exc:
         print(f"qvl: {exc}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from qvl.settings.base import Section, redis_url
 
@@ -136,6 +136,54 @@ class HealthSettings(Section):
     )
 
 
+class ConsoleSettings(Section):
+    enabled: bool = Field(
+        True, description="Serve the web console (playground and operations page) under /console; off: 404 there."
+    )
+    session_secret: SecretStr = Field(
+        SecretStr(""),
+        description="Key that signs console session cookies (16+ characters). Empty: a random one per process, so "
+        "sessions end when the router restarts and only work against the router that signed them; give every "
+        "router behind one address the same value (QVL_ROUTER__CONSOLE__SESSION_SECRET).",
+    )
+    session_ttl_s: float = Field(
+        8 * 3600.0, gt=0, description="Seconds a console sign-in lasts before the key must be entered again."
+    )
+    secure_cookie: bool = Field(
+        False,
+        description="Mark the session cookie Secure (sent over HTTPS only): set it when the router is reached "
+        "through TLS (nginx in deploy/ terminates it).",
+    )
+    refresh_s: float = Field(
+        1.0, gt=0, le=2.0, description="Seconds between refreshes of the operations page (at most 2)."
+    )
+    stale_after_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds without an answer from a replica or GPU exporter before its row is marked stale.",
+    )
+    window_s: float = Field(
+        60.0, ge=10, description="Seconds of history behind the router's rates, ratios and percentiles on the page."
+    )
+    gpu_exporters: list[str] = Field(
+        default_factory=list,
+        description="Base URLs of GPU exporters (`qvl gpu-exporter`) whose GPUs the operations page shows; "
+        "`qvl up` adds the one it starts.",
+    )
+
+    @field_validator("session_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < 16:
+            raise ValueError("session_secret must be empty (random per process) or at least 16 characters")
+        return value
+
+    @field_validator("gpu_exporters")
+    @classmethod
+    def _exporters(cls, value: list[str]) -> list[str]:
+        return _base_urls(value, "GPU exporter")
+
+
 class RouterSettings(Section):
     host: str = Field("127.0.0.1", description="Address the router listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the router listens on.")
@@ -181,15 +229,22 @@ class RouterSettings(Section):
     fetch: FetchSettings = Field(default_factory=FetchSettings, description="http(s) image URL fetching.")
     audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit log.")
     drain: DrainSettings = Field(default_factory=DrainSettings, description="Graceful shutdown.")
+    console: ConsoleSettings = Field(
+        default_factory=ConsoleSettings, description="The web console under /console (same API keys)."
+    )
 
     @field_validator("replicas")
     @classmethod
     def _urls(cls, value: list[str]) -> list[str]:
-        cleaned = []
-        for url in value:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"replica URL must start with http:// or https://, got {url!r}")
-            cleaned.append(url.rstrip("/"))
-        if len(set(cleaned)) != len(cleaned):
-            raise ValueError("replica URLs must be distinct")
-        return cleaned
+        return _base_urls(value, "replica")
+
+
+def _base_urls(value: list[str], what: str) -> list[str]:
+    cleaned = []
+    for url in value:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{what} URL must start with http:// or https://, got {url!r}")
+        cleaned.append(url.rstrip("/"))
+    if len(set(cleaned)) != len(cleaned):
+        raise ValueError(f"{what} URLs must be distinct")
+    return cleaned

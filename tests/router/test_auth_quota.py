@@ -53,7 +53,9 @@ def settings(tmp_path: Path, **auth: object) -> Settings:
 def test_keys_are_kept_hashed_and_known_by_id(tmp_path: Path) -> None:
     ring = KeyRing.from_settings(settings(tmp_path))
     key = ring.authenticate(f"Bearer {GOOD}".encode())
-    assert key == ApiKey("storefront", frozenset({MODEL}), requests_per_minute=120)
+    digest = hashlib.sha256(GOOD.encode()).hexdigest()
+    assert key == ApiKey("storefront", frozenset({MODEL}), requests_per_minute=120, digest=digest)
+    assert key.role == "viewer"  # the console's default
     assert ring.authenticate(f"bearer {OTHER}".encode()).id == "batch"
     assert GOOD not in repr(ring.__dict__) and GOOD not in repr(key)
 

@@ -10,7 +10,7 @@ from qvl.settings import RouterSettings
 from router.edge import ChatRequest, SamplingParams
 from router.hashring import HashRing, digest_point, key_point
 from router.policies import POLICIES, ImageAffinity, LeastLoaded, RoundRobin, Session, build_policy
-from router.replicas import Replica, parse_queue_metrics, replica_name
+from router.replicas import Replica, parse_engine_metrics, replica_name
 
 
 def replicas(n: int) -> list[Replica]:
@@ -157,17 +157,29 @@ def test_replica_name(url: str, name: str) -> None:
     assert replica_name(url) == name
 
 
-def test_parse_queue_metrics_sums_label_sets() -> None:
+def test_parse_engine_metrics_sums_label_sets() -> None:
     text = (
         "# HELP vllm:num_requests_waiting x\n"
         'vllm:num_requests_waiting{model_name="a"} 3.0\n'
         'vllm:num_requests_waiting{model_name="b"} 2.0\n'
         'vllm:num_requests_running{model_name="a"} 7.0\n'
         "vllm:num_requests_running_other 100\n"
+        'vllm:kv_cache_usage_perc{engine="0"} 0.25\n'
+        'vllm:kv_cache_usage_perc{engine="1"} 0.5\n'
+        'vllm:mm_cache_queries_total{engine="0"} 10.0\n'
+        'vllm:mm_cache_hits_total{engine="0"} 4.0\n'
+        'vllm:mm_cache_hits_created{engine="0"} 1.7e9\n'
     )
-    running, waiting = parse_queue_metrics(text)
-    assert waiting == 5.0
-    assert running == 7.0
+    gauges = parse_engine_metrics(text)
+    assert gauges.waiting == 5.0
+    assert gauges.running == 7.0
+    assert gauges.kv_cache_usage == 0.5  # the fullest engine
+    assert (gauges.mm_cache_queries, gauges.mm_cache_hits) == (10.0, 4.0)
+
+
+def test_parse_engine_metrics_leaves_out_what_the_page_lacks() -> None:
+    gauges = parse_engine_metrics('vllm:num_requests_running{model_name="a"} 1.0\n')
+    assert (gauges.kv_cache_usage, gauges.mm_cache_queries, gauges.mm_cache_hits) == (None, None, None)
 
 
 def test_pool_sync_adds_and_drops_registry_members_but_keeps_static_ones() -> None:

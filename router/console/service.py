@@ -1,0 +1,16 @@
+"""The console's components, built once in the router's lifespan and kept on the router's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qvl.settings import ConsoleSettings
+from router.console.live import Live
+from router.console.session import Sessions
+
+
+@dataclass(slots=True)
+class Console:
+    settings: ConsoleSettings
+    sessions: Sessions
+    live: Live

@@ -1,0 +1,130 @@
+// The operations page: GET /console/api/operations every refresh_s, rendered as text into the tables.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let refreshMs = 1000;
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = text;
+  return node;
+}
+const pct = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)} %`);
+const num = (x, digits = 0) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
+const ms = (s) => (s === null || s === undefined ? "–" : s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`);
+const gib = (b) => (b === null || b === undefined ? "–" : `${(b / 2 ** 30).toFixed(1)}`);
+
+function bar(ratio) {
+  const outer = el("span", "bar");
+  const inner = el("i");
+  inner.style.width = `${Math.max(0, Math.min(1, ratio || 0)) * 100}%`; // CSSOM: allowed by the CSP
+  outer.append(inner);
+  return outer;
+}
+
+function cell(row, content) {
+  const td = el("td");
+  if (content instanceof Node) td.append(content); else td.textContent = content;
+  row.append(td);
+  return td;
+}
+
+function staleBadge(row, source) {
+  row.dataset.stale = source.stale ? "true" : "false";
+  if (source.stale) row.classList.add("stale");
+  return source.stale ? el("span", "badge stale", `stale ${Math.round(source.age_s)} s`) : null;
+}
+
+function renderRouter(r) {
+  $("window").textContent = r.seconds ? `last ${Math.round(r.seconds)} s` : "collecting…";
+  const cards = [
+    ["Requests / s", num(r.request_rate, 2), "request-rate"],
+    ["Errors (5xx)", pct(r.error_ratio), "error-ratio"],
+    ["Refused (4xx)", pct(r.refused_ratio), "refused-ratio"],
+    ["TTFT P50", ms(r.ttft_p50_s), "ttft-p50"],
+    ["TTFT P95", ms(r.ttft_p95_s), "ttft-p95"],
+    ["End-to-end P50", ms(r.e2e_p50_s), "e2e-p50"],
+    ["End-to-end P95", ms(r.e2e_p95_s), "e2e-p95"],
+    ["Cache hits", pct(r.cache_hit_ratio), "cache-hit-ratio"],
+  ];
+  $("router-cards").replaceChildren(...cards.map(([label, value, key]) => {
+    const card = el("div", "card");
+    card.dataset.metric = key;
+    card.append(el("span", "v", value), el("span", "k", label));
+    return card;
+  }));
+}
+
+function renderReplicas(replicas) {
+  $("replicas").replaceChildren(...replicas.map((r) => {
+    const row = el("tr");
+    row.dataset.replica = r.name;
+    row.dataset.state = r.state;
+    const name = cell(row, r.name);
+    name.title = r.url;
+    const state = cell(row, el("span", `badge ${r.state}`, r.state));
+    const stale = staleBadge(row, r);
+    if (stale) state.append(stale);
+    if (r.last_error) state.title = r.last_error;
+    cell(row, r.models.join(", ") || "–");
+    cell(row, num(r.in_flight));
+    cell(row, num(r.engine_waiting));
+    cell(row, num(r.engine_running));
+    const kv = cell(row, bar(r.kv_cache_usage));
+    kv.append(pct(r.kv_cache_usage));
+    const mm = cell(row, pct(r.image_cache_hit_ratio));
+    mm.title = `since the engine started: ${pct(r.image_cache_hit_ratio_total)}`;
+    cell(row, `${num(r.age_s, 1)} s ago`);
+    return row;
+  }));
+}
+
+function renderGpus(gpus, exporters) {
+  $("gpus").replaceChildren(...gpus.map((g) => {
+    const row = el("tr");
+    row.dataset.gpu = `${g.host}/${g.gpu}`;
+    cell(row, g.host);
+    const id = cell(row, `${g.gpu} · ${g.name}`);
+    const stale = staleBadge(row, { stale: g.stale, age_s: (exporters.find((e) => e.name === g.exporter) || {}).age_s || 0 });
+    if (stale) id.append(stale);
+    const used = g.memory_used_bytes, total = g.memory_total_bytes;
+    const memory = cell(row, bar(total ? used / total : 0));
+    memory.append(`${gib(used)} / ${gib(total)} GiB`);
+    const util = cell(row, bar(g.utilization));
+    util.append(pct(g.utilization));
+    cell(row, g.temperature_c === undefined ? "–" : `${num(g.temperature_c)} °C`);
+    cell(row, g.power_w === undefined ? "–" : `${num(g.power_w)} / ${num(g.power_limit_w)} W`);
+    cell(row, g.exporter);
+    return row;
+  }));
+  const notes = exporters.map((e) => {
+    if (e.stale) return `${e.name}: stale, no answer for ${Math.round(e.age_s)} s${e.last_error ? ` (${e.last_error})` : ""}`;
+    if (e.nvml_up === false) return `${e.name}: answers, but reads no NVML (no GPU driver there)`;
+    return `${e.name}: ${e.gpus} GPU(s)`;
+  });
+  $("exporters").textContent = exporters.length ? "GPU exporters: " + notes.join("; ") : "No GPU exporter configured (router.console.gpu_exporters).";
+}
+
+async function refresh() {
+  try {
+    const response = await fetch("/console/api/operations", { credentials: "same-origin" });
+    if (response.status === 401) { window.location = "/console/signin"; return; }
+    if (!response.ok) throw new Error(`${response.status}: ${((await response.json()).error || {}).message || "failed"}`);
+    const doc = await response.json();
+    refreshMs = doc.refresh_s * 1000;
+    renderRouter(doc.router);
+    renderReplicas(doc.replicas);
+    renderGpus(doc.gpus, doc.exporters);
+    $("updated").textContent = `updated ${new Date(doc.generated_at * 1000).toLocaleTimeString()} · every ${doc.refresh_s} s`;
+    document.body.dataset.updated = String(doc.generated_at);
+    $("ops-error").hidden = true;
+  } catch (error) {
+    $("ops-error").textContent = `the router did not answer: ${error.message}`;
+    $("ops-error").hidden = false;
+  } finally {
+    setTimeout(refresh, refreshMs);
+  }
+}
+
+refresh();
