@@ -69,8 +69,9 @@ class ChatCompletions:
         try:
             # Who is asking comes first: an unknown caller costs no body parsing.
             authorization = headers.get(b"authorization")
-            if authorization is None and state.console is not None and b"cookie" in headers:
-                # The console's playground: its session cookie stands for the key, with the CSRF header.
+            if authorization is None and state.console is not None and state.keys.enabled and b"cookie" in headers:
+                # The console's playground: its session cookie stands for the key, with the CSRF header
+                # (with auth off nobody needs a credential, so a cookie changes nothing).
                 key = state.console.sessions.chat_key(headers)
             else:
                 key = state.keys.authenticate(authorization)

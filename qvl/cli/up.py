@@ -158,7 +158,8 @@ def _serve_router(settings: Settings, children: list[Child], exporter: Child | N
             url = f"http://{settings.router.host}:{settings.router.port}"
             names = ", ".join(c.url for c in children)
             gpu = f"; GPU metrics {exporter.url}/metrics" if exporter is not None else ""
-            say(f"ready at {url} (policy {settings.router.policy}; replicas {names}{gpu})")
+            console = f"; console {url}/console" if settings.router.console.enabled else ""
+            say(f"ready at {url} (policy {settings.router.policy}; replicas {names}{gpu}{console})")
 
         async def watch_children() -> None:
             reported: set[str] = set()

@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from support.chat import image_chat, png_data_url
-from support.servers import Cluster, Proc, RedisServer
+from support.nvml import start_fake_exporter
+from support.servers import Cluster, Proc, RedisServer, sim_pid
 
 from loadtests.traffic import ShopTraffic
 from qvl.procs import free_port
@@ -48,7 +46,6 @@ from tools.promstack import (
 )
 
 MODEL = "Qwen/Qwen3-VL-4B-Instruct"
-FAKE_NVML = Path(__file__).resolve().parents[1] / "serving" / "fake_nvml"
 FAKE_HOST = "gpu-node-fake"
 REAL_HOST = "cpu-node-real"
 FAKE_GPUS = [
@@ -76,15 +73,6 @@ class Run:
     fake_exporter: Proc
     traffic: ShopTraffic
     killed_replica: str
-
-
-def _replica_pid(port: int) -> int:
-    """The `qvl sim` child of `qvl up` listening on `port`."""
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if "sim" in cmdline and str(port) in cmdline:
-            return int(proc.pid)
-    raise LookupError(f"no qvl sim process on port {port}")
 
 
 def _session_on(router: Proc, replica_url: str) -> str:
@@ -142,12 +130,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("QVL_GPU_EXPORTER__NODE_NAME", REAL_HOST)
             real_exporter = cluster.start("gpu-exporter", ready_path="/metrics")
-            state = tmp / "nvml.json"
-            state.write_text(json.dumps({"init_error": None, "gpus": FAKE_GPUS}))
-            env.setenv("FAKE_NVML_STATE", str(state))
-            env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE_NVML), os.environ.get("PYTHONPATH")])))
-            env.setenv("QVL_GPU_EXPORTER__NODE_NAME", FAKE_HOST)
-            fake_exporter = cluster.start("gpu-exporter", ready_path="/metrics")
+        fake_exporter = start_fake_exporter(cluster, tmp / "nvml.json", FAKE_GPUS, FAKE_HOST)
         targets = {
             "qvl-router": [router.url.removeprefix("http://")],
             "qvl-vllm": [url.removeprefix("http://") for url in replicas],
@@ -157,7 +140,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         prometheus.wait_for('count(up{job=~"qvl-.*"} == 1) == 6', timeout_s=30)
 
         victim = replicas[1]
-        victim_pid = _replica_pid(int(victim.rsplit(":", 1)[1]))
+        victim_pid = sim_pid(int(victim.rsplit(":", 1)[1]))
         session = _session_on(router, victim)
         traffic = ShopTraffic(router.url, MODEL, seed=5)
         faults: dict[str, object] = {}

@@ -44,10 +44,13 @@ get only `not_a_server_error` (their generated entries say JSON where /metrics a
 class LiveRouter:
     proc: Proc
     auth: bool
+    console_cookie: str = ""
+    """The console's session cookie, signed in with the key: its /console/api/* operations need it."""
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {KEY}"} if self.auth else {}
+        cookie = {"Cookie": self.console_cookie} if self.console_cookie else {}
+        return {"Authorization": f"Bearer {KEY}", **cookie} if self.auth else cookie
 
 
 @pytest.fixture(params=[False, True], ids=["auth-off", "auth-on"])
@@ -56,7 +59,10 @@ def live_router(request: pytest.FixtureRequest, cluster: Cluster, monkeypatch: p
     sim = cluster.sim("--zero-delay", "--output-tokens", "8", model=MODEL)
     if auth:
         monkeypatch.setenv("QVL_API_KEYS", KEY)
-    return LiveRouter(cluster.router(sim, auth=auth), auth)
+    proc = cluster.router(sim, auth=auth)
+    signed_in = httpx.post(proc.url + "/console/signin", data={"key": KEY if auth else ""}, timeout=10)
+    assert signed_in.status_code == 303, signed_in.text
+    return LiveRouter(proc, auth, signed_in.headers["set-cookie"].split(";", 1)[0])
 
 
 @pytest.fixture

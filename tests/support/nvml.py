@@ -1,6 +1,16 @@
-"""Whether this machine has a usable NVML (an NVIDIA driver and GPU): GPU-only tests skip without one."""
+"""NVML in tests: whether this machine has a usable one (GPU-only tests skip without), and a GPU exporter
+reading the substitute module of tests/serving/fake_nvml where it has none."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.servers import Cluster, Proc
 
 
 def nvml_works() -> bool:
@@ -13,3 +23,18 @@ def nvml_works() -> bool:
         return False
     pynvml.nvmlShutdown()
     return True
+
+
+FAKE_NVML = Path(__file__).resolve().parents[1] / "serving" / "fake_nvml"
+"""The folder of the substitute `pynvml` (tests/serving/fake_nvml/pynvml.py)."""
+
+
+def start_fake_exporter(cluster: Cluster, state: Path, gpus: list[dict[str, Any]], host: str) -> Proc:
+    """A real `qvl gpu-exporter` process reading the substitute NVML, whose GPUs are `gpus` (the JSON in
+    `state`, which a test may rewrite between scrapes); its series carry `host`."""
+    state.write_text(json.dumps({"init_error": None, "gpus": gpus}))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FAKE_NVML_STATE", str(state))
+        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE_NVML), os.environ.get("PYTHONPATH")])))
+        env.setenv("QVL_GPU_EXPORTER__NODE_NAME", host)
+        return cluster.start("gpu-exporter", ready_path="/metrics")

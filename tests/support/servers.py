@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 from qvl.procs import Child, free_port, spawn
@@ -115,3 +116,12 @@ class RedisServer:
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+
+def sim_pid(port: int) -> int:
+    """The `qvl sim` process (a child of `qvl up`, say) listening on `port`."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "sim" in cmdline and str(port) in cmdline:
+            return int(proc.pid)
+    raise LookupError(f"no qvl sim process on port {port}")

@@ -61,16 +61,17 @@ async function prepare(file) {
     throw new Error(`${file.name}: not one of ${limits.image_formats.join(", ")}`);
   }
   const bitmap = await createImageBitmap(file);
-  const pixels = bitmap.width * bitmap.height;
+  const { width, height } = bitmap;
+  const pixels = width * height;
   if (pixels <= limits.max_image_pixels && file.size <= limits.max_image_bytes) {
     bitmap.close();
-    return { url: await readAsDataURL(file), note: `${bitmap.width}×${bitmap.height}` };
+    return { url: await readAsDataURL(file), note: `${width}×${height}` };
   }
   let scale = Math.min(1, Math.sqrt(limits.max_image_pixels / pixels));
   for (let attempt = 0; attempt < 6; attempt++) {
     const canvas = document.createElement("canvas");
-    canvas.width = Math.max(1, Math.floor(bitmap.width * scale));
-    canvas.height = Math.max(1, Math.floor(bitmap.height * scale));
+    canvas.width = Math.max(1, Math.floor(width * scale));
+    canvas.height = Math.max(1, Math.floor(height * scale));
     const context = canvas.getContext("2d");
     context.fillStyle = "#fff"; // JPEG has no alpha: transparent parts become white
     context.fillRect(0, 0, canvas.width, canvas.height);
@@ -78,7 +79,7 @@ async function prepare(file) {
     const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.9));
     if (blob.size <= limits.max_image_bytes) {
       bitmap.close();
-      return { url: await readAsDataURL(blob), note: `scaled ${bitmap.width}×${bitmap.height} → ${canvas.width}×${canvas.height}` };
+      return { url: await readAsDataURL(blob), note: `scaled ${width}×${height} → ${canvas.width}×${canvas.height}` };
     }
     scale *= 0.7;
   }
