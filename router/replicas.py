@@ -234,14 +234,7 @@ class ReplicaPool:
             return
 
     async def _get(self, replica: Replica, path: bytes) -> tuple[int, bytes]:
-        response = await self._client.request(replica.origin, b"GET", path, deadline_s=self._check_timeout_s)
-        try:
-            body = await response.read()
-        except BaseException:
-            response.close()
-            raise
-        response.release()
-        return response.status, body
+        return await self._client.get(replica.origin, path, deadline_s=self._check_timeout_s)
 
     async def run(self) -> None:
         """Check health and scrape load forever, each on its own interval; cancel to stop."""

@@ -244,6 +244,17 @@ class UpstreamClient:
         conn = await self._connect(origin)
         return await self._exchange(conn, head, body, deadline_s)
 
+    async def get(self, origin: Origin, path: bytes, *, deadline_s: float) -> tuple[int, bytes]:
+        """GET `path` and read the whole answer: (status, body). For small pages (health, metrics)."""
+        response = await self.request(origin, b"GET", path, deadline_s=deadline_s)
+        try:
+            body = await response.read()
+        except BaseException:
+            response.close()
+            raise
+        response.release()
+        return response.status, body
+
     async def close(self) -> None:
         """Close every idle connection."""
         for conns in self._idle.values():

@@ -74,17 +74,9 @@ class GpuExporters:
 
     async def _scrape(self, exporter: GpuExporter) -> None:
         try:
-            response = await self._client.request(
-                self._origins[exporter.url], b"GET", b"/metrics", deadline_s=self._timeout_s
-            )
-            try:
-                body = await response.read()
-            except BaseException:
-                response.close()
-                raise
-            response.release()
-            if response.status != 200:
-                raise ValueError(f"/metrics answered {response.status}")
+            status, body = await self._client.get(self._origins[exporter.url], b"/metrics", deadline_s=self._timeout_s)
+            if status != 200:
+                raise ValueError(f"/metrics answered {status}")
             exporter.nvml_up, exporter.gpus = parse_gpus(body.decode("utf-8", "replace"))
         except (ConnectFailed, ConnectionLost, TimeoutError, ValueError) as exc:
             exporter.last_error = str(exc) or type(exc).__name__

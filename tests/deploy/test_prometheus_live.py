@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from support.chat import image_chat, png_data_url
-from support.nvml import start_fake_exporter
+from support.nvml import fake_gpu, start_fake_exporter
 from support.servers import Cluster, Proc, RedisServer, sim_pid
 
 from loadtests.traffic import ShopTraffic
@@ -48,12 +48,7 @@ from tools.promstack import (
 MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 FAKE_HOST = "gpu-node-fake"
 REAL_HOST = "cpu-node-real"
-FAKE_GPUS = [
-    {"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-fake-0", "utilization": 87, "memory_used": 71 * 2**30,
-     "memory_total": 80 * 2**30, "temperature": 66, "power_mw": 512_000, "power_limit_mw": 700_000, "errors": {}},
-    {"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-fake-1", "utilization": 41, "memory_used": 70 * 2**30,
-     "memory_total": 80 * 2**30, "temperature": 58, "power_mw": 301_000, "power_limit_mw": 700_000, "errors": {}},
-]  # fmt: skip
+FAKE_GPUS = [fake_gpu("GPU-fake-0", 87, 71, 80, 66, 512, 700), fake_gpu("GPU-fake-1", 41, 70, 80, 58, 301, 700)]
 SIM_SETTINGS = """\
 up: {engine: sim, replicas: 3, model: "Qwen/Qwen3-VL-4B-Instruct"}
 # session: the fault probes below are pinned to the victim by their session id; the shop traffic

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Playwright, Request, Response, expect, sync_playwright
 from support.console import OPERATOR, VIEWER, console_keys
-from support.nvml import start_fake_exporter
+from support.nvml import fake_gpu, start_fake_exporter
 from support.polling import wait_for
 from support.servers import Cluster, Proc, sim_pid
 
@@ -34,11 +34,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 MAX_PIXELS = 1_000_000
 GPUS = [
-    {"name": "NVIDIA L40S", "uuid": "GPU-console-0", "utilization": 73, "memory_used": 31 * 2**30,
-     "memory_total": 48 * 2**30, "temperature": 61, "power_mw": 255_000, "power_limit_mw": 350_000, "errors": {}},
-    {"name": "NVIDIA L40S", "uuid": "GPU-console-1", "utilization": 12, "memory_used": 9 * 2**30,
-     "memory_total": 48 * 2**30, "temperature": 44, "power_mw": 98_000, "power_limit_mw": 350_000, "errors": {}},
-]  # fmt: skip
+    fake_gpu("GPU-console-0", 73, 31, 48, 61, 255, 350, name="NVIDIA L40S"),
+    fake_gpu("GPU-console-1", 12, 9, 48, 44, 98, 350, name="NVIDIA L40S"),
+]
 GPU_HOST = "gpu-node-a"
 NO_VALUE = "\u2013"  # what the page shows for a value not known yet
 

@@ -29,6 +29,18 @@ FAKE_NVML = Path(__file__).resolve().parents[1] / "serving" / "fake_nvml"
 """The folder of the substitute `pynvml` (tests/serving/fake_nvml/pynvml.py)."""
 
 
+def fake_gpu(
+    uuid: str, utilization: int, memory_used_gib: int, memory_total_gib: int, temperature: int, power_w: int,
+    power_limit_w: int, name: str = "NVIDIA H100 80GB HBM3",
+) -> dict[str, Any]:  # fmt: skip
+    """One GPU of the substitute NVML's state file, in the units its functions return."""
+    return {
+        "name": name, "uuid": uuid, "utilization": utilization, "memory_used": memory_used_gib * 2**30,
+        "memory_total": memory_total_gib * 2**30, "temperature": temperature, "power_mw": power_w * 1000,
+        "power_limit_mw": power_limit_w * 1000, "errors": {},
+    }  # fmt: skip
+
+
 def start_fake_exporter(cluster: Cluster, state: Path, gpus: list[dict[str, Any]], host: str) -> Proc:
     """A real `qvl gpu-exporter` process reading the substitute NVML, whose GPUs are `gpus` (the JSON in
     `state`, which a test may rewrite between scrapes); its series carry `host`."""
