@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,11 @@ from qvl.settings import Settings
 from router.admission import Admission
 from router.audit import build_audit_log
 from router.auth import KeyRing
+from router.batch.api import mount_batches
+from router.batch.files import FileStore
+from router.batch.jobs import build_job_store
+from router.batch.runner import Runner
+from router.batch.service import Batches
 from router.chat import CHAT_PATH, ChatCompletions
 from router.console.live import Live
 from router.console.pages import mount_console
@@ -98,7 +104,17 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.router.console.enabled:
             live = Live(settings.router.console, metrics.registry, lambda: pool.replicas, client)
             console = Console(settings.router.console, Sessions(settings.router.console, keys), live)
-        app.state.qvl = RouterState(settings, pool, proxy, metrics, client, cache, keys, quotas, audit, console)
+        batches = None
+        if settings.router.batch.enabled:
+            assert isinstance(app, RouterAPI)
+            conf = settings.router.batch
+            files = FileStore(Path(conf.files_dir))
+            jobs = build_job_store(conf.state, conf.key_prefix)
+            runner = Runner(app.chat, jobs, files, keys, lambda: pool.replicas, settings.router, metrics)
+            batches = Batches(files, jobs, runner)
+        app.state.qvl = RouterState(
+            settings, pool, proxy, metrics, client, cache, keys, quotas, audit, batches, console
+        )
         if watch is not None:
             await watch.announce()
             await watch.refresh()
@@ -111,6 +127,8 @@ def create_app(settings: Settings) -> FastAPI:
             checks.append(asyncio.create_task(watch.run(), name="registry-watch"))
         if console is not None:
             checks.append(asyncio.create_task(console.live.run(), name="console-sampling"))
+        if batches is not None:
+            checks.append(asyncio.create_task(batches.runner.run(), name="batch-runner"))
         try:
             yield
         finally:
@@ -125,12 +143,16 @@ def create_app(settings: Settings) -> FastAPI:
                 await store.close()
             if watch is not None:
                 await watch.close()
+            if batches is not None:
+                await batches.jobs.close()
 
     app = RouterAPI(title="qvl-cluster router", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Registered for method checks (GET answers 405); POSTs are dispatched before the middleware stack.
     app.router.routes.append(Route(CHAT_PATH, app.chat, methods=["POST"]))
     if settings.router.console.enabled:
         mount_console(app)
+    if settings.router.batch.enabled:
+        mount_batches(app)
 
     # Every error answer, FastAPI's own included, is built by router/errors.py's error_answer.
     @app.exception_handler(RouterError)

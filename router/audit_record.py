@@ -38,6 +38,8 @@ class AuditRecord:
     latency_ms: float
     prompt_tokens: int | None
     completion_tokens: int | None
+    batch_id: str = ""
+    """The batch this request was a line of ("" for a client's own request)."""
     prompt: str | None = None
     """`prompt_text(doc)`, only when `audit.include_prompts`; never image bytes."""
 
@@ -74,6 +76,7 @@ def audit_record(
     latency_ms: float,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
+    batch_id: str = "",
 ) -> AuditRecord:
     """The record of one request from its parsed body (`None` when it could not be parsed).
 
@@ -93,6 +96,7 @@ def audit_record(
         latency_ms=latency_ms,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
+        batch_id=batch_id,
         prompt=prompt_text(doc) if include_prompts and doc is not None else None,
     )
 

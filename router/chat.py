@@ -8,6 +8,7 @@ the upstream request when the client disconnects, and write one audit line per r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import secrets
@@ -21,6 +22,8 @@ from starlette.types import Message, Receive, Scope, Send
 from router.audit import AuditLogError
 from router.audit_record import audit_record
 from router.auth import ApiKey
+from router.batch.line import BATCH_LINE, BatchLine
+from router.classes import BATCH, FLEX, request_class, shed_flex, with_class
 from router.edge import ChatRequest, parse_chat_request, parse_json_object
 from router.errors import InvalidRequest, RequestTooLarge, RouterError
 from router.exchange import Exchange
@@ -51,7 +54,7 @@ class ChatCompletions:
         request_id = given_id.decode() if _REQUEST_ID.match(given_id) else secrets.token_hex(16)
         exchange = Exchange(state.proxy, state.cache, state.metrics, send, request_id.encode(), started)
         try:
-            await self._serve(state, exchange, headers, receive, arrived)
+            await self._serve(state, exchange, headers, receive, arrived, scope.get(BATCH_LINE))
         except Exception:
             # A bug, not a refusal: answered in the same shape when nothing was sent yet, then raised to be logged.
             if exchange.status == 0:
@@ -59,7 +62,13 @@ class ChatCompletions:
             raise
 
     async def _serve(
-        self, state: RouterState, exchange: Exchange, headers: dict[bytes, bytes], receive: Receive, arrived: float
+        self,
+        state: RouterState,
+        exchange: Exchange,
+        headers: dict[bytes, bytes],
+        receive: Receive,
+        arrived: float,
+        line: BatchLine | None,
     ) -> None:
         started = exchange.started
         settings = state.settings
@@ -69,7 +78,9 @@ class ChatCompletions:
         try:
             # Who is asking comes first: an unknown caller costs no body parsing.
             authorization = headers.get(b"authorization")
-            if authorization is None and state.console is not None and state.keys.enabled and b"cookie" in headers:
+            if line is not None:
+                key = line.key  # a line of a batch job, run inside this router as its owner
+            elif authorization is None and state.console is not None and state.keys.enabled and b"cookie" in headers:
                 # The console's playground: its session cookie stands for the key, with the CSRF header
                 # (with auth off nobody needs a credential, so a cookie changes nothing).
                 key = state.console.sessions.chat_key(headers)
@@ -84,14 +95,25 @@ class ChatCompletions:
                 body = inlined if inlined is not None else body
             session = headers.get(settings.router.session_header.encode())
             request = parse_chat_request(body, session.decode("latin-1") if session else None, settings.router.limits)
+            klass = BATCH if line is not None else request_class(request.doc)
+            request = with_class(request, klass, settings.router.classes)
+            if line is not None:
+                request = dataclasses.replace(request, ticket=line.ticket)
             state.keys.authorize(key, request.model)
+            if klass == FLEX:
+                try:
+                    shed_flex(state.pool.candidates(request.model), state.proxy.waiting, settings.router.classes)
+                except RouterError:
+                    state.metrics.record_admission(FLEX, "shed")
+                    raise
+            state.metrics.record_admitted(klass)
             await state.quotas.charge(key, request.image_tokens)
         except RouterError as exc:
             await exchange.fail(exc)
             elapsed = time.perf_counter() - started
             state.metrics.record_rejection(exc.code or exc.type)
             state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, NO_LOOKUP, exc.type, elapsed, False)
-            await _audit(state, exchange, arrived, key, request)
+            await _audit(state, exchange, arrived, key, request, line)
             return
         exchange.model = request.model if request.model in state.pool.known_models else UNKNOWN_MODEL
         control = headers.get(b"cache-control")
@@ -106,11 +128,16 @@ class ChatCompletions:
             time.perf_counter() - started,
             request.stream,
         )
-        await _audit(state, exchange, arrived, key, request)
+        await _audit(state, exchange, arrived, key, request, line)
 
 
 async def _audit(
-    state: RouterState, exchange: Exchange, arrived: float, key: ApiKey | None, request: ChatRequest | None
+    state: RouterState,
+    exchange: Exchange,
+    arrived: float,
+    key: ApiKey | None,
+    request: ChatRequest | None,
+    line: BatchLine | None,
 ) -> None:
     """One audit line per request, refused ones included; written after the answer went out. Also the
     per-key request count."""
@@ -132,6 +159,7 @@ async def _audit(
         latency_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
+        batch_id=line.batch_id if line is not None else "",
     )
     try:
         await state.audit.write(record)

@@ -62,6 +62,22 @@ class ChatRequest:
     """The parsed body (for the cache key); read-only by convention."""
     image_tokens: int = 0
     """Prompt tokens Qwen3-VL spends on the request's images, from their headers (for image-token quotas)."""
+    klass: str = "interactive"
+    """The priority class (router/classes.py): interactive, flex or batch; set after parsing."""
+    ticket: BatchTicket | None = field(default=None, compare=False, repr=False)
+    """A batch line's ticket (router/batch/): the proxy notes where the line went."""
+
+
+@dataclass(eq=False, slots=True)
+class BatchTicket:
+    """What the batch runner and the proxy share about one line in flight."""
+
+    floor: bool = False
+    """Sent under the aging floor: it may take one slot on a replica without room."""
+    replica: str = ""
+    """The replica the proxy sent it to ("" until then)."""
+    aborted: bool = False
+    """The runner took it back (the replica ran out of room); it runs again later."""
 
 
 class ImagePart(NamedTuple):

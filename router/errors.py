@@ -17,6 +17,7 @@ Hierarchy (the `type` string is stable: clients match on it and metrics use it a
     ├── Overloaded                   503 overloaded              every replica slot and the wait queue are full,
     │                                                            or the wait ran out (Retry-After)
     ├── QuotaUnavailable             503 quota_unavailable       the shared quota store did not answer (Retry-After)
+    ├── BatchStoreUnavailable        503 batch_store_unavailable the batch job store (Redis) did not answer
     ├── NoHealthyReplica             503 no_healthy_replica      the model's replicas are all ejected (Retry-After)
     ├── UpstreamUnavailable          502 upstream_unavailable    every attempt failed before a byte was sent
     ├── UpstreamTimeout              504 upstream_timeout        the replica took longer than request_timeout_s
@@ -64,6 +65,12 @@ InvalidRequestCode = Literal[
     "image_url_redirect",
     "image_fetch_timeout",
     "image_fetch_failed",
+    # the classes (router/classes.py) and the batch API (router/batch/)
+    "invalid_service_tier",
+    "invalid_file",
+    "invalid_purpose",
+    "invalid_batch",
+    "batch_not_cancellable",
 ]
 UnauthenticatedCode = Literal[
     "missing_api_key",
@@ -74,13 +81,14 @@ UnauthenticatedCode = Literal[
     "console_session_expired",
 ]
 PermissionDeniedCode = Literal["model_not_allowed", "operator_only", "csrf_token_invalid"]
-NotFoundCode = Literal["unknown_path"]
+NotFoundCode = Literal["unknown_path", "file_not_found", "batch_not_found"]
 ModelNotFoundCode = Literal["model_not_found"]
 MethodNotAllowedCode = Literal["method_not_allowed"]
-RequestTooLargeCode = Literal["request_too_large"]
-RateLimitedCode = Literal["quota_exceeded"]
+RequestTooLargeCode = Literal["request_too_large", "file_too_large"]
+RateLimitedCode = Literal["quota_exceeded", "flex_shed"]
 OverloadedCode = Literal["queue_full", "queue_timeout"]
 QuotaUnavailableCode = Literal["quota_unavailable"]
+BatchStoreUnavailableCode = Literal["batch_store_unavailable"]
 NoHealthyReplicaCode = Literal["no_healthy_replica"]
 UpstreamUnavailableCode = Literal["upstream_unavailable"]
 UpstreamTimeoutCode = Literal["upstream_timeout"]
@@ -97,6 +105,7 @@ ErrorCode = Literal[
     RateLimitedCode,
     OverloadedCode,
     QuotaUnavailableCode,
+    BatchStoreUnavailableCode,
     NoHealthyReplicaCode,
     UpstreamUnavailableCode,
     UpstreamTimeoutCode,
@@ -185,6 +194,11 @@ class QuotaUnavailable(RouterError):
     type = "quota_unavailable"
 
 
+class BatchStoreUnavailable(RouterError):
+    status = 503
+    type = "batch_store_unavailable"
+
+
 class RequestTooLarge(RouterError):
     status = 413
     type = "request_too_large"
@@ -227,6 +241,7 @@ _BY_CLASS: dict[type[RouterError], Any] = {
     RateLimited: RateLimitedCode,
     Overloaded: OverloadedCode,
     QuotaUnavailable: QuotaUnavailableCode,
+    BatchStoreUnavailable: BatchStoreUnavailableCode,
     NoHealthyReplica: NoHealthyReplicaCode,
     UpstreamUnavailable: UpstreamUnavailableCode,
     UpstreamTimeout: UpstreamTimeoutCode,

@@ -65,18 +65,22 @@ class _StateCollector(Collector):
         running = GaugeMetricFamily(
             "qvl_replica_engine_running", "vllm:num_requests_running as last scraped", labels=["replica"]
         )
+        batch = GaugeMetricFamily(
+            "qvl_batch_in_flight", "Batch lines this router has open on the replica", labels=["replica"]
+        )
         for r in self._replicas():
             for model in r.models or (UNKNOWN_MODEL,):
                 healthy.add_metric([r.name, model], 1.0 if r.healthy else 0.0)
             in_flight.add_metric([r.name], r.in_flight)
             waiting.add_metric([r.name], r.waiting)
             running.add_metric([r.name], r.running)
+            batch.add_metric([r.name], r.batch_in_flight)
         store_up = GaugeMetricFamily(
             "qvl_cache_store_up", "1 if the answer-cache store answered its last health ping", labels=["store"]
         )
         for store, up in self._stores().items():
             store_up.add_metric([store], 1.0 if up else 0.0)
-        families: list[Metric] = [healthy, in_flight, waiting, running, store_up]
+        families: list[Metric] = [healthy, in_flight, waiting, running, batch, store_up]
         registry = self._discovery()
         if registry is not None:
             registry_up, routers = registry
@@ -203,6 +207,29 @@ class RouterMetrics:
         self._cache_stored = Counter(
             "qvl_cache_stored", "Answers written to the cache store", ["store"], registry=self.registry
         )
+        self._batches = Counter(
+            "qvl_batches",
+            "Batch jobs that entered a status on this router: created, in_progress, completed, failed, cancelled, "
+            "expired",
+            ["status"],
+            registry=self.registry,
+        )
+        self._batch_lines = Counter(
+            "qvl_batch_lines",
+            "Batch lines answered (completed) or failed, recorded by this router",
+            ["result"],
+            registry=self.registry,
+        )
+        admissions = Counter(
+            "qvl_admission_decisions",
+            "Admission decisions by priority class: admitted, shed (flex refused under overload), deferred (a batch "
+            "line put back for lack of room or quota) and aborted (a batch line taken back when its replica filled up)",
+            ["class", "decision"],
+            registry=self.registry,
+        )
+        self._admissions = admissions
+        # Bound once: the interactive path counts every request.
+        self._admitted = {klass: admissions.labels(klass, "admitted") for klass in ("interactive", "flex", "batch")}
         self.registry.register(_StateCollector(replicas, stores, audit, discovery, quota))
 
     def record_request(
@@ -240,6 +267,18 @@ class RouterMetrics:
 
     def record_cache_stored(self, store: str) -> None:
         self._cache_stored.labels(store).inc()
+
+    def record_admitted(self, klass: str) -> None:
+        self._admitted[klass].inc()
+
+    def record_admission(self, klass: str, decision: str) -> None:
+        self._admissions.labels(klass, decision).inc()
+
+    def record_batch(self, status: str) -> None:
+        self._batches.labels(status).inc()
+
+    def record_batch_line(self, result: str) -> None:
+        self._batch_lines.labels(result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

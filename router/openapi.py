@@ -16,6 +16,7 @@ from typing import Any
 from router.edge import MAX_N, MAX_STOP
 from router.errors import (
     CODES,
+    BatchStoreUnavailable,
     ErrorCode,
     InvalidRequest,
     MethodNotAllowed,
@@ -46,13 +47,14 @@ _MEANING: dict[type[RouterError], str] = {
     Unauthenticated: "no API key, or not a valid one (the console: no valid session cookie)",
     PermissionDenied: "the API key may not use this model, or (the console) its role may not see this, or a write "
     "came without the session's CSRF token",
-    NotFound: "no such path",
+    NotFound: "no such path, or no such file or batch of this API key",
     ModelNotFound: "no replica serves the model",
     MethodNotAllowed: "the path does not take this method (the `Allow` header lists those it takes)",
     RequestTooLarge: "the body is over `router.max_request_bytes`",
-    RateLimited: "the API key's quota is spent",
+    RateLimited: "the API key's quota is spent, or a `flex` request was shed because the cluster is busy",
     Overloaded: "every replica slot and the wait queue are full, or the wait ran out",
     QuotaUnavailable: "the shared quota store did not answer",
+    BatchStoreUnavailable: "the batch job store (Redis) did not answer",
     NoHealthyReplica: "no replica (of the model, on the chat endpoint) is healthy: all are ejected",
     UpstreamUnavailable: "every attempt failed before a byte was sent (the request was not processed)",
     UpstreamTimeout: "the replica took longer than `router.request_timeout_s`",
@@ -63,8 +65,19 @@ _RETRY_AFTER = ("429", "503")
 _PASSTHROUGH = (
     " A replica's own 4xx answer is passed through unchanged (vLLM's error object, whose `code` is the status number)."
 )
+BATCH_ONLY: tuple[ErrorCode, ...] = (
+    "invalid_file",
+    "invalid_purpose",
+    "invalid_batch",
+    "batch_not_cancellable",
+    "file_not_found",
+    "batch_not_found",
+    "file_too_large",
+    "batch_store_unavailable",
+)
+"""Codes only the files and batches endpoints answer with."""
 _NOT_CHAT: frozenset[ErrorCode] = frozenset(
-    {"unknown_path", "method_not_allowed", "invalid_parameters", "internal_error", "operator_only"}
+    {"unknown_path", "method_not_allowed", "invalid_parameters", "internal_error", "operator_only", *BATCH_ONLY}
 )
 """Codes the chat operation does not document: FastAPI's routing and parameters (the chat endpoint parses its
 own body and takes one path and method), a bug's 500, which no operation promises, and the console's role check."""
@@ -92,15 +105,29 @@ _CHAT_ERRORS = error_descriptions(code for code in CODES if code not in _NOT_CHA
 _CONSOLE_SESSION: list[ErrorCode] = ["console_session_missing", "console_session_invalid", "console_session_expired"]
 _CHAT_ERRORS["400"] += _PASSTHROUGH
 # FastAPI routes that check the API key or can refuse (router/app.py): their error answers, added to FastAPI's.
+_KEY: list[ErrorCode] = ["missing_api_key", "invalid_api_key"]
+_BATCH_STORE: list[ErrorCode] = ["batch_store_unavailable"]
 _ROUTE_ERRORS = {
-    "/ready": error_descriptions(["no_healthy_replica"]),
-    "/v1/models": error_descriptions(["missing_api_key", "invalid_api_key"]),
-    "/v1/cluster": error_descriptions(["missing_api_key", "invalid_api_key"]),
-    "/console/api/session": error_descriptions(_CONSOLE_SESSION),
-    "/console/api/playground": error_descriptions(_CONSOLE_SESSION),
-    "/console/api/operations": error_descriptions([*_CONSOLE_SESSION, "operator_only"]),
+    ("get", "/ready"): error_descriptions(["no_healthy_replica"]),
+    ("get", "/v1/models"): error_descriptions(_KEY),
+    ("get", "/v1/cluster"): error_descriptions(_KEY),
+    ("get", "/console/api/session"): error_descriptions(_CONSOLE_SESSION),
+    ("get", "/console/api/playground"): error_descriptions(_CONSOLE_SESSION),
+    ("get", "/console/api/operations"): error_descriptions([*_CONSOLE_SESSION, "operator_only"]),
+    ("post", "/v1/files"): error_descriptions([*_KEY, "invalid_purpose", "invalid_file", "file_too_large"]),
+    ("get", "/v1/files/{file_id}"): error_descriptions([*_KEY, "file_not_found"]),
+    ("get", "/v1/files/{file_id}/content"): error_descriptions([*_KEY, "file_not_found"]),
+    ("delete", "/v1/files/{file_id}"): error_descriptions([*_KEY, "file_not_found"]),
+    ("post", "/v1/batches"): error_descriptions(
+        [*_KEY, "invalid_json", "invalid_batch", "file_not_found", *_BATCH_STORE]
+    ),
+    ("get", "/v1/batches"): error_descriptions([*_KEY, *_BATCH_STORE]),
+    ("get", "/v1/batches/{batch_id}"): error_descriptions([*_KEY, "batch_not_found", *_BATCH_STORE]),
+    ("post", "/v1/batches/{batch_id}/cancel"): error_descriptions(
+        [*_KEY, "batch_not_found", "batch_not_cancellable", *_BATCH_STORE]
+    ),
 }
-_AUTHENTICATED = ("/v1/models", "/v1/cluster")
+_AUTHENTICATED = ("/v1/models", "/v1/cluster", "/v1/files", "/v1/batches")
 CONSOLE_SESSION = "ConsoleSession"
 _VALIDATION_ERRORS = error_descriptions(["invalid_parameters"])
 """Replaces FastAPI's generated 422: a route's parameters that do not validate get a 400 (router/app.py)."""
@@ -133,12 +160,12 @@ def with_chat_completions(generated: dict[str, Any]) -> dict[str, Any]:
                 responses.update(_error_responses(_VALIDATION_ERRORS))
     for fastapi_own in ("HTTPValidationError", "ValidationError"):
         components["schemas"].pop(fastapi_own, None)
-    for path, errors in _ROUTE_ERRORS.items():
-        operation = paths.get(path, {}).get("get")
+    for (method, path), errors in _ROUTE_ERRORS.items():
+        operation = paths.get(path, {}).get(method)
         if operation is None:
             continue
         operation.setdefault("responses", {}).update(_error_responses(errors))
-        if path in _AUTHENTICATED:
+        if path.startswith(_AUTHENTICATED):
             operation["security"] = [{BEARER: []}, {}]
         elif path.startswith("/console/"):
             operation["security"] = [{CONSOLE_SESSION: []}]

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 from qvl.settings import RouterSettings
 from router.admission import Admission
+from router.classes import BATCH, batch_room
 from router.edge import ChatRequest
 from router.errors import (
     ModelNotFound,
     NoHealthyReplica,
+    Overloaded,
     RouterError,
     StreamInterrupted,
     UpstreamTimeout,
@@ -46,6 +48,8 @@ class Upstream:
     closed: bool = False
     interrupted: bool = False
     """The replica failed mid-stream and the client got an SSE error event."""
+    batch: bool = False
+    """A batch line: it holds one of the replica's batch slots too."""
 
 
 class _Retry(Exception):
@@ -75,6 +79,12 @@ class Proxy:
         self._metrics = metrics
         self._deadline_s = settings.request_timeout_s
         self._check_interval_s = settings.health.interval_s
+        self._batch = settings.batch
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a replica slot in this router."""
+        return self._admission.waiting
 
     async def open(self, request: ChatRequest, request_id: str) -> Upstream:
         """Commit the request to a replica; raises a RouterError when no replica could take it."""
@@ -85,11 +95,18 @@ class Proxy:
                 raise self._no_healthy_replica(request.model)
             self._metrics.record_rejection("model_not_found")
             raise ModelNotFound(f"model '{request.model}' is not served here", code="model_not_found", param="model")
-        try:
-            candidates = await self._admission.admit(lambda: self._pool.candidates(request.model))
-        except RouterError as exc:
-            self._metrics.record_rejection(exc.code or exc.type)
-            raise
+        if request.klass == BATCH:
+            # Batch lines never wait in the router's queue: they go only where there is room, or not now.
+            floor = request.ticket is not None and request.ticket.floor
+            candidates = [r for r in candidates if batch_room(r, self._batch, floor)]
+            if not candidates:
+                raise Overloaded("no replica has room for batch lines now", code="queue_full", retry_after_s=1)
+        else:
+            try:
+                candidates = await self._admission.admit(lambda: self._pool.candidates(request.model))
+            except RouterError as exc:
+                self._metrics.record_rejection(exc.code or exc.type)
+                raise
         if not candidates:
             self._metrics.record_rejection("no_healthy_replica")
             raise self._no_healthy_replica(request.model)
@@ -127,7 +144,11 @@ class Proxy:
     async def _attempt(
         self, replica: Replica, request: ChatRequest, headers: tuple[tuple[bytes, bytes], ...]
     ) -> Upstream:
+        batch = request.klass == BATCH
         replica.in_flight += 1
+        replica.batch_in_flight += batch
+        if request.ticket is not None:
+            request.ticket.replica = replica.name
         response: Response | None = None
         try:
             response = await self._client.request(
@@ -139,31 +160,31 @@ class Proxy:
             if not request.stream or response.status != 200:
                 body = await response.read()
                 response.release()
-                self._done(replica)
-                return Upstream(replica, response.status, content_type, body, closed=True)
+                self._done(replica, batch)
+                return Upstream(replica, response.status, content_type, body, closed=True, batch=batch)
             first = await response.read_chunk()
             if not first:
                 raise _Retry("disconnect", "ended the stream before the first byte", replica_fault=True)
-            return Upstream(replica, response.status, content_type, first, response=response)
+            return Upstream(replica, response.status, content_type, first, response=response, batch=batch)
         except _Retry:
-            self._drop(replica, response)
+            self._drop(replica, response, batch)
             raise
         except ConnectFailed as exc:
-            self._drop(replica, response)
+            self._drop(replica, response, batch)
             reason = "connect_timeout" if exc.timeout else "connect"
             raise _Retry(reason, str(exc), replica_fault=True) from None
         except ConnectionLost as exc:
-            self._drop(replica, response)
+            self._drop(replica, response, batch)
             raise _Retry("disconnect", str(exc), replica_fault=True) from None
         except TimeoutError:
-            self._drop(replica, response)
+            self._drop(replica, response, batch)
             self._metrics.record_upstream_error(replica.name, "timeout")
             raise UpstreamTimeout(
                 f"replica {replica.name} took longer than the request timeout", code="upstream_timeout"
             ) from None
         except BaseException:
             # Cancelled because the client went away: drop the connection so the engine aborts too.
-            self._drop(replica, response)
+            self._drop(replica, response, batch)
             raise
 
     async def relay(self, upstream: Upstream) -> AsyncIterator[bytes]:
@@ -190,18 +211,19 @@ class Proxy:
         if upstream.closed:
             return
         upstream.closed = True
-        self._done(upstream.replica)
+        self._done(upstream.replica, upstream.batch)
         if upstream.response is not None:
             if complete:
                 upstream.response.release()
             else:
                 upstream.response.close()
 
-    def _done(self, replica: Replica) -> None:
+    def _done(self, replica: Replica, batch: bool) -> None:
         replica.in_flight -= 1
+        replica.batch_in_flight -= batch
         self._admission.released()
 
-    def _drop(self, replica: Replica, response: Response | None) -> None:
-        self._done(replica)
+    def _drop(self, replica: Replica, response: Response | None, batch: bool) -> None:
+        self._done(replica, batch)
         if response is not None:
             response.close()

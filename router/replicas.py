@@ -46,6 +46,8 @@ class Replica:
     models: frozenset[str] = frozenset()
     healthy: bool = False
     in_flight: int = 0
+    batch_in_flight: int = 0
+    """Of `in_flight`, batch lines (router/batch/)."""
     waiting: float = 0.0
     running: float = 0.0
     failures: int = 0

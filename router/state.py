@@ -8,6 +8,7 @@ from cache.flight import AnswerCache
 from qvl.settings import Settings
 from router.audit import AuditSink
 from router.auth import KeyRing
+from router.batch.service import Batches
 from router.console.service import Console
 from router.metrics import RouterMetrics
 from router.proxy import Proxy
@@ -29,5 +30,7 @@ class RouterState:
     keys: KeyRing
     quotas: Quotas
     audit: AuditSink
+    batches: Batches | None = None
+    """The files and batches API and the batch runner; None when router.batch.enabled is false."""
     console: Console | None = None
     """The web console's sessions and live data; None when router.console.enabled is false."""

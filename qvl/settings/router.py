@@ -184,6 +184,66 @@ class ConsoleSettings(Section):
         return _base_urls(value, "GPU exporter")
 
 
+class ClassSettings(Section):
+    forward_priority: bool = Field(
+        True,
+        description="Send each request's class as vLLM's `priority` (replicas must run `--scheduling-policy "
+        "priority`, replica.scheduling_policy); a client's own `priority` field is always replaced.",
+    )
+    interactive_priority: int = Field(0, description="vLLM priority of interactive requests (lower runs first).")
+    flex_priority: int = Field(5, description="vLLM priority of `service_tier: flex` requests.")
+    batch_priority: int = Field(10, description="vLLM priority of batch lines.")
+    flex_shed_queue: int = Field(
+        1,
+        ge=0,
+        description="Shed `flex` requests (429 with Retry-After) while every replica of the model has at least this "
+        "many requests waiting in its engine, or requests wait for a router slot; 0: never shed.",
+    )
+
+
+class BatchSettings(Section):
+    enabled: bool = Field(True, description="Serve the OpenAI files and batches API and run batch jobs.")
+    state: Annotated[str, redis_url("memory")] = Field(
+        "memory",
+        description="Where batch job state lives: memory (this router only; jobs are lost when it stops) or a "
+        "Redis URL shared by every router, so jobs survive restarts and any router resumes a job whose router died.",
+    )
+    files_dir: str = Field(
+        ".qvl-run/batch-files",
+        description="Directory of uploaded input files and of output and error files; with several routers, one "
+        "directory shared by all (a volume mounted on each).",
+    )
+    key_prefix: str = Field("qvl:batch:", description="Prefix of every Redis key of batch job state.")
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest uploaded file.")
+    max_lines: int = Field(50_000, ge=1, description="Most lines (requests) in one batch input file.")
+    in_flight_per_replica: int = Field(
+        8, ge=1, description="Batch lines one router sends to one replica at once (K), while the replica has room."
+    )
+    spare_kv_cache: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="A replica has room for batch lines only while no request waits in its engine and its KV-cache "
+        "use is below this.",
+    )
+    aging_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="A job with no line finished for this long may send one line at a time even to busy replicas "
+        "(the aging floor against starvation).",
+    )
+    strict: bool = Field(False, description="No aging floor: batch lines only ever use spare capacity.")
+    line_attempts: int = Field(
+        3, ge=1, description="Times a line is tried when its replica fails (a 5xx) before it counts as failed."
+    )
+    lease_s: float = Field(
+        5.0,
+        gt=0,
+        description="A router holds a job for this long without renewing; after that another router resumes it.",
+    )
+    poll_interval_s: float = Field(0.5, gt=0, description="Seconds between a router's looks for jobs to run.")
+
+
 class RouterSettings(Section):
     host: str = Field("127.0.0.1", description="Address the router listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the router listens on.")
@@ -232,6 +292,10 @@ class RouterSettings(Section):
     console: ConsoleSettings = Field(
         default_factory=ConsoleSettings, description="The web console under /console (same API keys)."
     )
+    classes: ClassSettings = Field(
+        default_factory=ClassSettings, description="Priority classes: interactive, flex and batch."
+    )
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch jobs (the OpenAI Batch API).")
 
     @field_validator("replicas")
     @classmethod
