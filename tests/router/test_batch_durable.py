@@ -25,7 +25,7 @@ def test_a_job_survives_killing_its_router_and_a_replica_and_answers_each_line_o
         f"""router:
   batch:
     state: "{redis_server.url}"
-    files_dir: "{tmp_path / 'shared-files'}"
+    files_dir: "{tmp_path / "shared-files"}"
     lease_s: 2
     in_flight_per_replica: 4
 """
