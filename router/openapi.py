@@ -114,6 +114,9 @@ _ROUTE_ERRORS = {
     ("get", "/console/api/session"): error_descriptions(_CONSOLE_SESSION),
     ("get", "/console/api/playground"): error_descriptions(_CONSOLE_SESSION),
     ("get", "/console/api/operations"): error_descriptions([*_CONSOLE_SESSION, "operator_only"]),
+    ("post", "/console/api/batches/{batch_id}/cancel"): error_descriptions(
+        [*_CONSOLE_SESSION, "operator_only", "csrf_token_invalid", "batch_not_found", "batch_not_cancellable"]
+    ),
     ("post", "/v1/files"): error_descriptions([*_KEY, "invalid_purpose", "invalid_file", "file_too_large"]),
     ("get", "/v1/files/{file_id}"): error_descriptions([*_KEY, "file_not_found"]),
     ("get", "/v1/files/{file_id}/content"): error_descriptions([*_KEY, "file_not_found"]),

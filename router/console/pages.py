@@ -11,6 +11,7 @@ Every answer carries a strict Content-Security-Policy: scripts, styles and conne
 from __future__ import annotations
 
 import hashlib
+import logging
 import mimetypes
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,15 @@ import jinja2
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from router.batch.api import cancel
+from router.console.batches import batch_panel
 from router.console.service import Console
 from router.console.session import Session
-from router.errors import PermissionDenied, RouterError
+from router.errors import NotFound, PermissionDenied, RouterError
 from router.state import RouterState
 
 HERE = Path(__file__).parent
+log = logging.getLogger("qvl.router.console")
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -170,7 +174,25 @@ def mount_console(app: FastAPI) -> None:
         console = _console(request)
         session = _session(request)
         console.sessions.require(session, "operator")
-        return _json(console.live.snapshot())
+        doc = console.live.snapshot()
+        batches = _state(request).batches
+        doc["batches"] = await batch_panel(batches) if batches is not None else None
+        return _json(doc)
+
+    @routes.post("/console/api/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str, request: Request) -> JSONResponse:
+        """Cancel any key's batch (operators only; needs the session's x-csrf-token)."""
+        console = _console(request)
+        session = _session(request)
+        console.sessions.require(session, "operator")
+        console.sessions.check_write(session, request.headers.get("x-csrf-token", "").encode() or None)
+        batches = _state(request).batches
+        job = await batches.jobs.get(batch_id) if batches is not None and len(batch_id) <= 128 else None
+        if batches is None or job is None:
+            raise NotFound(f"no batch '{batch_id[:80]}'", code="batch_not_found")
+        changed = await cancel(batches, job)
+        log.info("console: operator key '%s' cancelled batch %s (owner '%s')", session.key.id, batch_id, job["owner"])
+        return _json({"id": changed["id"], "status": changed["status"]})
 
     app.include_router(routes)
 

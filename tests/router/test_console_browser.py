@@ -21,9 +21,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import openai
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Playwright, Request, Response, expect, sync_playwright
+from support.batch import batch_lines, wait_batch
 from support.console import OPERATOR, VIEWER, console_keys
 from support.nvml import fake_gpu, start_fake_exporter
 from support.polling import wait_for
@@ -71,6 +73,7 @@ router:
   audit: {{path: "{audit}"}}
   limits: {{max_image_pixels: {MAX_PIXELS}}}
   console: {{gpu_exporters: ["{exporter.url}"]}}
+  batch: {{files_dir: "{tmp / "batch-files"}"}}
 """
         )
         router = cluster.start("up", "--config", str(config), ready_path="/health", auth=True)
@@ -261,6 +264,23 @@ def test_the_controls_change_the_request_and_clear_forgets_the_conversation(
     expect(page.locator("#transcript .msg")).to_have_count(0)
     body = ask("A new question.").post_data_json
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
+
+
+def test_an_operator_follows_a_batch_and_cancels_it_from_the_operations_page(page: Page, console: Console) -> None:
+    client = openai.OpenAI(base_url=console.router.url + "/v1", api_key=OPERATOR, max_retries=0)
+    upload = client.files.create(file=("catalogue.jsonl", batch_lines(MODEL, 3000, max_tokens=24)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    sign_in(page, OPERATOR)
+    page.goto("/console/operations")
+    row = page.locator(f'#batches tr[data-batch="{batch.id}"]')
+    expect(row).to_have_attribute("data-status", "in_progress")
+    expect(row).to_contain_text("/ 3000")
+    expect(row).to_contain_text("lines/s")
+    page.screenshot(path=str(console.artifacts / "operations-batch.png"), full_page=True)
+    row.get_by_role("button", name="Cancel").click()
+    expect(row).to_have_count(0, timeout=15_000)  # cancelled: no longer an active batch
+    done = wait_batch(client, batch.id, timeout=30)
+    assert done.status == "cancelled" and done.request_counts is not None and done.request_counts.completed < 3000
 
 
 def test_the_operations_page_shows_the_fleet_and_a_killed_source_within_seconds(

@@ -2,6 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const csrf = document.querySelector('meta[name="qvl-csrf"]').content;
 let refreshMs = 1000;
 
 function el(tag, className, text) {
@@ -106,6 +107,49 @@ function renderGpus(gpus, exporters) {
   $("exporters").textContent = exporters.length ? "GPU exporters: " + notes.join("; ") : "No GPU exporter configured (router.console.gpu_exporters).";
 }
 
+function duration(s) {
+  if (s === null || s === undefined) return "–";
+  if (s < 60) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+}
+
+async function cancelBatch(id, button) {
+  button.disabled = true;
+  const response = await fetch(`/console/api/batches/${encodeURIComponent(id)}/cancel`, {
+    method: "POST", credentials: "same-origin", headers: { "x-csrf-token": csrf },
+  });
+  const doc = await response.json();
+  button.textContent = response.ok ? doc.status : (doc.error || {}).message || "failed";
+}
+
+function renderBatches(batches) {
+  if (batches === null) { $("batches-note").textContent = "Batch jobs are off (router.batch.enabled)."; return; }
+  $("batches-note").textContent = batches.length ? "" : "No batch job is running.";
+  $("batches").replaceChildren(...batches.map((b) => {
+    const row = el("tr");
+    row.dataset.batch = b.id;
+    row.dataset.status = b.status;
+    cell(row, b.id);
+    cell(row, b.owner || "–");
+    cell(row, el("span", `badge ${b.status === "in_progress" ? "healthy" : "failing"}`, b.status));
+    const done = b.completed + b.failed;
+    const progress = cell(row, bar(b.total ? done / b.total : 0));
+    progress.append(`${done} / ${b.total}`);
+    cell(row, num(b.failed));
+    cell(row, b.lines_per_s === null ? "–" : `${b.lines_per_s.toFixed(1)} lines/s`);
+    cell(row, duration(b.eta_s));
+    const action = cell(row, "");
+    if (b.cancellable) {
+      const button = el("button", "secondary", "Cancel");
+      button.type = "button";
+      button.addEventListener("click", () => cancelBatch(b.id, button));
+      action.append(button);
+    }
+    return row;
+  }));
+}
+
 async function refresh() {
   try {
     const response = await fetch("/console/api/operations", { credentials: "same-origin" });
@@ -116,6 +160,7 @@ async function refresh() {
     renderRouter(doc.router);
     renderReplicas(doc.replicas);
     renderGpus(doc.gpus, doc.exporters);
+    renderBatches(doc.batches);
     $("updated").textContent = `updated ${new Date(doc.generated_at * 1000).toLocaleTimeString()} · every ${doc.refresh_s} s`;
     document.body.dataset.updated = String(doc.generated_at);
     $("ops-error").hidden = true;
