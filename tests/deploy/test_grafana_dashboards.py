@@ -37,6 +37,9 @@ _COUNTERS = (
     "vllm:prompt_tokens_total",
     "vllm:generation_tokens_total",
     "vllm:request_success_total",
+    "qvl_batch_lines_total",
+    "qvl_batches_total",
+    "qvl_admission_decisions_total",
 )
 _GAUGES = (
     "up",
@@ -55,6 +58,7 @@ _GAUGES = (
     "qvl_gpu_temperature_celsius",
     "qvl_gpu_power_watts",
     "qvl_gpu_power_limit_watts",
+    "qvl_batch_in_flight",
 )
 _HISTOGRAMS = (
     "qvl_request_duration_seconds",

@@ -27,7 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
+import openai
 import pytest
+from support.batch import batch_lines
 from support.chat import image_chat, png_data_url
 from support.nvml import fake_gpu, start_fake_exporter
 from support.servers import Cluster, Proc, RedisServer, sim_pid
@@ -119,8 +121,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     try:
         redis.start()
         config = tmp / "qvl.yaml"
-        config.write_text(SIM_SETTINGS + f"cache: {{backend: '{redis.url}'}}\n")
+        batch_dir = f"router: {{policy: session, batch: {{files_dir: '{tmp / 'batch'}'}}}}"
+        config.write_text(
+            SIM_SETTINGS.replace("router: {policy: session}", batch_dir) + f"cache: {{backend: '{redis.url}'}}\n"
+        )
         router = cluster.start("up", "--config", str(config), ready_path="/ready")
+        # A small batch beside the shop traffic: the batch panels need its lines.
+        batches = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+        upload = batches.files.create(file=("tags.jsonl", batch_lines(MODEL, 20)), purpose="batch")
+        batches.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
         replicas = [r["url"] for r in httpx.get(router.url + "/v1/cluster", timeout=5).json()["replicas"]]
         with pytest.MonkeyPatch.context() as env:
             env.setenv("QVL_GPU_EXPORTER__NODE_NAME", REAL_HOST)
