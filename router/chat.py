@@ -96,7 +96,7 @@ class ChatCompletions:
             session = headers.get(settings.router.session_header.encode())
             request = parse_chat_request(body, session.decode("latin-1") if session else None, settings.router.limits)
             klass = BATCH if line is not None else request_class(request.doc)
-            request = with_class(request, klass, settings.router.classes)
+            request = with_class(request, klass, settings.router.classes, line is not None and line.ticket.floor)
             if line is not None:
                 request = dataclasses.replace(request, ticket=line.ticket)
             state.keys.authorize(key, request.model)

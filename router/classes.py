@@ -41,14 +41,16 @@ def request_class(doc: dict[str, object]) -> Klass:
     return klass  # type: ignore[return-value]
 
 
-def with_class(request: ChatRequest, klass: Klass, settings: ClassSettings) -> ChatRequest:
-    """The request as forwarded for `klass`: its priority in the body (when forwarding is on), the class noted."""
+def with_class(request: ChatRequest, klass: Klass, settings: ClassSettings, floor: bool = False) -> ChatRequest:
+    """The request as forwarded for `klass`: its priority in the body (when forwarding is on), the class noted.
+    A batch line under the aging floor goes at interactive priority: at batch priority the engine's own
+    priority queue would starve it behind the very load it is meant to get through."""
     if klass == INTERACTIVE and "priority" not in request.doc:
         return request  # the common case: the body goes out byte for byte
     body = request.body
     if settings.forward_priority:
         priority = {INTERACTIVE: settings.interactive_priority, FLEX: settings.flex_priority}.get(
-            klass, settings.batch_priority
+            klass, settings.interactive_priority if floor else settings.batch_priority
         )
         body = orjson.dumps({**request.doc, "priority": priority})
     elif "priority" in request.doc:
