@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import orjson
 
-from qvl.settings import LimitSettings
+from qvl.settings import FetchSettings, LimitSettings
 from router.auth import ApiKey, KeyRing
-from router.edge import parse_chat_request
+from router.edge import parse_chat_request, parse_json_object
 from router.errors import InvalidRequest, RouterError
+from router.fetch import inline_remote_images
 
 ENDPOINT = "/v1/chat/completions"
 MAX_CUSTOM_ID = 512
@@ -88,10 +89,15 @@ def read_lines(data: bytes, max_lines: int) -> Iterator[Line | LineError]:
         raise FileError("the file holds no lines")
 
 
-def check_line(line: Line, key: ApiKey, limits: LimitSettings) -> LineError | None:
-    """The edge's checks of the line's body, and whether its key may use the model; None when it passes."""
+async def check_line(line: Line, key: ApiKey, limits: LimitSettings, fetch: FetchSettings) -> LineError | None:
+    """The edge's checks of the line's body, and whether its key may use the model; None when it passes.
+    With `fetch` on, remote images are fetched (and checked) here, as the chat path will fetch them again."""
     try:
-        request = parse_chat_request(line.body, None, limits)
+        body = line.body
+        if fetch.enabled:
+            inlined = await inline_remote_images(parse_json_object(body), fetch, limits)
+            body = inlined if inlined is not None else body
+        request = parse_chat_request(body, None, limits)
         if request.stream:
             raise InvalidRequest("batch lines cannot stream: leave out `stream`", param="stream")
         KeyRing.authorize(key, request.model)
@@ -101,7 +107,7 @@ def check_line(line: Line, key: ApiKey, limits: LimitSettings) -> LineError | No
 
 
 async def validate(
-    data: bytes, key: ApiKey, limits: LimitSettings, max_lines: int
+    data: bytes, key: ApiKey, limits: LimitSettings, fetch: FetchSettings, max_lines: int
 ) -> tuple[list[Line], list[LineError]]:
     """Every line of an input file checked: (lines to run, lines refused). Raises FileError."""
     good: list[Line] = []
@@ -109,7 +115,7 @@ async def validate(
     for i, item in enumerate(read_lines(data, max_lines)):
         if isinstance(item, LineError):
             bad.append(item)
-        elif (error := check_line(item, key, limits)) is not None:
+        elif (error := await check_line(item, key, limits, fetch)) is not None:
             bad.append(error)
         else:
             good.append(item)

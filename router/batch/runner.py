@@ -146,7 +146,8 @@ class Runner:
                 return
             if running.job["status"] == "validating" and not await self._validate(running):
                 return
-            await self._load(running)
+            if not await self._load(running):
+                return
             await self._until_done(running)
             await self._finalize(running)
         except asyncio.CancelledError:
@@ -175,7 +176,7 @@ class Runner:
             return False
         data = await self._files.content(stored)
         try:
-            good, bad = await validate(data, key, self._settings.limits, self._batch.max_lines)
+            good, bad = await validate(data, key, self._settings.limits, self._settings.fetch, self._batch.max_lines)
         except FileError as exc:
             await self._fail(running, "invalid_file", exc.message, exc.line)
             return False
@@ -195,21 +196,22 @@ class Runner:
         self._metrics.record_batch("in_progress")
         return True
 
-    async def _load(self, running: Running) -> None:
-        """The lines still to run: every line of the input with no recorded result."""
+    async def _load(self, running: Running) -> bool:
+        """The lines still to run: every line of the input with no recorded result. False (the job failed)
+        when the input file is gone."""
         job = running.job
         stored = await self._files.get(job["input_file_id"], job["owner"])
-        data = await self._files.content(stored) if stored is not None else b""
+        if stored is None:
+            await self._fail(running, "input_file_gone", "the input file was deleted while the batch ran")
+            return False
         done = await self._store.finished(job["id"])
-        try:
-            items = list(read_lines(data, self._batch.max_lines))
-        except FileError:
-            items = []
+        items = list(read_lines(await self._files.content(stored), self._batch.max_lines))  # valid: it was checked
         for item in items:
             line_key = _line_key(item.custom_id, item.number)
             running.order.append(line_key)
             if isinstance(item, Line) and line_key not in done:
                 running.pending.append(item)
+        return True
 
     async def _until_done(self, running: Running) -> None:
         last_status = 0.0
