@@ -111,6 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
             files = FileStore(Path(conf.files_dir))
             jobs = build_job_store(conf.state, conf.key_prefix)
             runner = Runner(app.chat, jobs, files, keys, lambda: pool.replicas, settings.router, metrics)
+            proxy.make_room = runner.make_room
             batches = Batches(files, jobs, runner)
         app.state.qvl = RouterState(
             settings, pool, proxy, metrics, client, cache, keys, quotas, audit, batches, console

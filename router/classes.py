@@ -78,10 +78,13 @@ def shed_flex(candidates: Sequence[Replica], router_waiting: int, settings: Clas
 
 
 def spare(replica: Replica, settings: BatchSettings) -> bool:
-    """The replica has room to spare: no request waits in its engine and its KV cache is below
-    `spare_kv_cache` (as last scraped from its /metrics)."""
+    """The replica has room to spare (as last scraped from its /metrics): its KV cache is below
+    `spare_kv_cache`, and no request waits in its engine, or some do but only for the next step (the engine
+    runs fewer than the most it was ever seen running while requests waited, `Replica.slots`, less one)."""
     kv = replica.engine.kv_cache_usage
-    return replica.waiting == 0 and (kv is None or kv < settings.spare_kv_cache)
+    if kv is not None and kv >= settings.spare_kv_cache:
+        return False
+    return replica.waiting == 0 or (replica.slots > 1 and replica.running < replica.slots - 1)
 
 
 def batch_room(replica: Replica, settings: BatchSettings, floor: bool = False) -> bool:

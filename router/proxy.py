@@ -10,7 +10,7 @@ and ends it with an SSE error event if the replica dies. The caller must always 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from qvl.settings import RouterSettings
@@ -80,6 +80,8 @@ class Proxy:
         self._deadline_s = settings.request_timeout_s
         self._check_interval_s = settings.health.interval_s
         self._batch = settings.batch
+        self.make_room: Callable[[Replica], None] | None = None
+        """Set by the batch runner: take one of its lines off a replica (an interactive request needs the slot)."""
 
     @property
     def waiting(self) -> int:
@@ -145,6 +147,10 @@ class Proxy:
         self, replica: Replica, request: ChatRequest, headers: tuple[tuple[bytes, bytes], ...]
     ) -> Upstream:
         batch = request.klass == BATCH
+        full = replica.slots and replica.in_flight >= replica.slots
+        if not batch and replica.batch_in_flight and full and self.make_room is not None:
+            # The engine is full and would queue this request behind batch lines: one of them makes way.
+            self.make_room(replica)
         replica.in_flight += 1
         replica.batch_in_flight += batch
         if request.ticket is not None:

@@ -57,6 +57,9 @@ class Replica:
     last_answer: float = 0.0
     """time.time() of the replica's last passed health check or metrics scrape (0: never)."""
     engine: EngineGauges = EngineGauges()
+    slots: int = 0
+    """The most requests the engine was seen running while others waited (0: never seen full): how many it
+    runs at once, learned from its own gauges (max_num_seqs, or what its KV cache holds)."""
     origin: Origin = field(init=False)
 
     def __post_init__(self) -> None:
@@ -230,6 +233,8 @@ class ReplicaPool:
                 gauges = parse_engine_metrics(body.decode("utf-8", "replace"))
                 replica.engine = gauges
                 replica.running, replica.waiting = gauges.running, gauges.waiting
+                if gauges.waiting > 0:
+                    replica.slots = max(replica.slots, int(gauges.running))
                 replica.last_answer = time.time()
         except (ConnectFailed, ConnectionLost, TimeoutError, ValueError, IndexError):
             # A stale queue depth only weakens least-loaded; health checks decide ejection.

@@ -219,6 +219,12 @@ class BatchSettings(Section):
     in_flight_per_replica: int = Field(
         8, ge=1, description="Batch lines one router sends to one replica at once (K), while the replica has room."
     )
+    start_interval_s: float = Field(
+        0.1,
+        ge=0,
+        description="At most one new batch line per replica every this many seconds, so that batch prefills "
+        "spread over the engine's steps instead of stretching one that interactive requests wait on.",
+    )
     spare_kv_cache: float = Field(
         0.9,
         gt=0,

@@ -94,6 +94,8 @@ class Runner:
         self.holder = secrets.token_hex(8)
         self.jobs: dict[str, Running] = {}
         self._turn = 0
+        self._started: dict[str, float] = {}
+        """monotonic time each replica was last given a start slot."""
 
     async def run(self) -> None:
         """Take jobs and dispatch their lines until cancelled."""
@@ -246,6 +248,19 @@ class Runner:
                 log.exception("batch dispatch failed")
             await asyncio.sleep(_TICK_S)
 
+    def make_room(self, replica: Replica) -> None:
+        """Abort this router's newest batch line on `replica` (called by the proxy when an interactive
+        request finds the engine full: aborting frees its slot at once); the line runs again later. A line
+        under the aging floor is never taken back: that would starve it again."""
+        newest: tuple[asyncio.Task[None], BatchTicket] | None = None
+        for running in self.jobs.values():
+            for task, (_, ticket) in running.flying.items():
+                if ticket.replica == replica.name and not ticket.aborted and not ticket.floor:
+                    newest = (task, ticket)
+        if newest is not None:
+            newest[1].aborted = True
+            newest[0].cancel()
+
     def _back_off(self) -> None:
         """Abort this router's batch lines beyond one on every replica that no longer has room."""
         for replica in self._replicas():
@@ -256,18 +271,21 @@ class Runner:
                 for task, (_, ticket) in list(running.flying.items()):
                     if excess <= 0:
                         break
-                    if ticket.replica == replica.name and not ticket.aborted:
+                    if ticket.replica == replica.name and not ticket.aborted and not ticket.floor:
                         ticket.aborted = True
                         task.cancel()
                         excess -= 1
 
     def _dispatch(self) -> None:
-        free = sum(
-            max(0, self._batch.in_flight_per_replica - r.batch_in_flight)
-            for r in self._replicas()
-            if r.healthy and batch_room(r, self._batch)
-        )
+        # At most one new line per replica every `start_interval_s`: batch prefills spread over the engine's
+        # steps instead of arriving together and stretching one step that interactive requests wait on.
         now = time.monotonic()
+        interval = self._batch.start_interval_s
+        free = 0
+        for r in self._replicas():
+            if r.healthy and batch_room(r, self._batch) and now - self._started.get(r.name, 0.0) >= interval:
+                free += 1
+                self._started[r.name] = now
         ready = [r for r in self.jobs.values() if r.pending and not r.stopping and r.not_before <= now]
         if not ready:
             return
