@@ -145,6 +145,8 @@ def engine_flags(spec: ReplicaSettings, device: Device) -> list[str]:
         "quantization": spec.quantization,
         "kv_cache_memory_bytes": spec.kv_cache_memory_bytes,
         "enforce_eager": spec.enforce_eager,
+        # Always passed, even when it is vLLM's default (fcfs): the replica's policy is ours to choose.
+        "scheduling_policy": spec.scheduling_policy,
     }
     if device == "cpu":
         for name, default in CPU_DEFAULTS.items():

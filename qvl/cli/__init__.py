@@ -169,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     setting_flag(sim, "--output-tokens", "sim.output_tokens")
     setting_flag(sim, "--mm-cache-items", "sim.mm_cache_items")
     setting_flag(sim, "--max-batched-tokens", "sim.max_batched_tokens")
+    setting_flag(sim, "--scheduling-policy", "sim.scheduling_policy")
     for field in SIM_TERMS:
         setting_flag(sim, f"--{field.replace('_', '-')}", f"sim.{field}")
     _profile_flag(sim)
@@ -300,6 +301,7 @@ def _replica_flags(p: argparse.ArgumentParser) -> None:
     setting_flag(p, "--dtype", "replica.dtype")
     setting_flag(p, "--quantization", "replica.quantization", metavar="METHOD")
     setting_flag(p, "--enforce-eager", "replica.enforce_eager")
+    setting_flag(p, "--scheduling-policy", "replica.scheduling_policy")
     setting_flag(p, "--run-dir", "replica.run_dir")
     setting_flag(p, "--gpu-exporter", "up.gpu_exporter")
     setting_flag(p, "--gpu-exporter-port", "gpu_exporter.port")

@@ -10,6 +10,9 @@ from pydantic import Field
 
 from qvl.settings.base import EngineName, Section
 
+SchedulingPolicy = Literal["fcfs", "priority"]
+"""vLLM's --scheduling-policy: arrival order, or (priority, arrival) with lower priorities served first."""
+
 
 class SimSettings(Section):
     """The simulated engine: its limits and its step-time model (serving/sim/core.py). Times in
@@ -60,6 +63,12 @@ class SimSettings(Section):
     )
     mm_cache_items: int = Field(
         256, ge=0, description="Image digests kept in the replica's LRU (stands for vLLM's mm/prefix cache)."
+    )
+    scheduling_policy: SchedulingPolicy = Field(
+        "priority",
+        description="Order of the waiting queue, as vLLM's --scheduling-policy: priority serves the lowest "
+        "request `priority` first (arrival order among equals), which is how the router's classes take effect; "
+        "fcfs serves in arrival order and ignores `priority`, as vLLM does.",
     )
     text_chars_per_token: float = Field(4.0, gt=0, description="Prompt characters per text token.")
     text_template_tokens: int = Field(0, ge=0, description="Tokens the chat template adds to every prompt.")
@@ -121,6 +130,12 @@ class ReplicaSettings(Section):
         None, ge=1, description="KV cache size in bytes (--kv-cache-memory-bytes); overrides memory utilisation."
     )
     enforce_eager: bool | None = Field(None, description="Skip graph capture and compilation (--enforce-eager).")
+    scheduling_policy: SchedulingPolicy = Field(
+        "priority",
+        description="vLLM --scheduling-policy. priority: the waiting queue is served lowest request `priority` "
+        "first (arrival order among equals), so the class priorities the router forwards take effect; fcfs: "
+        "arrival order, and vLLM accepts but ignores a request's priority.",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Further vLLM engine arguments, passed through verbatim: {name: value} becomes --name value "

@@ -10,7 +10,8 @@ What it is for
 
 HTTP API
     POST /v1/chat/completions   JSON or SSE (`stream`), `stream_options.include_usage`,
-                                `max_tokens` / `max_completion_tokens`; images as base64 data URLs
+                                `max_tokens` / `max_completion_tokens`, `priority` (or the
+                                `X-Vllm-Priority` header); images as base64 data URLs
     GET  /v1/models             the one served model, with `max_model_len`
     GET  /health                200, empty body
     GET  /version               {"version": "qvl-sim <version>"} (vLLM answers its own version here)
@@ -27,8 +28,12 @@ HTTP API
 
 Latency model (milliseconds; written down in serving/sim/core.py, run in real time by engine.py)
     The engine works in steps, like vLLM's continuous batching. Each step admits waiting requests
-    first in, first out (at most `max_running` run; the prompts admitted together stay within
-    `max_batched_tokens`), prefills them and decodes one token for every running request. It lasts
+    in the queue's order (at most `max_running` run; the prompts admitted together stay within
+    `max_batched_tokens`), prefills them and decodes one token for every running request. The order
+    is vLLM's `--scheduling-policy` (`scheduling_policy`): `priority` (the default, as our vLLM
+    replicas run) admits the lowest request `priority` first and arrivals in order among equals;
+    `fcfs` admits in arrival order and ignores priorities. Nothing is preempted (vLLM preempts only
+    when the KV cache is full, which the simulator does not model). It lasts
         step_base + per_decode * decoding requests + per_kv_ktoken * KV tokens held / 1000
         + per prefilled request: prefill_base + per_text_token * (text characters / 4)
                                  + per_image_token * image tokens not in the mm cache
@@ -43,6 +48,7 @@ Flags (each also a `sim.*` YAML setting and a `QVL_SIM__*` variable)
     --host, --port, --model               where to listen and the model name served
     --max-running N                       concurrent decodes (vLLM's max_num_seqs)
     --max-batched-tokens N                prompt tokens admitted into one step
+    --scheduling-policy fcfs|priority     the waiting queue's order (above)
     --output-tokens N                     tokens generated when the request sets no cap
     --mm-cache-items N                    image digests in the LRU (0 disables the cache)
     --step-base-ms, --per-decode-ms, --per-kv-ktoken-ms, --prefill-base-ms, --per-text-token-ms,
@@ -151,9 +157,13 @@ class SimApp:
         await _respond(send, 200, metrics.render(), [(b"content-type", metrics.content_type.encode())])
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers: list[tuple[bytes, bytes]] = [
-            (name, value) for name, value in scope["headers"] if name == b"x-request-id"
-        ]
+        headers: list[tuple[bytes, bytes]] = []
+        priority: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                headers.append((name, value))
+            elif name == b"x-vllm-priority" and priority is None:  # Starlette's headers.get: the first
+                priority = value
         body = await _read_body(receive)
         if body is None:
             return
@@ -164,6 +174,7 @@ class SimApp:
                 self._image_tokens,
                 self.settings.text_chars_per_token,
                 self.settings.text_template_tokens,
+                priority,
             )
             generation = self.engine.submit(call.request)
         except RequestRejected as exc:

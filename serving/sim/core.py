@@ -4,7 +4,7 @@ a simulated clock by it), so the planner predicts with the very scheduler the si
 
 The engine works in steps, like vLLM's continuous batching. One step:
 
-1. admits waiting requests first in, first out, while fewer than `max_running` run and the prompts
+1. admits waiting requests in the queue's order, while fewer than `max_running` run and the prompts
    admitted in this step stay within `max_batched_tokens` (the first one always fits);
 2. prefills every admitted request (its first token appears at the end of the step) and decodes one
    token for every request already running;
@@ -21,6 +21,16 @@ The engine works in steps, like vLLM's continuous batching. One step:
 A request with n output tokens finishes at the end of the step that produced its nth token. The mm
 cache is an LRU of `mm_cache_items` image digests, consulted when a request is admitted.
 
+The queue's order is vLLM's `--scheduling-policy`: `fcfs` admits in arrival order and ignores a
+request's priority; `priority` admits the lowest `priority` first (vLLM's convention: lower is served
+earlier), in arrival order among equals, so traffic that is all priority 0 runs exactly as under fcfs.
+vLLM breaks ties on the time a request reached its front end; here arrival is when the core got it,
+which differs only when front-end delays reorder two requests of the same priority. A request once
+admitted keeps its place: vLLM's v1 scheduler preempts a running request (under `priority`, the one of
+the highest priority value, latest arrival) only when a running request cannot get KV blocks for its
+next token, and a waiting request never preempts. The simulator models no KV limit (see
+`kv_tokens`), so it never preempts.
+
 Driving it: `add` a request, then repeatedly `plan()` (None when idle; else the step's duration, and
 the step is now fixed) and `finish()` after that many seconds (the requests that got their first
 token, and those that finished). `abort` removes a request at any time between steps. Between steps
@@ -34,6 +44,8 @@ import collections
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+
+from qvl.settings.serving import SchedulingPolicy
 
 FEATURES = ("step", "decodes", "kv_ktokens", "prefills", "text_tokens", "missed_image_tokens", "hit_image_tokens")
 """The linear features of a step, in the order `StepCosts.coefficients` weighs them (for fitting)."""
@@ -89,7 +101,9 @@ class CoreImage:
 
 
 class CoreRequest:
-    """One request inside the engine core; `handle` is the driver's own (a stream, a record, ...)."""
+    """One request inside the engine core; `handle` is the driver's own (a stream, a record, ...).
+
+    `priority` orders the waiting queue under the `priority` policy (lower first, vLLM's convention)."""
 
     __slots__ = (
         "aborted",
@@ -100,12 +114,18 @@ class CoreRequest:
         "images",
         "missed_image_tokens",
         "output_tokens",
+        "priority",
         "prompt_tokens",
         "text_tokens",
     )
 
     def __init__(
-        self, text_tokens: int, images: Sequence[CoreImage], output_tokens: int, handle: object = None
+        self,
+        text_tokens: int,
+        images: Sequence[CoreImage],
+        output_tokens: int,
+        handle: object = None,
+        priority: int = 0,
     ) -> None:
         if output_tokens < 1:
             raise ValueError("a request produces at least one token")
@@ -114,6 +134,7 @@ class CoreRequest:
         self.prompt_tokens = text_tokens + sum(image.tokens for image in images)
         self.output_tokens = output_tokens
         self.handle = handle
+        self.priority = priority
         self.first_step = -1  # the step that prefilled it; -1 while waiting
         self.image_hits = 0
         self.hit_image_tokens = 0
@@ -131,6 +152,61 @@ class CoreRequest:
         return min(steps_done - self.first_step, self.output_tokens)
 
 
+class ArrivalQueue:
+    """vLLM's FCFSRequestQueue: arrival order, priorities ignored."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: collections.deque[CoreRequest] = collections.deque()
+
+    def push(self, request: CoreRequest) -> None:
+        self._items.append(request)
+
+    def head(self) -> CoreRequest | None:
+        """The next request to admit (aborted ones are dropped on the way); None when empty."""
+        items = self._items
+        while items and items[0].aborted:
+            items.popleft()
+        return items[0] if items else None
+
+    def pop(self) -> CoreRequest:
+        """Remove and return `head()`, which must have been called just before."""
+        return self._items.popleft()
+
+
+class PriorityQueue:
+    """vLLM's PriorityRequestQueue: the lowest priority first, arrival order among equals."""
+
+    __slots__ = ("_arrivals", "_heap")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, CoreRequest]] = []
+        self._arrivals = 0  # the tiebreak: equal priorities leave in arrival order, as from a deque
+
+    def push(self, request: CoreRequest) -> None:
+        self._arrivals += 1
+        heapq.heappush(self._heap, (request.priority, self._arrivals, request))
+
+    def head(self) -> CoreRequest | None:
+        """The next request to admit (aborted ones are dropped on the way); None when empty."""
+        heap = self._heap
+        while heap and heap[0][2].aborted:
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
+
+    def pop(self) -> CoreRequest:
+        """Remove and return `head()`, which must have been called just before."""
+        return heapq.heappop(self._heap)[2]
+
+
+QUEUES: dict[SchedulingPolicy, type[ArrivalQueue] | type[PriorityQueue]] = {
+    "fcfs": ArrivalQueue,
+    "priority": PriorityQueue,
+}
+"""The waiting queue of each scheduling policy."""
+
+
 @dataclass(slots=True)
 class StepOutcome:
     """What one finished step produced."""
@@ -141,9 +217,19 @@ class StepOutcome:
 
 
 class EngineCore:
-    """One replica's scheduler state: the waiting queue, the running batch and the mm-cache LRU."""
+    """One replica's scheduler state: the waiting queue, the running batch and the mm-cache LRU.
 
-    def __init__(self, costs: StepCosts, max_running: int, max_batched_tokens: int, mm_cache_items: int) -> None:
+    `policy` orders the waiting queue (see the module docstring); fcfs by default, which for traffic that
+    is all priority 0 admits exactly as `priority` does, on a plain deque."""
+
+    def __init__(
+        self,
+        costs: StepCosts,
+        max_running: int,
+        max_batched_tokens: int,
+        mm_cache_items: int,
+        policy: SchedulingPolicy = "fcfs",
+    ) -> None:
         if max_running < 1 or max_batched_tokens < 1 or mm_cache_items < 0:
             raise ValueError("max_running and max_batched_tokens must be positive, mm_cache_items not negative")
         self.costs = costs
@@ -152,7 +238,8 @@ class EngineCore:
         self.mm_cache_items = mm_cache_items
         self.steps_done = 0
         self.running: set[CoreRequest] = set()
-        self._waiting: collections.deque[CoreRequest] = collections.deque()
+        self.policy = policy
+        self._waiting = QUEUES[policy]()
         self._waiting_live = 0
         self._mm_cache: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._ends: list[tuple[int, int, CoreRequest]] = []  # (last step, tiebreak, request)
@@ -178,7 +265,7 @@ class EngineCore:
 
     def add(self, request: CoreRequest) -> None:
         """Queue a request; it is admitted by a later `plan`."""
-        self._waiting.append(request)
+        self._waiting.push(request)
         self._waiting_live += 1
 
     def abort(self, request: CoreRequest) -> None:
@@ -197,6 +284,11 @@ class EngineCore:
             self._forget_decoding(request)
         # else it is being prefilled in the planned step: finish() skips it
 
+    @property
+    def admitting(self) -> Sequence[CoreRequest]:
+        """The requests the planned step prefills, in admission order; empty when no step is planned."""
+        return self._planned[0] if self._planned is not None else ()
+
     def plan(self) -> float | None:
         """Fix the next step: admit what fits and return its duration in seconds; None when idle."""
         if self._planned is not None:
@@ -205,14 +297,12 @@ class EngineCore:
         budget = self.max_batched_tokens
         step = self.steps_done
         text = missed = hit = 0
-        while self._waiting and len(self.running) < self.max_running:
-            head = self._waiting[0]
-            if head.aborted:
-                self._waiting.popleft()
-                continue
-            if admitted and head.prompt_tokens > budget:
+        waiting = self._waiting
+        while len(self.running) < self.max_running:
+            head = waiting.head()
+            if head is None or (admitted and head.prompt_tokens > budget):
                 break
-            self._waiting.popleft()
+            waiting.pop()
             self._waiting_live -= 1
             budget -= head.prompt_tokens
             head.first_step = step

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -53,6 +52,8 @@ class SimRequest:
     text_tokens: int
     images: Sequence[ImageInput] = ()
     max_tokens: int | None = None
+    priority: int = 0
+    """vLLM's request priority: under the `priority` policy lower values are admitted first."""
 
 
 def step_costs(settings: SimSettings) -> StepCosts:
@@ -77,15 +78,19 @@ class SimEngine:
     def __init__(self, settings: SimSettings, clock: Callable[[], float] = time.perf_counter) -> None:
         self.settings = settings
         self.costs = step_costs(settings)
-        self.core = EngineCore(self.costs, settings.max_running, settings.max_batched_tokens, settings.mm_cache_items)
+        self.core = EngineCore(
+            self.costs,
+            settings.max_running,
+            settings.max_batched_tokens,
+            settings.mm_cache_items,
+            settings.scheduling_policy,
+        )
         self.metrics = SimMetrics(settings.model, self)
         self.clock = clock
         self._frontend_base = settings.frontend_base_ms / 1000
         self._frontend_per_image_token = settings.frontend_per_image_token_ms / 1000
         self.zero = self.costs.zero and not (self._frontend_base or self._frontend_per_image_token)
         """Whether nothing ever takes time: then no request sleeps, waits or yields to the loop."""
-        # Generations added to the core and not yet admitted, in the core's (FIFO) order.
-        self._queued: deque[Generation] = deque()
         self._planned = False  # a step is planned and not yet finished
         self._stepper: asyncio.Task[None] | None = None
         self._idle: asyncio.Future[None] | None = None  # what the stepper waits on while the core is idle
@@ -148,7 +153,6 @@ class SimEngine:
 
     def _add(self, generation: Generation) -> None:
         self.core.add(generation.core_request)
-        self._queued.append(generation)
 
     def _plan(self) -> float | None:
         """Plan the next step (None when the core is idle) and account for the requests it admits."""
@@ -156,17 +160,10 @@ class SimEngine:
         if duration is None:
             return None
         self._planned = True
-        queued = self._queued
         metrics = self.metrics
-        # The core admits first in, first out and skips aborted requests: the admitted ones lead the queue.
-        while queued:
-            head = queued[0].core_request
-            if head.aborted:
-                queued.popleft()
-            elif head.admitted:
-                queued.popleft()._admit(metrics)
-            else:
-                break
+        for core_request in self.core.admitting:
+            generation: Generation = core_request.handle  # type: ignore[assignment]
+            generation._admit(metrics)
         return duration
 
     def _finish(self) -> None:
@@ -256,7 +253,9 @@ class Generation:
         self._done = False  # the engine produced every token (or the request was aborted)
         self._sent = 0  # tokens passed on (kept by the zero-cost path only)
         self._waiter: asyncio.Future[None] | None = None
-        self.core_request = CoreRequest(request.text_tokens, request.images, completion_tokens, handle=self)
+        self.core_request = CoreRequest(
+            request.text_tokens, request.images, completion_tokens, handle=self, priority=request.priority
+        )
         self.prompt_tokens = self.core_request.prompt_tokens
         self.completion_tokens = completion_tokens
         self.finish_reason = reason

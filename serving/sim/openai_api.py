@@ -1,13 +1,19 @@
 """The OpenAI wire format as `vllm serve` writes it, for the simulator: parse a chat body, build replies.
 
 Parsing is deliberately narrow and fast (no pydantic): it reads what the latency model needs (text
-length, images, the output cap, the stream flags) and rejects what vLLM would reject with a 400.
+length, images, the output cap, the stream flags, the priority) and rejects what vLLM would reject with
+a 400. The priority is vLLM's: the body's `priority` (default 0; an integer in int64's range, read as
+pydantic's lax mode reads one, so `true`, `5.0` and `"5"` pass as vLLM lets them), unless an
+`X-Vllm-Priority` header holds an integer, which wins (vLLM 0.32's `_get_priority`; a header that is no
+integer is ignored). vLLM takes a non-zero priority under either scheduling policy (fcfs ignores it),
+so the simulator does too.
 Images must be base64 data URLs (qvl.dataurl); remote URLs are refused because the simulator never fetches.
 Errors carry vLLM's shape: `{"error": {"message", "type", "param", "code"}}` with `code` the status.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -20,6 +26,9 @@ import orjson
 from qvl.dataurl import DataURLError, decode_image_data_url
 from qvl.images import ImageError, ImageTokenCounter
 from serving.sim.engine import ImageInput, SimRequest
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
 
 # Made-up output: a small vocabulary cycled deterministically per request.
 WORDS = (
@@ -70,9 +79,11 @@ def parse_chat(
     counter: ImageTokenCounter,
     chars_per_token: float = 4.0,
     template_tokens: int = 0,
+    priority_header: bytes | None = None,
 ) -> ChatCall:
     """Read a /v1/chat/completions body; raises BadRequest (400) or ModelNotFound (404). Text tokens are
-    template_tokens + characters / chars_per_token (rounded up), as a capacity profile counts them."""
+    template_tokens + characters / chars_per_token (rounded up), as a capacity profile counts them.
+    `priority_header` is the request's X-Vllm-Priority header, if any."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -96,10 +107,35 @@ def parse_chat(
         max_tokens, name = doc.get("max_tokens"), "max_tokens"
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise BadRequest(f"`{name}` must be a positive integer", param=name)
+    priority = _body_priority(doc.get("priority", 0))
+    if priority_header is not None:
+        priority = _header_priority(priority_header, priority)
     chars, images = _read_messages(doc.get("messages"), counter)
     text_tokens = template_tokens + math.ceil(chars / chars_per_token)
-    request = SimRequest(text_tokens=text_tokens, images=images, max_tokens=max_tokens)
+    request = SimRequest(text_tokens=text_tokens, images=images, max_tokens=max_tokens, priority=priority)
     return ChatCall(stream=stream, include_usage=include_usage, request=request)
+
+
+def _body_priority(value: Any) -> int:
+    """The body's priority as vLLM's pydantic model reads it (lax mode); BadRequest where it refuses."""
+    number: int | None = None
+    # bool is an int here: pydantic reads true as 1, and 5.0 as 5.
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        number = int(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = int(value.strip())
+    if number is None or not _INT64_MIN <= number <= _INT64_MAX:
+        raise BadRequest("`priority` must be an integer in int64's range", param="priority")
+    return number
+
+
+def _header_priority(header: bytes, body_priority: int) -> int:
+    """vLLM's rule: the header's value when Python's int() reads it, else the body's priority."""
+    try:
+        return int(header.decode("latin-1"))
+    except ValueError:
+        return body_priority
 
 
 def _read_messages(messages: Any, counter: ImageTokenCounter) -> tuple[int, tuple[ImageInput, ...]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qvl.cli import parse_command
 from qvl.settings import ReplicaSettings
 from serving.vllm_replica import (
     CPU_DEFAULTS,
@@ -157,3 +158,13 @@ def test_socket_dir_stays_short_enough_for_vllm_ipc_paths(tmp_path: Path) -> Non
     short = socket_dir(deep)
     assert len(str(short)) + 1 + 36 <= 107
     assert short == socket_dir(deep) and short != socket_dir(deep.with_name("replica-35422"))
+
+
+def test_replicas_run_priority_scheduling_unless_told_fcfs(tmp_path: Path) -> None:
+    # The router forwards class priorities; vLLM's own default (fcfs) would ignore them.
+    (plan,) = plan_replicas(ReplicaSettings(model="/m/tiny"), "/m/tiny", [9100], [], tmp_path, {}, available_cpus=[0])
+    assert flag_value(plan.command, "--scheduling-policy") == "priority"
+    fcfs = ReplicaSettings(model="/m/tiny", scheduling_policy="fcfs")
+    assert flag_value(engine_flags(fcfs, "gpu"), "--scheduling-policy") == "fcfs"
+    _, settings = parse_command(["replica", "--scheduling-policy", "fcfs"])
+    assert settings.replica.scheduling_policy == "fcfs"
