@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(ENGINE)
 EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu),ray
 
-.PHONY: install system-deps demo test lint typecheck promcheck pytest bench bench-planner capacity-demo dashboards-preview clean
+.PHONY: install system-deps demo test lint typecheck promcheck pytest bench bench-batch bench-planner capacity-demo dashboards-preview clean
 
 install: system-deps $(STAMP)
 
@@ -78,6 +78,11 @@ bench: install
 	$(BIN)/python -m benchmarks.routing_policies
 	$(BIN)/python -m benchmarks.generator_limit
 	$(BIN)/python -m benchmarks.planner_speed
+	$(BIN)/python -m benchmarks.batch_priority
+
+# A batch job on spare capacity beside interactive traffic, on 2 simulated replicas (about 8 minutes).
+bench-batch: install
+	$(BIN)/python -m benchmarks.batch_priority
 
 # The capacity planner's whole loop on 2 real vLLM CPU replicas of the tiny model: calibrate, validate, size,
 # verify, report (loadtests/planner/demo.py; about 20 minutes). PLAN: the planning folder (must be new).
