@@ -1,6 +1,6 @@
 """The `qvl` command: one entry, a subcommand per role (router, sim, up, replica, gpu-exporter,
-cluster up|status|scale|down, model tiny, loadtest [run]|sweep|report, plan calibrate|validate|size|verify|report);
-`python -m qvl` and `python -m qvl.cli`
+cluster up|status|scale|down, model tiny, loadtest [run]|sweep|report, plan calibrate|validate|size|verify|report,
+batch submit|status|cancel); `python -m qvl` and `python -m qvl.cli`
 run it too.
 
 Every subcommand that runs with settings takes `--config FILE` (YAML) and reads `QVL_*` variables; its
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qvl.cli import loadtest, plan
+from qvl.cli import batch, loadtest, plan
 from qvl.cli.flags import SET_PREFIX, setting_flag
 from qvl.cli.loadtest import with_default_action
 from qvl.settings import Settings, SettingsError, load_settings
@@ -199,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     _cluster_commands(sub)
     loadtest.add_commands(sub)
     plan.add_commands(sub)
+    batch.add_commands(sub)
 
     model = sub.add_parser("model", help="Build models.", description="Build models.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="WHAT")

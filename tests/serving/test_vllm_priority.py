@@ -1,53 +1,29 @@
 """Real vLLM replicas (the tiny Qwen3-VL on the CPU) run priority scheduling: they answer every class's
-priority, and a later interactive request is served before batch requests that waited longer. A replica
-under fcfs takes the same priorities and ignores them, which is what the simulator copies.
+priority, and a later interactive request is served before batch requests that waited longer. (Under fcfs
+vLLM 0.32 takes the same priorities and ignores them, which the simulator copies; no fcfs replica is started
+here: it would add a minute of start-up to every run.)
 
-The session's `vllm_pair` (tests/support/vllm.py) is started by the same command builder as `qvl up`;
-the fcfs replica is this module's own.
+The session's `vllm_pair` (tests/support/vllm.py) is started by the same command builder as `qvl up`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Iterator
 
 import httpx
 import psutil
 import pytest
 from support.metrics import metric_sum
 from support.polling import wait_for
-from support.vllm import MAX_NUM_SEQS, STARTUP_S, VllmPair
+from support.vllm import MAX_NUM_SEQS, VllmPair
 
-from qvl.procs import Child, free_port
-from qvl.settings import ReplicaSettings
+from qvl.procs import Child
 from serving.tiny_model import SERVED_NAME
-from serving.vllm_replica import launch, plan_replicas
 
 pytestmark = pytest.mark.vllm
 MODEL = SERVED_NAME
 INTERACTIVE, FLEX, BATCH = 0, 5, 10
 """The priorities the router forwards for its classes."""
-
-
-@pytest.fixture(scope="module")
-def fcfs_replica(vllm_pair: VllmPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
-    run_dir = tmp_path_factory.mktemp("vllm-fcfs")
-    spec = ReplicaSettings(
-        served_model_name=SERVED_NAME,
-        device="cpu",
-        max_num_seqs=MAX_NUM_SEQS,
-        run_dir=str(run_dir),
-        scheduling_policy="fcfs",
-    )
-    (plan,) = plan_replicas(spec, str(vllm_pair.model), [free_port()], [], run_dir, os.environ)
-    replica = launch(plan, "127.0.0.1")
-    try:
-        replica.wait_ready(STARTUP_S)
-        yield replica
-    finally:
-        replica.terminate()
-        replica.stop()
 
 
 def chat(priority: int | None = None, max_tokens: int = 16, stream: bool = False) -> dict:
@@ -124,10 +100,3 @@ def test_a_later_interactive_request_is_served_before_waiting_batch_ones(vllm_pa
     # The interactive request takes one of the freed slots; a batch one waits for a slot to free again.
     assert sorted(order) == list(range(MAX_NUM_SEQS + 1))
     assert order[-1] != MAX_NUM_SEQS, order
-
-
-def test_fcfs_takes_priorities_and_ignores_them(fcfs_replica: Child) -> None:
-    # No 400 for a non-zero priority under fcfs (vLLM 0.32); the simulator does the same.
-    assert running_policy(fcfs_replica) == "fcfs"
-    order = asyncio.run(finishing_order(fcfs_replica.url, batch_then_interactive()))
-    assert order[-1] == MAX_NUM_SEQS, order
