@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from typing import Any
 
@@ -51,7 +52,7 @@ def _steady(records: list[dict[str, Any]], phase: dict[str, Any], name: str, war
     }
 
 
-def _engines(samples: list[list[Any]], lo: float, hi: float, max_running: int) -> dict[str, Any]:
+def _engines(samples: list[list[Any]], lo: float, hi: float, max_running: int, k: int) -> dict[str, Any]:
     """Per replica, over the samples taken in [lo, hi]: the share in which its engine ran anything, its mean
     running requests as a share of M, the share with a request waiting, and the router's batch lines."""
     window = [s for s in samples if lo <= s[0] <= hi]
@@ -69,8 +70,39 @@ def _engines(samples: list[list[Any]], lo: float, hi: float, max_running: int) -
             "waiting_when_full_share": sum(1 for r in rows if r[1] > 0 and r[0] >= max_running) / n,
             "router_saw_waiting_share": sum(1 for r in rows if r[4] > 0) / n,
             "mean_batch_in_flight": sum(r[2] for r in rows) / n,
+            "batch_at_k_share": sum(1 for r in rows if r[2] >= k) / n,
+            "idle_slots_mean": sum(max_running - r[0] for r in rows) / n,
+            "idle_slot_seconds_share_router_saw_waiting": _share(
+                sum(max_running - r[0] for r in rows if r[4] > 0), sum(max_running - r[0] for r in rows)
+            ),
         }
     return out
+
+
+def _share(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
+
+
+def _full_at_arrival(
+    records: list[dict[str, Any]], samples: list[list[Any]], phase: dict[str, Any], name: str, warm: float, m: int
+) -> dict[str, Any]:
+    """Interactive requests of a phase split by whether their replica's engine ran all M slots at the sample
+    just before they were sent: how many, and each group's TTFT."""
+    times = [s[0] for s in samples]
+    groups: dict[bool, list[float]] = {True: [], False: []}
+    for r in records:
+        if r["phase"] != name or r["class"] != "interactive" or r["at_s"] < warm or r["ttft_ms"] is None:
+            continue
+        i = bisect.bisect_right(times, phase["start"] + r["at_s"]) - 1
+        engine = samples[i][1].get(r.get("replica") or "") if i >= 0 else None
+        if engine is not None:
+            groups[engine[0] >= m].append(r["ttft_ms"])
+    total = len(groups[True]) + len(groups[False])
+    return {
+        "share_sent_to_full_engine": _share(len(groups[True]), total),
+        "full": {"p50_ms": _ms(percentile(groups[True], 50)), "p99_ms": _ms(percentile(groups[True], 99))},
+        "not_full": {"p50_ms": _ms(percentile(groups[False], 50)), "p99_ms": _ms(percentile(groups[False], 99))},
+    }
 
 
 def _batch_rate(samples: list[list[Any]], lo: float, hi: float) -> float | None:
@@ -179,6 +211,7 @@ def derive(doc: dict[str, Any], partial: bool = False) -> dict[str, Any]:
     capacity = figures["capacity"]["rps"]
     warm = doc["phase_settings"]["warm_s"]
     max_running = doc["settings"]["sim"]["max_running"]
+    k = doc["settings"]["router"]["batch"]["in_flight_per_replica"]
     records = [dict(zip(doc["records_fields"], row, strict=True)) for row in doc["records"]]
     samples = doc["samples"]
     for name in ("no_batch", "with_batch", "control"):
@@ -186,7 +219,11 @@ def derive(doc: dict[str, Any], partial: bool = False) -> dict[str, Any]:
             continue
         phase = doc["phases"][name]
         lo, hi = phase["start"] + warm, phase["start"] + phase["seconds"]
-        figures[name] = {**_steady(records, phase, name, warm), "engines": _engines(samples, lo, hi, max_running)}
+        figures[name] = {
+            **_steady(records, phase, name, warm),
+            "engines": _engines(samples, lo, hi, max_running, k),
+            "by_engine_state": _full_at_arrival(records, samples, phase, name, warm, max_running),
+        }
     # The baseline: every valid phase without a batch (the first, and the control run last), pooled.
     base = [n for n in ("no_batch", "control") if n in figures and figures[n]["valid"]]
     pooled = [
@@ -217,7 +254,7 @@ def derive(doc: dict[str, Any], partial: bool = False) -> dict[str, Any]:
         "interactive_requests": len(jumped),
         "interactive_ttft_p50_ms": _ms(percentile(ttfts, 50)),
         "interactive_ttft_p99_ms": _ms(percentile(ttfts, 99)),
-        "engines": _engines(samples, jump["start"], jump["start"] + jump["seconds"], max_running),
+        "engines": _engines(samples, jump["start"], jump["start"] + jump["seconds"], max_running, k),
     }
     tokens = doc["settings"]["request"]["max_tokens"]
     figures["work"] = {phase: _work(doc, a, b, tokens) for phase, (a, b) in SPANS.items()}
@@ -228,14 +265,14 @@ def derive(doc: dict[str, Any], partial: bool = False) -> dict[str, Any]:
         "with_batch": _decisions(doc, "with_batch_start", "jump_start"),
         "jump": _decisions(doc, "jump_start", "jump_end"),
     }
-    interactive_refused = sum(
-        n for by in figures["statuses"].values() for s, n in by.get("interactive", {}).items() if s != "200"
+    jump_failed = sum(
+        n for status, n in figures["statuses"].get("jump", {}).get("interactive", {}).items() if status != "200"
     )
-    figures["targets"] = _targets(figures, interactive_refused)
+    figures["targets"] = _targets(figures, jump_failed)
     return figures
 
 
-def _targets(f: dict[str, Any], interactive_refused: int) -> list[dict[str, Any]]:
+def _targets(f: dict[str, Any], jump_failed: int) -> list[dict[str, Any]]:
     a, b = f["baseline"]["ttft_p99_ms"], f["with_batch"]["ttft_p99_ms"]
     rise: float | str | None = None if not a or b is None else b / a - 1
     if not f["with_batch"]["valid"] or not f["baseline"]["phases"]:
@@ -244,7 +281,7 @@ def _targets(f: dict[str, Any], interactive_refused: int) -> list[dict[str, Any]
     share = f["batch"]["share_of_left_over"]
     backoff = f["jump"]["backoff_s"]
     shed_classes = sorted(
-        {k for by in f["statuses"].values() for k, st in by.items() if any(s != "200" for s in st)}
+        {k for by in f["statuses"].values() for k, st in by.items() if any(s[:3] in ("429", "503") for s in st)}
         | {d.split(",")[0].split("=")[1] for ph in f["decisions"].values() for d in ph if not d.endswith("=admitted")}
     )
     rows = [
@@ -277,14 +314,14 @@ def _targets(f: dict[str, Any], interactive_refused: int) -> list[dict[str, Any]
             "s",
         ),
         (
-            "interactive requests refused or failed (all phases)",
+            "interactive requests without a 200 in the jump phase",
             "0",
-            interactive_refused,
-            interactive_refused == 0,
+            jump_failed,
+            jump_failed == 0,
             "count",
         ),
         (
-            "classes ever refused (429/503) or backed off",
+            "classes ever refused with 429/503 (any phase), or batch lines taken back",
             "flex, batch only",
             ", ".join(shed_classes) or "none",
             "interactive" not in shed_classes,
@@ -384,22 +421,31 @@ def write_report(doc: dict[str, Any]) -> None:
         "Engines (sampled every "
         f"{doc['sample_s']} s from each simulator's own gauges; `router saw waiting`: the router's last scrape):",
         "",
-        "| phase | replica | busy (running > 0) | mean running | of M | waiting > 0 | waiting, all M running | "
-        "waiting, slot free | router saw waiting | batch in flight |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| phase | replica | busy (running > 0) | mean running | of M | idle slots | waiting > 0 | waiting, all M "
+        "running | waiting, slot free | router saw waiting | idle slots while router saw waiting | batch in flight "
+        "| batch at K |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, engines in (
-        ("no batch", f["no_batch"]["engines"]),
-        ("with batch", f["with_batch"]["engines"]),
-        ("jump", f["jump"]["engines"]),
-    ):
-        for replica, e in engines.items():
+    for name in ("no_batch", "with_batch", "jump", "control"):
+        for replica, e in f.get(name, {}).get("engines", {}).items():
             lines.append(
-                f"| {name} | {replica} | {e['busy_share']:.1%} | {e['mean_running']:.1f} | "
-                f"{e['slot_share']:.0%} | {e['waiting_share']:.1%} | "
+                f"| {name.replace('_', ' ')} | {replica} | {e['busy_share']:.1%} | {e['mean_running']:.1f} | "
+                f"{e['slot_share']:.0%} | {e['idle_slots_mean']:.1f} | {e['waiting_share']:.1%} | "
                 f"{e['waiting_when_full_share']:.1%} | {e['waiting_with_free_slot_share']:.1%} | "
-                f"{e['router_saw_waiting_share']:.1%} | {e['mean_batch_in_flight']:.2f} |"
+                f"{e['router_saw_waiting_share']:.1%} | "
+                f"{_fmt(e['idle_slot_seconds_share_router_saw_waiting'], 'ratio')} | "
+                f"{e['mean_batch_in_flight']:.2f} | {e['batch_at_k_share']:.1%} |"
             )
+    lines += ["", "Interactive requests by the state of their engine when sent (the sample just before):", ""]
+    for name in ("no_batch", "with_batch", "control"):
+        if name not in f:
+            continue
+        st = f[name]["by_engine_state"]
+        lines.append(
+            f"- {name.replace('_', ' ')}: {_fmt(st['share_sent_to_full_engine'], 'ratio')} sent to an engine running "
+            f"all M (TTFT p50 {st['full']['p50_ms']} / p99 {st['full']['p99_ms']} ms); the others p50 "
+            f"{st['not_full']['p50_ms']} / p99 {st['not_full']['p99_ms']} ms"
+        )
     lines += [
         "",
         "Engine work between the phase's counter snapshots (aborted work: the share of generated tokens no "
@@ -429,7 +475,9 @@ def write_report(doc: dict[str, Any]) -> None:
         "",
         "## The jump to 100 % of C (plus flex) with the batch running",
         "",
-        f"- batch lines in flight per replica in the 2 s before the jump: {j['batch_in_flight_before']}",
+        f"- the jump started {doc['phases']['jump'].get('bridge_s', 0):.1f} s after the batch phase's schedule "
+        f"(steady traffic went on until every replica had {doc['phase_settings'].get('jump_when', '-')} batch lines "
+        f"in flight); batch lines in flight per replica in the 2 s before it: {j['batch_in_flight_before']}",
         f"- time until every replica had at most 1: {_fmt(j['backoff_s'], 's')}; afterwards "
         f"{_fmt(j['share_of_later_samples_at_most_1'], 'ratio')} of the samples stayed at <= 1 "
         f"(max {j['max_batch_in_flight_after_backoff']})",

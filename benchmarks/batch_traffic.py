@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,8 @@ class Record:
     code: str | None
     ttft_s: float | None
     e2e_s: float
+    replica: str | None = None
+    """x-qvl-replica: the replica that answered."""
 
     def row(self) -> list[object]:
         ttft = None if self.ttft_s is None else round(self.ttft_s * 1000, 2)
@@ -98,10 +100,11 @@ class Record:
             self.code,
             ttft,
             round(self.e2e_s * 1000, 1),
+            self.replica,
         ]
 
 
-ROW_FIELDS = ("phase", "class", "at_s", "send_lag_ms", "status", "error_code", "ttft_ms", "e2e_ms")
+ROW_FIELDS = ("phase", "class", "at_s", "send_lag_ms", "status", "error_code", "ttft_ms", "e2e_ms", "replica")
 
 
 def _first_token(payloads: Sequence[str]) -> tuple[bool, str | None]:
@@ -127,9 +130,11 @@ async def ask(session: aiohttp.ClientSession, url: str, body: bytes, arrival: Ar
     ttft = None
     code = None
     status = 0
+    replica = None
     try:
         async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
             status = resp.status
+            replica = resp.headers.get("x-qvl-replica")
             if status != 200:
                 try:
                     code = str((await resp.json(content_type=None))["error"]["code"])
@@ -156,34 +161,33 @@ async def ask(session: aiohttp.ClientSession, url: str, body: bytes, arrival: Ar
         code,
         ttft,
         time.perf_counter() - sent,
+        replica,
     )
 
 
 async def open_loop(
     session: aiohttp.ClientSession,
     url: str,
-    arrivals: Sequence[Arrival],
+    arrivals: Iterable[Arrival],
     max_tokens: int,
     first_id: int,
     out: list[Record],
 ) -> None:
-    """Send each arrival at its time (bodies built beforehand), never waiting for answers: an open loop.
-    Each answered request's record is appended to `out` as it ends (a progress line may read it)."""
-    bodies = [
-        json.dumps(chat_doc(first_id + i, max_tokens, True, "flex" if a.klass == "flex" else None)).encode()
-        for i, a in enumerate(arrivals)
-    ]
+    """Send each arrival at its time, never waiting for answers: an open loop. `arrivals` may be a generator
+    that decides later arrivals as it goes (it is advanced right after each send). Each answered request's
+    record is appended to `out` as it ends (a progress line may read it)."""
     tasks = []
     t0 = time.perf_counter()
 
     async def one(arrival: Arrival, body: bytes) -> None:
         out.append(await ask(session, url, body, arrival, t0))
 
-    for arrival, body in zip(arrivals, bodies, strict=True):
+    for i, arrival in enumerate(arrivals):
+        body = json.dumps(chat_doc(first_id + i, max_tokens, True, "flex" if arrival.klass == "flex" else None))
         delay = t0 + arrival.at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(arrival, body)))
+        tasks.append(asyncio.create_task(one(arrival, body.encode())))
     await asyncio.gather(*tasks)
 
 
