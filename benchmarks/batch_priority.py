@@ -32,6 +32,8 @@ raw records and samples kept in the JSON.
     python -m benchmarks.batch_priority [--replicas 2] [--max-running 16] [--max-tokens 32]
         [--in-flight-per-replica 8] [--scrape-s 1.0] [--steady-s 120] [--jump-s 30] [--lines 20000]
     python -m benchmarks.batch_priority --report-only    # re-derive the .md from the JSON
+    python -m benchmarks.batch_priority --batch-setting start_interval_s=0.02 --sim-term prefill_base_ms=1 \
+        --out /tmp/experiment                              # experiments: other settings, another report path
 
 Writes benchmarks/results/batch_priority.json and .md.
 """
@@ -54,6 +56,7 @@ from typing import Any
 import aiohttp
 import openai
 import psutil
+import yaml
 
 from benchmarks.batch_report import derive, write_report
 from benchmarks.batch_traffic import (
@@ -85,18 +88,34 @@ STEADY_SHARE = 0.6
 JUMP_SHARE = 1.0
 
 
+def sim_terms(args: argparse.Namespace) -> dict[str, float]:
+    """SIM_TERMS with the `--sim-term NAME=VALUE` overrides (an experiment on the latency model)."""
+    terms = dict(SIM_TERMS)
+    for item in args.sim_term:
+        name, _, value = item.partition("=")
+        if name not in terms:
+            raise SystemExit(f"--sim-term: {name!r} is none of {', '.join(terms)}")
+        terms[name] = float(value)
+    return terms
+
+
 def start_cluster(args: argparse.Namespace, tmp: Path) -> tuple[list[Child], Child, dict[str, Any]]:
     """R simulators and a router with the benchmark's batch settings; (sims, router, settings used)."""
     sim_flags = ["--model", MODEL, "--max-running", str(args.max_running), "--output-tokens", str(args.max_tokens)]
     sim_flags += ["--scheduling-policy", "priority"]
-    for name, value in SIM_TERMS.items():
+    terms = sim_terms(args)
+    for name, value in terms.items():
         sim_flags += [f"--{name.replace('_', '-')}", str(value)]
     sims = []
     for _ in range(args.replicas):
         sims.append(start_qvl(["sim", *sim_flags], free_port(), "/health"))
+    batch: dict[str, object] = {"in_flight_per_replica": args.in_flight_per_replica}
+    for item in args.batch_setting:
+        name, _, value = item.partition("=")
+        batch[name] = yaml.safe_load(value)
     router_settings = {
         "load_scrape_interval_s": args.scrape_s,
-        "batch": {"files_dir": str(tmp / "files"), "in_flight_per_replica": args.in_flight_per_replica},
+        "batch": {"files_dir": str(tmp / "files"), **batch},
     }
     config = tmp / "router.yaml"
     config.write_text(json.dumps({"router": router_settings}))  # JSON is YAML
@@ -106,11 +125,9 @@ def start_cluster(args: argparse.Namespace, tmp: Path) -> tuple[list[Child], Chi
     router = start_qvl(flags, free_port(), "/ready")
     settings = {
         "replicas": args.replicas,
-        "sim": {"max_running": args.max_running, "output_tokens": args.max_tokens, **SIM_TERMS},
+        "sim": {"max_running": args.max_running, "output_tokens": args.max_tokens, **terms},
         "request": {"prompt_tokens": 50, "max_tokens": args.max_tokens, "interactive_stream": True},
-        "router": {**router_settings, "batch": {"in_flight_per_replica": args.in_flight_per_replica}},
-        "router_defaults_kept": "classes (flex_shed_queue 1, priorities 0/5/10), batch.spare_kv_cache 0.9, "
-        "batch.aging_after_s 30, admission (64 per replica, queue 256, 10 s), policy least-loaded",
+        "router": {**router_settings, "batch": batch},
     }
     return sims, router, settings
 
@@ -371,11 +388,24 @@ def main() -> int:
     parser.add_argument(
         "--no-control", dest="control", action="store_false", help="skip the no-batch phase run again at the end"
     )
+    parser.add_argument(
+        "--batch-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another router.batch setting, e.g. start_interval_s=0.05 (repeat)",
+    )
+    parser.add_argument(
+        "--sim-term", action="append", default=[], metavar="NAME=VALUE", help="change one latency term (repeat)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "batch_priority", help="the report's path without .json/.md"
+    )
     parser.add_argument("--report-only", action="store_true", help="re-derive the report from the JSON")
     args = parser.parse_args()
-    path = RESULTS / "batch_priority.json"
+    path = args.out.with_suffix(".json")
     if args.report_only:
-        write_report(load(path))
+        write_report(load(path), path.with_suffix(".md"))
         return 0
 
     began = time.monotonic()
@@ -405,9 +435,9 @@ def main() -> int:
         },
         **doc,
     }
-    RESULTS.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump(doc))
-    write_report(doc)
+    write_report(doc, path.with_suffix(".md"))
     return 0
 
 
