@@ -35,6 +35,7 @@ FIELDS = [
     "latency_ms",
     "prompt_tokens",
     "completion_tokens",
+    "batch_id",
     "prompt",
 ]
 
@@ -240,7 +241,7 @@ def test_close_writes_everything_queued(tmp_path: Path) -> None:
     (blocker / "keep").write_text("x")
 
     async def main() -> None:
-        log = AuditLog(settings(path, max_bytes=4 << 20, backups=1))  # two files hold them all
+        log = AuditLog(settings(path, max_bytes=5 << 20, backups=1))  # two files hold them all (one rotation)
         await log.start()
         await asyncio.gather(*(log.write(record(str(i))) for i in range(total)))
         assert log.pending > 1000
