@@ -35,7 +35,8 @@ def test_batch_backs_off_under_an_interactive_burst_and_flex_is_shed_first(clust
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
     upload = client.files.create(file=("tags.jsonl", batch_lines(MODEL, 60, max_tokens=60)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-    wait_for(lambda: metric_sum(router.url, "qvl_batch_in_flight") == 4, timeout=30)  # the batch fills the replica
+    # The batch takes most of the replica (the last slot only while no request waits at a step boundary).
+    wait_for(lambda: metric_sum(router.url, "qvl_batch_in_flight") >= 3, timeout=30)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         burst = [pool.submit(ask, router.url, i) for i in range(32)]
