@@ -384,24 +384,17 @@ class Runner:
             if found is not None:
                 (out if found[0] else err).append(found[1])
         changes: dict[str, object] = {"status": final, f"{final}_at": now}
-        if out or final == "completed":
-            stored = await self._files.put(
-                b"".join(line + b"\n" for line in out),
-                owner=job["owner"],
-                filename=f"{batch_id}_output.jsonl",
-                purpose="batch_output",
-                file_id=output_id(batch_id, "output"),
-            )
-            changes["output_file_id"] = stored.id
-        if err:
-            stored = await self._files.put(
-                b"".join(line + b"\n" for line in err),
-                owner=job["owner"],
-                filename=f"{batch_id}_error.jsonl",
-                purpose="batch_output",
-                file_id=output_id(batch_id, "error"),
-            )
-            changes["error_file_id"] = stored.id
+        # The output file always exists for a completed batch; the error file only when a line failed.
+        for kind, lines, wanted in (("output", out, bool(out) or final == "completed"), ("error", err, bool(err))):
+            if wanted:
+                stored = await self._files.put(
+                    b"".join(line + b"\n" for line in lines),
+                    owner=job["owner"],
+                    filename=f"{batch_id}_{kind}.jsonl",
+                    purpose="batch_output",
+                    file_id=output_id(batch_id, kind),
+                )
+                changes[f"{kind}_file_id"] = stored.id
         if await self._store.change(batch_id, [status], changes) is not None:
             self._metrics.record_batch(final)
             log.info("batch %s %s: %d lines answered, %d failed", batch_id, final, len(out), len(err))
