@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from router.classes import CLASSES, Klass
 from router.replicas import Replica
 
 UNKNOWN_MODEL = "_unknown"
@@ -229,7 +230,7 @@ class RouterMetrics:
         )
         self._admissions = admissions
         # Bound once: the interactive path counts every request.
-        self._admitted = {klass: admissions.labels(klass, "admitted") for klass in ("interactive", "flex", "batch")}
+        self._admitted = {klass: admissions.labels(klass, "admitted") for klass in CLASSES}
         self.registry.register(_StateCollector(replicas, stores, audit, discovery, quota))
 
     def record_request(
@@ -268,7 +269,7 @@ class RouterMetrics:
     def record_cache_stored(self, store: str) -> None:
         self._cache_stored.labels(store).inc()
 
-    def record_admitted(self, klass: str) -> None:
+    def record_admitted(self, klass: Klass) -> None:
         self._admitted[klass].inc()
 
     def record_admission(self, klass: str, decision: str) -> None:

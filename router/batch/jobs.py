@@ -42,7 +42,6 @@ class JobStore(Protocol):
         ...
 
     async def release(self, batch_id: str, holder: str) -> None: ...
-    async def holder(self, batch_id: str) -> str | None: ...
     async def record(self, batch_id: str, custom_id: str, ok: bool, line: bytes) -> bool:
         """Record a line's result unless one exists; True when this call recorded it."""
         ...
@@ -97,10 +96,6 @@ class MemoryJobs:
     async def release(self, batch_id: str, holder: str) -> None:
         if self._leases.get(batch_id, ("", 0.0))[0] == holder:
             del self._leases[batch_id]
-
-    async def holder(self, batch_id: str) -> str | None:
-        lease = self._leases.get(batch_id)
-        return lease[0] if lease is not None and lease[1] > time.monotonic() else None
 
     async def record(self, batch_id: str, custom_id: str, ok: bool, line: bytes) -> bool:
         results = self._results.setdefault(batch_id, {})
@@ -230,11 +225,6 @@ class RedisJobs:
     async def release(self, batch_id: str, holder: str) -> None:
         with self._unavailable():
             await self._release(keys=[f"{self._p}lease:{batch_id}"], args=[holder])
-
-    async def holder(self, batch_id: str) -> str | None:
-        with self._unavailable():
-            value = await self._client.get(f"{self._p}lease:{batch_id}")
-        return _text(value) if value is not None else None
 
     async def record(self, batch_id: str, custom_id: str, ok: bool, line: bytes) -> bool:
         with self._unavailable():

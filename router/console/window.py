@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client.registry import Collector
@@ -137,10 +137,3 @@ class Window:
 
 def _buckets(delta: Sample, prefix: str) -> dict[float, float]:
     return {float(key[len(prefix) :]): value for key, value in delta.items() if key.startswith(prefix)}
-
-
-def merge(sample: Sample, extra: Iterable[tuple[str, float]]) -> Sample:
-    """`sample` with more cumulative counts added (the replicas' media-cache counters)."""
-    for key, value in extra:
-        sample[key] = value
-    return sample
