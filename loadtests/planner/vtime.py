@@ -258,11 +258,11 @@ class _Run:
                 self.arrive(_Job(next_item, items[next_item], arrival), arrival)
                 next_item += 1
             if live and ri >= 0:
-                self.reps[ri].waiting, self.reps[ri].running = cores[ri].waiting, len(cores[ri].running)
+                self.reps[ri].waiting, self.reps[ri].running = cores[ri].waiting_seen, len(cores[ri].running)
 
     def scrape(self) -> None:
         for replica, core in zip(self.reps, self.cores, strict=True):
-            replica.waiting, replica.running = core.waiting, len(core.running)
+            replica.waiting, replica.running = core.waiting_seen, len(core.running)
 
     def arrive(self, job: _Job, now: float) -> None:
         key = job.item.key if self.answer_cache else None

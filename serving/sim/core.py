@@ -34,7 +34,10 @@ next token, and a waiting request never preempts. The simulator models no KV lim
 Driving it: `add` a request, then repeatedly `plan()` (None when idle; else the step's duration, and
 the step is now fixed) and `finish()` after that many seconds (the requests that got their first
 token, and those that finished). `abort` removes a request at any time between steps. Between steps
-`running` and `waiting` are what vLLM's gauges would show. Bookkeeping per step does not grow with the
+`running` and `waiting_seen` are what vLLM's gauges would show: vLLM counts a request as waiting once its
+scheduler has passed it over, and one that arrives during a step reaches the scheduler only at the next
+step's start, so `waiting_seen` is the queue the last `plan` left (less requests aborted since), while
+`waiting` counts every request not yet admitted. Bookkeeping per step does not grow with the
 batch (the KV total is kept as running sums), so the planner can simulate large fleets quickly.
 """
 
@@ -241,6 +244,7 @@ class EngineCore:
         self.policy = policy
         self._waiting = QUEUES[policy]()
         self._waiting_live = 0
+        self._waiting_planned = 0  # what the last plan() left waiting
         self._mm_cache: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._ends: list[tuple[int, int, CoreRequest]] = []  # (last step, tiebreak, request)
         self._tiebreak = 0
@@ -254,6 +258,11 @@ class EngineCore:
     @property
     def waiting(self) -> int:
         return self._waiting_live
+
+    @property
+    def waiting_seen(self) -> int:
+        """The requests the last `plan` left waiting and still waiting (vLLM's num_requests_waiting)."""
+        return min(self._waiting_planned, self._waiting_live)
 
     @property
     def idle(self) -> bool:
@@ -312,6 +321,7 @@ class EngineCore:
             text += head.text_tokens
             missed += head.missed_image_tokens
             hit += head.hit_image_tokens
+        self._waiting_planned = self._waiting_live
         decodes = self._decoding
         if not admitted and not decodes:
             return None

@@ -103,7 +103,13 @@ class SimEngine:
 
     @property
     def waiting(self) -> int:
+        """Every submitted request not yet admitted."""
         return self.core.waiting
+
+    @property
+    def waiting_seen(self) -> int:
+        """The waiting requests vLLM's gauge would show (see serving/sim/core.py)."""
+        return self.core.waiting_seen
 
     @property
     def max_running(self) -> int:

@@ -44,7 +44,7 @@ class EngineLoad(Protocol):
     def running(self) -> int: ...
 
     @property
-    def waiting(self) -> int: ...
+    def waiting_seen(self) -> int: ...
 
     @property
     def kv_cache_usage(self) -> float:
@@ -140,7 +140,7 @@ class SimMetrics(Collector):
         model, load = self._model, self._load
         gauges = (
             ("vllm:num_requests_running", "Number of requests in model execution batches.", load.running),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", load.waiting),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", load.waiting_seen),
             ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", load.kv_cache_usage),
         )
         for name, doc, value in gauges:

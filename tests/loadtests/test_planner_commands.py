@@ -32,6 +32,8 @@ HIDDEN = {
 MAX_RUNNING = 8
 MM_CACHE_ITEMS = 40
 SLO = "ttft_p99<=1.5s,errors<=1%"
+BOUNDS = "ttft_p50=20%,itl_p50=10%,e2e_p50=10%,ttft_p99=40%,bursty_ttft_p99=25%"
+"""The validation bounds of these tests (see test_validation_passes_and_a_wrong_profile_fails_and_is_refused)."""
 ENV = {**os.environ, "QVL_LOADTEST_KEY": "unused", "PYTHONUNBUFFERED": "1"}
 
 
@@ -105,10 +107,13 @@ def test_validation_passes_and_a_wrong_profile_fails_and_is_refused(
     up, tmp = hidden
     # 45 s levels (about 150 answers at 3.5 req/s): at 30 s the P50 TTFT of a moderate level, which sits
     # between "found the replica idle" and "waited for a step", missed the same model's by 2 % to 13 %.
+    # The P50 and P99 TTFT bounds are twice the defaults: under the whole suite on a shared two-core machine,
+    # the measured P50 TTFT of a level swings by about 10 % from run to run (10.8 % in one CI run), while a
+    # profile 1.6 times too slow misses by far more; the benchmark reports the errors at the defaults.
     validation = tmp / "plan" / "validation"
     done = qvl_plan(
         "validate", "--target", up.url, "--profile", str(calibrated), "--workload", str(CALIBRATION),
-        "--slo", SLO, "--out", str(validation), "--level-duration", "45s",
+        "--slo", SLO, "--out", str(validation), "--level-duration", "45s", "--bounds", BOUNDS,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((validation / "validation.json").read_text())
@@ -124,11 +129,13 @@ def test_validation_passes_and_a_wrong_profile_fails_and_is_refused(
     done = qvl_plan(
         "validate", "--reuse", str(validation), "--profile", str(wrong), "--workload", str(CALIBRATION),
         "--slo", SLO, "--out", str(tmp / "plan" / "validation-wrong"), "--level-duration", "15s",
+        "--bounds", BOUNDS,
     )  # fmt: skip
     assert done.returncode == 5, done.stderr[-3000:]
-    assert "ttft_p50 error" in done.stderr and "over its bound 10%" in done.stderr
+    assert "ttft_p50 error" in done.stderr and "over its bound 20%" in done.stderr
 
     sizing = ("--workload", str(CALIBRATION), "--slo", SLO, "--peak-rate", "12", "--duration", "60s")
+    sizing += ("--bounds", BOUNDS)
     refused = qvl_plan("size", "--profile", str(wrong), *sizing, "--out", str(tmp / "size-wrong"))
     assert refused.returncode == 5 and "refusing to recommend" in refused.stderr
     assert not (tmp / "size-wrong" / "sizing.json").exists()

@@ -218,17 +218,18 @@ def test_client_disconnect_mid_stream_frees_the_slot(cluster: Cluster) -> None:
 
 
 def test_client_disconnect_while_running_or_queued(cluster: Cluster) -> None:
-    sim = cluster.sim("--max-running", "1", "--prefill-base-ms", "10000")
+    # 1 s steps: the first request runs for 24 s; the second waits, counted from the second step on.
+    sim = cluster.sim("--max-running", "1", "--prefill-base-ms", "1000", "--step-base-ms", "1000")
 
     async def scenario() -> None:
         async with httpx.AsyncClient(timeout=30) as first, httpx.AsyncClient(timeout=30) as second:
             running = asyncio.create_task(first.post(chat_url(sim), json=image_chat(MODEL, png_data_url())))
             queued = asyncio.create_task(second.post(chat_url(sim), json=image_chat(MODEL, png_data_url())))
-            # Each wait is well under the 10 s first token, so a request that ended instead counts as a failure.
+            # Each wait is well under the first request's 24 s, so a request that ended instead is a failure.
             await asyncio.to_thread(
                 wait_for,
                 lambda: (metric(sim, "vllm:num_requests_running"), metric(sim, "vllm:num_requests_waiting")) == (1, 1),
-                5,
+                10,
             )
             queued.cancel()
             await asyncio.to_thread(wait_for, lambda: metric(sim, "vllm:num_requests_waiting") == 0, 5)

@@ -134,6 +134,21 @@ def test_admission_is_fifo_under_max_running() -> None:
     assert (len(engine.running), engine.waiting) == (2, 0)
 
 
+def test_the_waiting_gauge_counts_only_what_the_last_step_passed_over() -> None:
+    engine = core(max_running=2)
+    engine.add(text(10, output=5))
+    engine.plan()
+    late = [text(10, output=2) for _ in range(3)]
+    for request in late:  # they arrive during the step: vLLM's scheduler has not seen them yet
+        engine.add(request)
+    assert (engine.waiting, engine.waiting_seen) == (3, 0)
+    engine.finish()
+    engine.plan()  # one slot was free: the first is admitted, the other two are passed over
+    assert (engine.waiting, engine.waiting_seen) == (2, 2)
+    engine.abort(late[2])
+    assert (engine.waiting, engine.waiting_seen) == (1, 1)
+
+
 def test_admission_stays_within_max_batched_tokens_in_order() -> None:
     engine = core(max_batched_tokens=100)
     big, second, small = text(60), text(60), text(30)

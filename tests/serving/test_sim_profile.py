@@ -157,8 +157,11 @@ def engine_load(proc: Proc) -> tuple[float, float]:
 
 def test_qvl_sim_serves_with_the_profiles_limits(cluster: Cluster, tmp_path: Path) -> None:
     path = tmp_path / "slow.yaml"
-    # One request at a time, each with a 10 s prefill: a second request can only wait.
-    write_profile(profile(max_running=1, prefill_base_ms=10_000), path)
+    # One request at a time, each with 1 s steps: a second request can only wait, and the engine's gauge
+    # counts it from the second step on (vLLM's scheduler sees a request at the start of a step).
+    slow = profile(max_running=1, prefill_base_ms=1_000)
+    slow = slow.model_copy(update={"costs": slow.costs.model_copy(update={"step_base_ms": Estimate.fixed(1_000)})})
+    write_profile(slow, path)
     # The profile wins over the flags for the terms and limits it holds.
     sim = cluster.sim("--profile", str(path), "--max-running", "8")
 
@@ -169,8 +172,8 @@ def test_qvl_sim_serves_with_the_profiles_limits(cluster: Cluster, tmp_path: Pat
                 asyncio.create_task(client.post(sim.url + "/v1/chat/completions", json=doc))
                 for client in (first, second)
             ]
-            # Well under the 10 s first token: a request that ended instead is a failure.
-            await asyncio.to_thread(wait_for, lambda: engine_load(sim) == (1, 1), 5)
+            # Well under the first request's 24 s (24 tokens of 1 s steps): a request that ended instead is a failure.
+            await asyncio.to_thread(wait_for, lambda: engine_load(sim) == (1, 1), 10)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
