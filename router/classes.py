@@ -88,9 +88,13 @@ def spare(replica: Replica, settings: BatchSettings) -> bool:
 
 
 def batch_room(replica: Replica, settings: BatchSettings, floor: bool = False) -> bool:
-    """Whether a batch line may go to `replica` now: it has room to spare and fewer than
-    `in_flight_per_replica` of this router's batch lines. `floor` (the aging floor) allows one line on a
-    replica without room."""
+    """Whether a batch line may go to `replica` now: it has room to spare, fewer than `in_flight_per_replica`
+    of this router's batch lines, and, once its slots are known, `headroom_slots` of them stay free for
+    interactive arrivals (the requests in its engine, or this router's in flight to it when more). `floor`
+    (the aging floor) allows one line on a replica without room."""
     if floor:
         return replica.batch_in_flight < 1
-    return spare(replica, settings) and replica.batch_in_flight < settings.in_flight_per_replica
+    if not spare(replica, settings) or replica.batch_in_flight >= settings.in_flight_per_replica:
+        return False
+    occupied = max(replica.in_flight, replica.running + replica.waiting)
+    return not replica.slots or occupied < replica.slots - settings.headroom_slots

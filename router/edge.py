@@ -74,8 +74,12 @@ class BatchTicket:
 
     floor: bool = False
     """Sent under the aging floor: it may take one slot on a replica without room."""
+    wanted: str = ""
+    """The replica the runner found room on and paced it for: the proxy sends it there while it has room."""
     replica: str = ""
     """The replica the proxy sent it to ("" until then)."""
+    started: float = 0.0
+    """time.monotonic() when the runner started it."""
     aborted: bool = False
     """The runner took it back (the replica ran out of room); it runs again later."""
 

@@ -103,6 +103,8 @@ class Proxy:
             candidates = [r for r in candidates if batch_room(r, self._batch, floor)]
             if not candidates:
                 raise Overloaded("no replica has room for batch lines now", code="queue_full", retry_after_s=1)
+            wanted = request.ticket.wanted if request.ticket is not None else ""
+            candidates = [r for r in candidates if r.name == wanted] or candidates
         else:
             try:
                 candidates = await self._admission.admit(lambda: self._pool.candidates(request.model))

@@ -225,6 +225,12 @@ class BatchSettings(Section):
         description="At most one new batch line per replica every this many seconds, so that batch prefills "
         "spread over the engine's steps instead of stretching one that interactive requests wait on.",
     )
+    headroom_slots: int = Field(
+        0,
+        ge=0,
+        description="Once a replica's slots are learned (the most it ran while requests waited), batch lines are "
+        "sent only while this many of them stay free for interactive arrivals.",
+    )
     spare_kv_cache: float = Field(
         0.9,
         gt=0,

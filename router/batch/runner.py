@@ -2,12 +2,14 @@
 them; a job whose router died is taken by another once the lease lapses), validates each job's lines, and
 sends lines through the chat handler at batch priority while replicas have room.
 
-Dispatch: every `_TICK_S` the runner counts the batch slots free on replicas with room (router/classes.py's
-`batch_room`) and hands them out round-robin over the owners of its jobs, then over each owner's jobs, so
-tenants share spare capacity evenly. When a replica stops having room (requests wait in its engine, or its
-KV cache is nearly full), lines beyond one on it are aborted and put back: batch backs off within about a
-scrape interval. A job with no line finished for `aging_after_s` may run one line at a time on a busy
-replica (the aging floor), unless `strict`.
+Dispatch: every `_TICK_S` the runner finds the replicas with room (router/classes.py's `batch_room`), one
+new line each at most every `start_interval_s`, and hands those lines out round-robin over the owners of its
+jobs, then over each owner's jobs, so tenants share spare capacity evenly; each line goes to the replica it
+was counted on. When a replica stops having room (requests wait in its engine, or its KV cache is nearly
+full), each scrape that shows it takes back as many of its lines as requests wait, newest first, down to
+one, and puts them back in the job's queue: batch backs off within a scrape interval or two. A job with no
+line finished for `aging_after_s` may run one line at a time on a busy replica (the aging floor), unless
+`strict`.
 
 A line's result is recorded once (router/batch/jobs.py); a line that a router ran but did not record before
 dying runs again elsewhere, and only one result is kept. Results become the output and error files when
@@ -20,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -38,7 +41,7 @@ from router.classes import batch_room, spare
 from router.edge import BatchTicket
 from router.errors import RouterError
 from router.metrics import RouterMetrics
-from router.replicas import Replica
+from router.replicas import EngineGauges, Replica
 
 log = logging.getLogger("qvl.router.batch")
 _TICK_S = 0.05
@@ -94,7 +97,8 @@ class Runner:
         self.holder = secrets.token_hex(8)
         self.jobs: dict[str, Running] = {}
         self._turn = 0
-        self._started: dict[str, float] = {}
+        self._started: dict[str, float] = {}  # replica -> when this router last sent it a line (pacing)
+        self._acted_on: dict[str, EngineGauges] = {}  # replica -> the scrape its last back-off answered
         """monotonic time each replica was last given a start slot."""
 
     async def run(self) -> None:
@@ -262,34 +266,43 @@ class Runner:
             newest[0].cancel()
 
     def _back_off(self) -> None:
-        """Abort this router's batch lines beyond one on every replica that no longer has room."""
+        """Once per scrape of a replica that no longer has room, abort as many of this router's batch lines
+        on it as requests wait in its engine (all but one when its KV cache is what is short), newest first:
+        the oldest lines are nearest their end, and the lines left run on while the freed slots serve the
+        queue. A scrape that still shows a queue takes more back, down to one line."""
         for replica in self._replicas():
             if replica.batch_in_flight <= 1 or spare(replica, self._batch):
                 continue
+            if self._acted_on.get(replica.name) is replica.engine:
+                continue  # this scrape was answered already
+            self._acted_on[replica.name] = replica.engine
             excess = replica.batch_in_flight - 1
-            for running in self.jobs.values():
-                for task, (_, ticket) in list(running.flying.items()):
-                    if excess <= 0:
-                        break
-                    if ticket.replica == replica.name and not ticket.aborted and not ticket.floor:
-                        ticket.aborted = True
-                        task.cancel()
-                        excess -= 1
+            if replica.waiting > 0:
+                excess = min(excess, math.ceil(replica.waiting))
+            mine = [
+                (task, ticket)
+                for running in self.jobs.values()
+                for task, (_, ticket) in running.flying.items()
+                if ticket.replica == replica.name and not ticket.aborted and not ticket.floor
+            ]
+            for task, ticket in sorted(mine, key=lambda pair: pair[1].started, reverse=True)[:excess]:
+                ticket.aborted = True
+                task.cancel()
 
     def _dispatch(self) -> None:
         # At most one new line per replica every `start_interval_s`: batch prefills spread over the engine's
-        # steps instead of arriving together and stretching one step that interactive requests wait on.
+        # steps instead of arriving together and stretching one that interactive requests wait on. Each line
+        # is meant for the replica whose room it was counted on (the proxy sends it there).
         now = time.monotonic()
         interval = self._batch.start_interval_s
-        free = 0
+        free: list[str] = []
         for r in self._replicas():
             if r.healthy and batch_room(r, self._batch) and now - self._started.get(r.name, 0.0) >= interval:
-                free += 1
-                self._started[r.name] = now
+                free.append(r.name)
         ready = [r for r in self.jobs.values() if r.pending and not r.stopping and r.not_before <= now]
         if not ready:
             return
-        if free == 0:
+        if not free:
             if not self._batch.strict:
                 self._floor(ready, now)
             return
@@ -297,13 +310,14 @@ class Runner:
         for running in ready:
             by_owner[running.job["owner"]].append(running)
         owners = sorted(by_owner)
-        while free > 0 and any(r.pending for r in ready):
+        while free and any(r.pending for r in ready):
             self._turn += 1
             jobs = by_owner[owners[self._turn % len(owners)]]
             running = jobs[(self._turn // len(owners)) % len(jobs)]
             if running.pending:
-                self._start(running, running.pending.popleft(), floor=False)
-                free -= 1
+                replica = free.pop()
+                self._started[replica] = now
+                self._start(running, running.pending.popleft(), floor=False, wanted=replica)
 
     def _floor(self, ready: list[Running], now: float) -> None:
         """The aging floor: a job starved for aging_after_s sends one line, if it has none in flight."""
@@ -312,8 +326,8 @@ class Runner:
             if starved and any(r.healthy and batch_room(r, self._batch, floor=True) for r in self._replicas()):
                 self._start(running, running.pending.popleft(), floor=True)
 
-    def _start(self, running: Running, line: Line, floor: bool) -> None:
-        ticket = BatchTicket(floor=floor)
+    def _start(self, running: Running, line: Line, floor: bool, wanted: str = "") -> None:
+        ticket = BatchTicket(floor=floor, wanted=wanted, started=time.monotonic())
         task = asyncio.create_task(self._run_line(running, line, ticket), name=f"batch-line-{line.custom_id[:32]}")
         running.flying[task] = (line, ticket)
 
