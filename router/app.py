@@ -54,7 +54,7 @@ from router.policies import build_policy
 from router.proxy import Proxy
 from router.quota import Quotas
 from router.replicas import ReplicaPool
-from router.state import RouterState
+from router.state import RouterState, state_of
 from router.upstream import UpstreamClient
 from serving.registry import Registry, RouterMember
 
@@ -179,7 +179,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/ready")
     async def ready(request: Request) -> Response:
-        state: RouterState = request.app.state.qvl
+        state = state_of(request)
         healthy = sum(r.healthy for r in state.pool.replicas)
         if healthy == 0:
             # Ejected replicas come back through a health check: worth asking again after the next one.
@@ -190,12 +190,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        state: RouterState = request.app.state.qvl
+        state = state_of(request)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, object]:
-        state: RouterState = request.app.state.qvl
+        state = state_of(request)
         state.keys.authenticate(request.headers.get("authorization", "").encode("latin-1") or None)
         served: dict[str, int] = {}
         for replica in state.pool.replicas:
@@ -210,7 +210,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/cluster")
     async def cluster(request: Request) -> dict[str, object]:
-        state: RouterState = request.app.state.qvl
+        state = state_of(request)
         state.keys.authenticate(request.headers.get("authorization", "").encode("latin-1") or None)
         return {
             "policy": state.settings.router.policy,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from starlette.requests import Request
+
 from cache.flight import AnswerCache
 from qvl.settings import Settings
 from router.audit import AuditSink
@@ -34,3 +36,9 @@ class RouterState:
     """The files and batches API and the batch runner; None when router.batch.enabled is false."""
     console: Console | None = None
     """The web console's sessions and live data; None when router.console.enabled is false."""
+
+
+def state_of(request: Request) -> RouterState:
+    """The components of the app serving `request`."""
+    state: RouterState = request.app.state.qvl
+    return state

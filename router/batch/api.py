@@ -20,7 +20,7 @@ from router.batch.jobs import ACTIVE, Job, JobStore
 from router.batch.lines import ENDPOINT
 from router.batch.service import Batches
 from router.errors import InvalidRequest, NotFound, RequestTooLarge
-from router.state import RouterState
+from router.state import state_of
 
 WINDOWS = {"24h": 24 * 3600}
 """completion_window values accepted, as OpenAI has them, in seconds."""
@@ -125,7 +125,7 @@ def mount_batches(app: FastAPI) -> None:
             "total": 0,
         }
         await batches.jobs.create(job)
-        _state(request).metrics.record_batch("created")
+        state_of(request).metrics.record_batch("created")
         return JSONResponse(await batch_object(batches.jobs, job))
 
     @routes.get("/v1/batches/{batch_id}")
@@ -188,13 +188,8 @@ async def batch_object(jobs: JobStore, job: Job) -> dict[str, Any]:
     return shown
 
 
-def _state(request: Request) -> RouterState:
-    state: RouterState = request.app.state.qvl
-    return state
-
-
 def _caller(request: Request) -> tuple[ApiKey, Batches, Any]:
-    state = _state(request)
+    state = state_of(request)
     key = state.keys.authenticate(request.headers.get("authorization", "").encode("latin-1") or None)
     assert state.batches is not None  # the routes exist only when batches are on
     return key, state.batches, state.settings

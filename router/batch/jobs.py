@@ -80,7 +80,8 @@ class MemoryJobs:
 
     async def page(self, owner: str, after: str | None, limit: int) -> tuple[list[Job], bool]:
         mine = sorted((j for j in self._jobs.values() if j["owner"] == owner), key=_newest_first)
-        return _page(mine, after, limit)
+        chosen = _after([j["id"] for j in mine], after)[: limit + 1]
+        return [dict(self._jobs[i]) for i in chosen[:limit]], len(chosen) > limit
 
     async def active(self) -> list[str]:
         return [i for i, j in self._jobs.items() if j["status"] in ACTIVE]
@@ -208,9 +209,7 @@ class RedisJobs:
     async def page(self, owner: str, after: str | None, limit: int) -> tuple[list[Job], bool]:
         with self._unavailable():
             ids = [_text(i) for i in await self._client.zrevrange(f"{self._p}owner:{owner}", 0, -1)]
-            if after is not None:
-                ids = ids[ids.index(after) + 1 :] if after in ids else []
-            chosen = ids[: limit + 1]
+            chosen = _after(ids, after)[: limit + 1]
             docs = [await self._client.hget(f"{self._p}job:{i}", "doc") for i in chosen[:limit]]
         return [orjson.loads(d) for d in docs if d is not None], len(chosen) > limit
 
@@ -261,11 +260,11 @@ def _newest_first(job: Job) -> tuple[int, str]:
     return (-int(job["created_at"]), job["id"])
 
 
-def _page(jobs: list[Job], after: str | None, limit: int) -> tuple[list[Job], bool]:
-    if after is not None:
-        ids = [j["id"] for j in jobs]
-        jobs = jobs[ids.index(after) + 1 :] if after in ids else []
-    return [dict(j) for j in jobs[:limit]], len(jobs) > limit
+def _after(ids: list[str], after: str | None) -> list[str]:
+    """The ids that follow `after` (all of them when None; none when `after` is unknown)."""
+    if after is None:
+        return ids
+    return ids[ids.index(after) + 1 :] if after in ids else []
 
 
 def _text(value: object) -> str:

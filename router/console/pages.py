@@ -26,7 +26,7 @@ from router.console.batches import batch_panel
 from router.console.service import Console
 from router.console.session import Session
 from router.errors import NotFound, PermissionDenied, RouterError
-from router.state import RouterState
+from router.state import state_of
 
 HERE = Path(__file__).parent
 log = logging.getLogger("qvl.router.console")
@@ -71,7 +71,7 @@ def mount_console(app: FastAPI) -> None:
             return None
 
     def nav(request: Request, session: Session, current: str) -> dict[str, Any]:
-        return {"session": session, "current": current, "auth_enabled": _state(request).keys.enabled}
+        return {"session": session, "current": current, "auth_enabled": state_of(request).keys.enabled}
 
     @routes.get("/console", include_in_schema=False)
     async def console_root() -> Response:
@@ -81,7 +81,7 @@ def mount_console(app: FastAPI) -> None:
     async def signin_page(request: Request) -> Response:
         if signed_in(request) is not None:
             return _redirect("/console/playground")
-        return page("signin.html", error=None, auth_enabled=_state(request).keys.enabled)
+        return page("signin.html", error=None, auth_enabled=state_of(request).keys.enabled)
 
     @routes.post("/console/signin", include_in_schema=False)
     async def signin(request: Request) -> Response:
@@ -92,7 +92,7 @@ def mount_console(app: FastAPI) -> None:
         try:
             _, cookie = console.sessions.sign_in(form.get("key", ""))
         except RouterError as exc:
-            return page("signin.html", exc.status, error=exc.message, auth_enabled=_state(request).keys.enabled)
+            return page("signin.html", exc.status, error=exc.message, auth_enabled=state_of(request).keys.enabled)
         response = _redirect("/console/playground")
         response.headers["set-cookie"] = console.sessions.set_cookie(cookie)
         return response
@@ -144,13 +144,13 @@ def mount_console(app: FastAPI) -> None:
     async def session_json(request: Request) -> JSONResponse:
         """The signed-in console user: key id and role."""
         session = _session(request)
-        return _json({"key_id": session.key.id, "role": session.role, "auth_enabled": _state(request).keys.enabled})
+        return _json({"key_id": session.key.id, "role": session.role, "auth_enabled": state_of(request).keys.enabled})
 
     @routes.get("/console/api/playground")
     async def playground_json(request: Request) -> JSONResponse:
         """What the playground offers this key: the models it may use and the router's input limits."""
         session = _session(request)
-        state = _state(request)
+        state = state_of(request)
         allowed = session.key.models
         models = sorted(m for m in state.pool.known_models if allowed is None or m in allowed)
         limits = state.settings.router.limits
@@ -175,7 +175,7 @@ def mount_console(app: FastAPI) -> None:
         session = _session(request)
         console.sessions.require(session, "operator")
         doc = console.live.snapshot()
-        batches = _state(request).batches
+        batches = state_of(request).batches
         doc["batches"] = await batch_panel(batches) if batches is not None else None
         return _json(doc)
 
@@ -186,7 +186,7 @@ def mount_console(app: FastAPI) -> None:
         session = _session(request)
         console.sessions.require(session, "operator")
         console.sessions.check_write(session, request.headers.get("x-csrf-token", "").encode() or None)
-        batches = _state(request).batches
+        batches = state_of(request).batches
         job = await batches.jobs.get(batch_id) if batches is not None and len(batch_id) <= 128 else None
         if batches is None or job is None:
             raise NotFound(f"no batch '{batch_id[:80]}'", code="batch_not_found")
@@ -197,13 +197,8 @@ def mount_console(app: FastAPI) -> None:
     app.include_router(routes)
 
 
-def _state(request: Request) -> RouterState:
-    state: RouterState = request.app.state.qvl
-    return state
-
-
 def _console(request: Request) -> Console:
-    console = _state(request).console
+    console = state_of(request).console
     assert console is not None  # the routes exist only when the console is on
     return console
 

@@ -78,13 +78,16 @@ def test_invalid_lines_go_to_the_error_file_with_their_line_and_reason(router: P
             "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}}),
         json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {}}),
         "{not json",
+        json.dumps({"custom_id": "remote", "method": "POST", "url": "/v1/chat/completions", "body": {
+            "model": MODEL, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/bag.png"}}]}]}}),
         good[1],
     ]  # fmt: skip
     upload = owner.files.create(file=("mixed.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
     batch = owner.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     done = wait_batch(owner, batch.id, timeout=60)
     assert done.status == "completed" and done.request_counts is not None
-    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (7, 2, 5)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (8, 2, 6)
     assert [x["custom_id"] for x in jsonl(owner.files.content(done.output_file_id or "").read())] == ["req-0", "req-1"]
     errors = jsonl(owner.files.content(done.error_file_id or "").read())
     by_line = {e["error"]["line"]: (e["custom_id"], e["error"]["code"]) for e in errors}
@@ -94,6 +97,7 @@ def test_invalid_lines_go_to_the_error_file_with_their_line_and_reason(router: P
         4: ("streams", "invalid_request_error"),
         5: (None, "invalid_custom_id"),
         6: (None, "invalid_json"),
+        7: ("remote", "unsupported_image_url"),  # remote URLs: router.fetch is off
     }
     assert all(e["response"] is None and e["error"]["message"] for e in errors)
 

@@ -25,7 +25,8 @@ def ask(url: str, i: int, tier: str | None = None) -> httpx.Response:
 
 
 def test_batch_backs_off_under_an_interactive_burst_and_flex_is_shed_first(cluster: Cluster, tmp_path: Path) -> None:
-    sim = cluster.sim("--output-tokens", "60", "--max-running", "4")
+    # 25 ms steps: a 60-token line runs for 1.5 s, the 60 lines for over 20 s at 4 at a time.
+    sim = cluster.sim("--output-tokens", "60", "--max-running", "4", "--step-base-ms", "25")
     config = tmp_path / "router.yaml"
     config.write_text(
         f"router:\n  batch:\n    files_dir: '{tmp_path / 'files'}'\n    in_flight_per_replica: 4\n"
@@ -35,8 +36,12 @@ def test_batch_backs_off_under_an_interactive_burst_and_flex_is_shed_first(clust
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
     upload = client.files.create(file=("tags.jsonl", batch_lines(MODEL, 60, max_tokens=60)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-    # The batch takes most of the replica (the last slot only while no request waits at a step boundary).
-    wait_for(lambda: metric_sum(router.url, "qvl_batch_in_flight") >= 3, timeout=30)
+    # With nothing else to run, the batch takes the replica's 4 slots (at least 3 at any one look).
+    try:
+        wait_for(lambda: metric_sum(router.url, "qvl_batch_in_flight") >= 3, timeout=30)
+    except AssertionError:
+        state = client.batches.retrieve(batch.id).model_dump_json()
+        raise AssertionError(f"the batch never held 3 slots: {state}\nrouter log:\n{router.output()[-4000:]}") from None
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         burst = [pool.submit(ask, router.url, i) for i in range(32)]
