@@ -491,46 +491,33 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
 
 
 NOTES = """\
-## Notes on the committed run (2026-11-29 10:13 UTC; the router's batch code of commit 73d1bc1)
+## Notes on the committed run (2026-11-29 13:30 UTC; the router's batch code of commit e7fe15a)
 
-- **What holds.** The jump: every replica was down to at most one batch line 0.96 s after interactive load
-  went to 100 % of C (from 6.5 and 4.2 lines), and 95.5 % of the later samples stayed there; all 1,389
-  interactive requests of the jump got a 200, flex was shed (105 of 113 got 429 `flex_shed`), batch lines
-  were taken back; nothing else was refused in any phase. "Busy" holds trivially (at 60 % of C an engine
-  already runs 7.6 of its 16 slots without a batch); the slot use is the telling figure: 47 % without the
-  batch, 84 % with it.
-- **P99 TTFT +54.7 % (76.4 -> 118.2 ms): missed, for two measured reasons.** (1) Longer engine steps: the
-  simulator charges each prefill 13 ms, as much as a whole decode step, and the batch adds about 5.6
-  prefills a second and 6 decodes a step on each replica (inter-token gaps over 50 ms: 0.1 % -> 1.1 %).
-  Interactive requests that never met a full engine rose too: p50 40 -> 48 ms, p99 72-80 -> 106 ms.
-  (2) Requests that meet a full engine: the batch fills engines to all M slots, so 17.7 % of interactive
-  requests were sent to an engine running all 16 (0 % without the batch), and a running line is never
-  preempted for them (the simulator's scheduler, like vLLM's v1 scheduler, serving/sim/core.py): their
-  p99 is 140 ms. A diagnostic run with prefills nearly free (`--sim-term prefill_base_ms=1 --steady-s 75`,
-  not committed) removes (1) (p50 +6 %, p99 of the requests that found a free slot 35 -> 39 ms) and still
-  misses by far: P99 +65 %, all of it from the 9.6 % sent to a full engine (their p99 107 ms). So what
-  makes the target unreachable is the router's admission (a batch line takes any free slot, and an
-  interactive request that finds none waits until `make_room` aborts a line and its slot frees at a step
-  boundary, or a line ends), not the simulator's cost model. The two no-batch runs differ by 10 % in p99
-  themselves: on this shared 2-core machine one run cannot resolve a 10 % bound.
-- **Batch share of the left-over 63.2 % (11.3 lines/s of 17.9 requests/s left over): missed.** The
-  engines ran 13.4 of 16 slots on average (2.5 idle); the batch was at its cap K = 8 only 5 % of the time.
-  Its lines were taken back about 650 times in the 115 s window: about 80 by `_back_off` (by the samples:
-  20 times every line but one on a replica, when the router's last scrape showed a request waiting with the engine
-  nearly full) and the rest by `make_room` (one line for each interactive request arriving while the router
-  had 16 requests open there); lines come back at one per replica per `start_interval_s` (0.1 s). Two
-  diagnostic runs (not committed, `--steady-s 75`) rule out the obvious knobs: starting lines five times
-  faster (`--batch-setting start_interval_s=0.02`) fills the engines to M more often (27 % of interactive
-  requests sent to a full engine, the router saw a queue 45 % of the time), so share 50 % and P99 +197 %;
-  a scrape every 0.25 s instead of 1 s: share 52 %, P99 +43 %. The loss comes from the all-or-nothing
-  reaction to a full engine (every line but one aborted; the freed slots refill slowly or overfill again).
-- **The simulator's queue gauge.** `vllm:num_requests_waiting` of `qvl sim` counts requests that arrived
-  since the current step began: 11-14 % of the samples without any batch show a request waiting while
-  slots are free (column "waiting, slot free"). vLLM sets its gauge after scheduling, where such a request
-  is already running. The router learns `slots` to see past this; a router tested only against the
-  simulator is tuned against a signal vLLM does not give.
-- **Earlier runs in this session** (same settings): P99 rises of +46 % and +77 % against the control run
-  (their first no-batch phase was INVALID: with other work on the machine it stalled for up to 5 s), batch
-  shares of 61 % and 57 % (the latter started 2.5 minutes before commit 73d1bc1 landed, so perhaps on the
-  earlier code), back-off in 0.68 and 0.86 s; a third run had its batch phase INVALID (share 55.6 %).
+- **What changed since the 10:13 run** (P99 +54.7 %, share 63.2 %, back-off 0.96 s): (1) the simulator's
+  `vllm:num_requests_waiting` now counts what the last step passed over, as vLLM's scheduler does, not
+  requests that arrived during the step and join the next one: the samples with a request waiting while
+  slots were free fell from 11-14 % to 0.0 %, and the router saw a queue in under 1 % of the batch phase
+  (was 27-28 %); (2) a line goes to the replica whose room it was counted on; (3) back-off answers each
+  scrape once, taking back as many lines as requests wait, newest first, down to one; (4) a new setting
+  `router.batch.headroom_slots` (0 by default: see below).
+- **What holds.** The jump: every replica at most one batch line 0.71 s after interactive load went to
+  100 % of C (from 4.4 and 5.2 lines), 99.0 % of later samples stayed there; all 1,399 interactive
+  requests of the jump got a 200, flex was shed (113 of 127 got 429 `flex_shed`); nothing else was refused.
+  "Busy" holds trivially (7.7 of 16 slots run without a batch); slot use 48 % without, 81 % with the batch.
+- **P99 TTFT +26.0 % (77.6 -> 97.8 ms), P50 +15.9 %: missed.** With the phantom queue gone, most of the
+  rise is in requests that found a free slot (p50 40.5 -> 47.3 ms, p99 77.5 -> 97.5 ms): the simulator
+  charges each prefill 13 ms, as long as a whole decode step, and the batch adds about 4 prefills a second
+  and 5 decodes a step per replica, so the step an interactive request is prefilled in is longer. The
+  13.9 % of interactive requests sent to an engine running all 16 slots had p99 113.7 ms.
+- **Batch share of the left-over 57.9 % (10.6 lines/s of 18.2 requests/s): missed.** Engines ran 13.0 of
+  16 slots; the batch held 3.6-4.0 lines per replica, never its cap K = 8; 430 of 1,689 admitted lines
+  (25 %) were taken back, nearly all by `make_room` (an interactive request arriving while the router has
+  all of a replica's slots open), since the router saw a queue in under 1 % of the phase.
+- **The two targets pull against each other here.** 80 % of the left-over needs the engines about full
+  (14.7 of 16 slots on average at 60 % interactive load); a full engine makes every interactive arrival
+  wait for a slot or cost an aborted line, and every batch prefill stretches a shared step. Short runs of
+  the same benchmark (40 s phases, not committed): defaults 57.2 % / +35.9 %; `start_interval_s=0.05`
+  55.5 % / +58.9 %; `start_interval_s=0.05, headroom_slots=3` 39.2 % / +26.3 % (share / P99 rise). Next
+  to try: taking a batch line back only once its engine has queued an interactive request (not on the
+  router's own count), and preferring lines that have just started (least work lost).
 """
