@@ -99,7 +99,6 @@ class Runner:
         self._turn = 0
         self._started: dict[str, float] = {}  # replica -> when this router last sent it a line (pacing)
         self._acted_on: dict[str, EngineGauges] = {}  # replica -> the scrape its last back-off answered
-        """monotonic time each replica was last given a start slot."""
 
     async def run(self) -> None:
         """Take jobs and dispatch their lines until cancelled."""
@@ -254,16 +253,10 @@ class Runner:
 
     def make_room(self, replica: Replica) -> None:
         """Abort this router's newest batch line on `replica` (called by the proxy when an interactive
-        request finds the engine full: aborting frees its slot at once); the line runs again later. A line
-        under the aging floor is never taken back: that would starve it again."""
-        newest: tuple[asyncio.Task[None], BatchTicket] | None = None
-        for running in self.jobs.values():
-            for task, (_, ticket) in running.flying.items():
-                if ticket.replica == replica.name and not ticket.aborted and not ticket.floor:
-                    newest = (task, ticket)
-        if newest is not None:
-            newest[1].aborted = True
-            newest[0].cancel()
+        request finds the engine full: aborting frees its slot at once); the line runs again later."""
+        for task, ticket in self._newest_first(replica)[:1]:
+            ticket.aborted = True
+            task.cancel()
 
     def _back_off(self) -> None:
         """Once per scrape of a replica that no longer has room, abort as many of this router's batch lines
@@ -279,15 +272,20 @@ class Runner:
             excess = replica.batch_in_flight - 1
             if replica.waiting > 0:
                 excess = min(excess, math.ceil(replica.waiting))
-            mine = [
-                (task, ticket)
-                for running in self.jobs.values()
-                for task, (_, ticket) in running.flying.items()
-                if ticket.replica == replica.name and not ticket.aborted and not ticket.floor
-            ]
-            for task, ticket in sorted(mine, key=lambda pair: pair[1].started, reverse=True)[:excess]:
+            for task, ticket in self._newest_first(replica)[:excess]:
                 ticket.aborted = True
                 task.cancel()
+
+    def _newest_first(self, replica: Replica) -> list[tuple[asyncio.Task[None], BatchTicket]]:
+        """This router's lines on `replica` that may be taken back, the most recently started first. A line
+        under the aging floor is never taken back: that would starve it again."""
+        mine = [
+            (task, ticket)
+            for running in self.jobs.values()
+            for task, (_, ticket) in running.flying.items()
+            if ticket.replica == replica.name and not ticket.aborted and not ticket.floor
+        ]
+        return sorted(mine, key=lambda pair: pair[1].started, reverse=True)
 
     def _dispatch(self) -> None:
         # At most one new line per replica every `start_interval_s`: batch prefills spread over the engine's
