@@ -79,10 +79,13 @@ bench: install
 	$(BIN)/python -m benchmarks.generator_limit
 	$(BIN)/python -m benchmarks.planner_speed
 	$(BIN)/python -m benchmarks.batch_priority
+	$(BIN)/python -m benchmarks.batch_validation
 
-# A batch job on spare capacity beside interactive traffic, on 2 simulated replicas (about 8 minutes).
+# A batch job on spare capacity beside interactive traffic, on 2 simulated replicas (about 8 minutes),
+# and the largest batch file's upload and validation.
 bench-batch: install
 	$(BIN)/python -m benchmarks.batch_priority
+	$(BIN)/python -m benchmarks.batch_validation
 
 # The capacity planner's whole loop on 2 real vLLM CPU replicas of the tiny model: calibrate, validate, size,
 # verify, report (loadtests/planner/demo.py; about 20 minutes). PLAN: the planning folder (must be new).
