@@ -28,6 +28,7 @@ from pathlib import Path
 
 import openai
 import psutil
+from openai.types import BatchRequestCounts
 from PIL import Image
 
 from benchmarks.common import MODEL, RESULTS, start_qvl
@@ -44,9 +45,8 @@ def photo(px: int, seed: int) -> bytes:
     return out.getvalue()
 
 
-def batch_file(lines: int, px: int) -> bytes:
-    """`lines` JSONL lines, each with its own image (a base JPEG with the line number in a JPEG comment)."""
-    base = photo(px, 7)
+def batch_file(lines: int, base: bytes) -> bytes:
+    """`lines` JSONL lines, each with its own image (the `base` JPEG with the line number in a JPEG comment)."""
     out = io.BytesIO()
     for i in range(lines):
         # A COM segment right after SOI: a valid JPEG whose bytes (and digest) differ per line.
@@ -81,42 +81,57 @@ def peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
         time.sleep(0.05)
 
 
+def measure(
+    url: str, pid: int, data: bytes
+) -> tuple[tuple[float, float, float, float], str, BatchRequestCounts | None, int, int]:
+    """Upload `data`, create the batch, wait out `validating`, cancel: (the four moments, the status after
+    validation, its counts, the router's resident bytes before, and at its peak)."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    idle_rss = psutil.Process(pid).memory_info().rss
+    stop, peak = threading.Event(), [idle_rss]
+    watcher = threading.Thread(target=peak_rss, args=(pid, stop, peak), daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    upload = client.files.create(file=("catalogue.jsonl", data), purpose="batch")
+    uploaded = time.monotonic()
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    created = time.monotonic()
+    while (batch := client.batches.retrieve(batch.id)).status == "validating":
+        time.sleep(0.1)
+    validated = time.monotonic()
+    stop.set()
+    watcher.join()
+    client.batches.cancel(batch.id)
+    return (started, uploaded, created, validated), batch.status, batch.request_counts, idle_rss, peak[0]
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
-    tmp = Path(tempfile.mkdtemp(prefix="qvl-batch-validation-"))
-    data = batch_file(args.lines, args.image_px)
+    base = photo(args.image_px, 7)
+    data = batch_file(args.lines, base)
     limit = BatchSettings().max_file_bytes
     if len(data) > limit:
         raise SystemExit(
             f"the file is {len(data):,} bytes, over router.batch.max_file_bytes ({limit:,}): use fewer "
             "--lines or a smaller --image-px"
         )
-    sim = start_qvl(["sim", "--model", MODEL, "--zero-delay"], free_port(), "/health")
-    config = tmp / "router.yaml"
-    config.write_text(json.dumps({"router": {"batch": {"files_dir": str(tmp / "files")}}}))  # JSON is YAML
-    router = start_qvl(
-        ["router", "--no-auth", "--cache", "off", "--config", str(config), "--replica", sim.url], free_port(), "/ready"
-    )
-    try:
-        client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        idle_rss = psutil.Process(router.pid).memory_info().rss
-        stop, peak = threading.Event(), [idle_rss]
-        watcher = threading.Thread(target=peak_rss, args=(router.pid, stop, peak), daemon=True)
-        watcher.start()
-        started = time.monotonic()
-        upload = client.files.create(file=("catalogue.jsonl", data), purpose="batch")
-        uploaded = time.monotonic()
-        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-        created = time.monotonic()
-        while (batch := client.batches.retrieve(batch.id)).status == "validating":
-            time.sleep(0.1)
-        validated = time.monotonic()
-        stop.set()
-        watcher.join()
-        status, counts = batch.status, batch.request_counts
-        client.batches.cancel(batch.id)
-    finally:
-        router.stop(10)
-        sim.stop(10)
+    # The router's file store holds the whole upload: a temporary directory, removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="qvl-batch-validation-") as tmp:
+        config = Path(tmp) / "router.yaml"
+        config.write_text(json.dumps({"router": {"batch": {"files_dir": str(Path(tmp) / "files")}}}))  # JSON is YAML
+        sim = start_qvl(["sim", "--model", MODEL, "--zero-delay"], free_port(), "/health")
+        try:
+            router = start_qvl(
+                ["router", "--no-auth", "--cache", "off", "--config", str(config), "--replica", sim.url],
+                free_port(),
+                "/ready",
+            )
+            try:
+                timings, status, counts, idle_rss, peak_rss_bytes = measure(router.url, router.pid, data)
+            finally:
+                router.stop(10)
+        finally:
+            sim.stop(10)
+    started, uploaded, created, validated = timings
     validation_s = validated - created
     return {
         "benchmark": "batch_validation",
@@ -124,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version()},
         "lines": args.lines,
         "bytes": len(data),
-        "image_bytes": len(photo(args.image_px, 7)),
+        "image_bytes": len(base),
         "image_px": args.image_px,
         "upload_s": round(uploaded - started, 2),
         "validation_s": round(validation_s, 2),
@@ -133,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "status_after_validation": status,
         "total_after_validation": counts.total if counts is not None else None,
         "router_rss_idle_mb": round(idle_rss / 2**20, 1),
-        "router_rss_peak_mb": round(peak[0] / 2**20, 1),
+        "router_rss_peak_mb": round(peak_rss_bytes / 2**20, 1),
     }
 
 
