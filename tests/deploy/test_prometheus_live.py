@@ -127,9 +127,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         )
         router = cluster.start("up", "--config", str(config), ready_path="/ready")
         # A small batch beside the shop traffic: the batch panels need its lines.
-        batches = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
-        upload = batches.files.create(file=("tags.jsonl", batch_lines(MODEL, 20)), purpose="batch")
-        batches.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+        with openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0) as batches:
+            upload = batches.files.create(file=("tags.jsonl", batch_lines(MODEL, 20)), purpose="batch")
+            batches.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
         replicas = [r["url"] for r in httpx.get(router.url + "/v1/cluster", timeout=5).json()["replicas"]]
         with pytest.MonkeyPatch.context() as env:
             env.setenv("QVL_GPU_EXPORTER__NODE_NAME", REAL_HOST)

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from support.batch import batch_lines, jsonl, wait_batch
+from support.batch import OpenAIClient, batch_lines, jsonl, wait_batch
 from support.chat import png_data_url
 from support.servers import Cluster, Proc
 
@@ -30,12 +30,10 @@ def router(cluster: Cluster, tmp_path: Path) -> Proc:
     return cluster.router(sim, flags=("--keys-file", str(keys), "--config", str(config)), auth=True)
 
 
-def client(router: Proc, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=router.url + "/v1", api_key=key, max_retries=0)
-
-
-def test_a_batch_with_images_runs_to_completion_through_the_openai_client(router: Proc, tmp_path: Path) -> None:
-    owner = client(router, OWNER)
+def test_a_batch_with_images_runs_to_completion_through_the_openai_client(
+    router: Proc, tmp_path: Path, openai_client: OpenAIClient
+) -> None:
+    owner = openai_client(router.url, OWNER)
     upload = owner.files.create(
         file=("products.jsonl", batch_lines(MODEL, 5, image_url=png_data_url())), purpose="batch"
     )
@@ -64,8 +62,10 @@ def test_a_batch_with_images_runs_to_completion_through_the_openai_client(router
     assert 'qvl_admission_decisions_total{class="batch",decision="admitted"}' in metrics
 
 
-def test_invalid_lines_go_to_the_error_file_with_their_line_and_reason(router: Proc) -> None:
-    owner = client(router, OWNER)
+def test_invalid_lines_go_to_the_error_file_with_their_line_and_reason(
+    router: Proc, openai_client: OpenAIClient
+) -> None:
+    owner = openai_client(router.url, OWNER)
     good = batch_lines(MODEL, 2).decode().splitlines()
     lines = [
         good[0],
@@ -102,8 +102,8 @@ def test_invalid_lines_go_to_the_error_file_with_their_line_and_reason(router: P
     assert all(e["response"] is None and e["error"]["message"] for e in errors)
 
 
-def test_another_key_sees_404_and_cannot_cancel(router: Proc) -> None:
-    owner, other = client(router, OWNER), client(router, OTHER)
+def test_another_key_sees_404_and_cannot_cancel(router: Proc, openai_client: OpenAIClient) -> None:
+    owner, other = openai_client(router.url, OWNER), openai_client(router.url, OTHER)
     upload = owner.files.create(file=("a.jsonl", batch_lines(MODEL, 2)), purpose="batch")
     batch = owner.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     for call in (
@@ -121,12 +121,14 @@ def test_another_key_sees_404_and_cannot_cancel(router: Proc) -> None:
     assert [b.id for b in owner.batches.list().data] == [batch.id]
 
 
-def test_cancel_stops_new_lines_and_keeps_the_finished_ones(cluster: Cluster, tmp_path: Path) -> None:
+def test_cancel_stops_new_lines_and_keeps_the_finished_ones(
+    cluster: Cluster, tmp_path: Path, openai_client: OpenAIClient
+) -> None:
     sim = cluster.sim("--output-tokens", "40", "--max-running", "2")
     config = tmp_path / "router.yaml"
     config.write_text(f"router:\n  batch:\n    files_dir: '{tmp_path / 'files'}'\n    in_flight_per_replica: 2\n")
     router = cluster.router(sim, flags=("--config", str(config)))
-    owner = client(router, "unused")
+    owner = openai_client(router.url, "unused")
     upload = owner.files.create(file=("big.jsonl", batch_lines(MODEL, 200, max_tokens=40)), purpose="batch")
     batch = owner.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     started = wait_batch(owner, batch.id, timeout=60, until=("in_progress",))

@@ -7,8 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import openai
-from support.batch import batch_lines, jsonl, wait_batch
+from support.batch import OpenAIClient, batch_lines, jsonl, wait_batch
 from support.polling import wait_for
 from support.servers import Cluster, RedisServer
 
@@ -17,7 +16,7 @@ LINES = 300
 
 
 def test_a_job_survives_killing_its_router_and_a_replica_and_answers_each_line_once(
-    cluster: Cluster, redis_server: RedisServer, tmp_path: Path
+    cluster: Cluster, redis_server: RedisServer, tmp_path: Path, openai_client: OpenAIClient
 ) -> None:
     sims = [cluster.sim("--output-tokens", "24") for _ in range(2)]
     config = tmp_path / "routers.yaml"
@@ -31,7 +30,7 @@ def test_a_job_survives_killing_its_router_and_a_replica_and_answers_each_line_o
 """
     )
     routers = [cluster.router(*sims, flags=("--config", str(config))) for _ in range(2)]
-    submit = openai.OpenAI(base_url=routers[0].url + "/v1", api_key="unused", max_retries=0)
+    submit = openai_client(routers[0].url)
     upload = submit.files.create(file=("catalogue.jsonl", batch_lines(MODEL, LINES, max_tokens=24)), purpose="batch")
     batch = submit.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
 
@@ -44,7 +43,7 @@ def test_a_job_survives_killing_its_router_and_a_replica_and_answers_each_line_o
     survivor = next(r for r in routers if r is not holder)
     holder.kill()
     sims[1].kill()
-    client = openai.OpenAI(base_url=survivor.url + "/v1", api_key="unused", max_retries=0)
+    client = openai_client(survivor.url)
     counts = client.batches.retrieve(batch.id).request_counts
     assert counts is not None and counts.completed < LINES  # killed mid-job
     done = wait_batch(client, batch.id, timeout=120)

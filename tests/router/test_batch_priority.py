@@ -8,8 +8,7 @@ import concurrent.futures
 from pathlib import Path
 
 import httpx
-import openai
-from support.batch import batch_lines, wait_batch
+from support.batch import OpenAIClient, batch_lines, wait_batch
 from support.metrics import metric_sum
 from support.polling import wait_for
 from support.servers import Cluster
@@ -24,7 +23,9 @@ def ask(url: str, i: int, tier: str | None = None) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
 
 
-def test_batch_backs_off_under_an_interactive_burst_and_flex_is_shed_first(cluster: Cluster, tmp_path: Path) -> None:
+def test_batch_backs_off_under_an_interactive_burst_and_flex_is_shed_first(
+    cluster: Cluster, tmp_path: Path, openai_client: OpenAIClient
+) -> None:
     # 25 ms steps: a 60-token line runs for 1.5 s, the 60 lines for over 20 s at 4 at a time.
     sim = cluster.sim("--output-tokens", "60", "--max-running", "4", "--step-base-ms", "25")
     config = tmp_path / "router.yaml"
@@ -33,7 +34,7 @@ def test_batch_backs_off_under_an_interactive_burst_and_flex_is_shed_first(clust
         "  load_scrape_interval_s: 0.25\n"
     )
     router = cluster.router(sim, flags=("--config", str(config)))
-    client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+    client = openai_client(router.url)
     upload = client.files.create(file=("tags.jsonl", batch_lines(MODEL, 60, max_tokens=60)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     # With nothing else to run, the batch takes the replica's 4 slots (at least 3 at any one look).

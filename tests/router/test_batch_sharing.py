@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import openai
-from support.batch import batch_lines, wait_batch
+from support.batch import OpenAIClient, batch_lines, wait_batch
 from support.chat import png_data_url
 from support.polling import wait_for
 from support.servers import Cluster, Proc
@@ -29,29 +29,31 @@ def router_with(cluster: Cluster, tmp_path: Path, sim: Proc, batch: str, name: s
     return cluster.router(sim, flags=("--config", str(config), "--keys-file", str(keys)), auth=True)
 
 
-def submit(router: Proc, key: str, data: bytes) -> tuple[openai.OpenAI, str]:
-    client = openai.OpenAI(base_url=router.url + "/v1", api_key=key, max_retries=0)
+def submit(openai_client: OpenAIClient, router: Proc, key: str, data: bytes) -> tuple[openai.OpenAI, str]:
+    client = openai_client(router.url, key)
     upload = client.files.create(file=("in.jsonl", data), purpose="batch")
     return client, client.batches.create(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     ).id
 
 
-def test_identical_greedy_lines_are_answered_once_and_tenants_share_evenly(cluster: Cluster, tmp_path: Path) -> None:
+def test_identical_greedy_lines_are_answered_once_and_tenants_share_evenly(
+    cluster: Cluster, tmp_path: Path, openai_client: OpenAIClient
+) -> None:
     sim = cluster.sim("--output-tokens", "30", "--max-running", "64")
     router = router_with(cluster, tmp_path, sim, "    in_flight_per_replica: 4\n", "share")
     content = [{"type": "text", "text": "Tag this bag."}, {"type": "image_url", "image_url": {"url": png_data_url()}}]
     same = {"model": MODEL, "temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": content}]}
     lines = [json.dumps({"custom_id": f"same-{i}", "method": "POST", "url": "/v1/chat/completions", "body": same})
              for i in range(12)]  # fmt: skip
-    client, batch_id = submit(router, ALICE, ("\n".join(lines) + "\n").encode())
+    client, batch_id = submit(openai_client, router, ALICE, ("\n".join(lines) + "\n").encode())
     assert wait_batch(client, batch_id, timeout=60).status == "completed"
     cache = {r: float(v) for r, v in _cache_results(router).items()}
     assert cache.get("miss", 0) <= 4 and cache.get("hit", 0) + cache.get("coalesced", 0) >= 8  # at most K misses
 
     # Two tenants at once: each gets a fair share of the same spare slots.
-    alice, a = submit(router, ALICE, batch_lines(MODEL, 120, max_tokens=30, prefix="a"))
-    bob, b = submit(router, BOB, batch_lines(MODEL, 120, max_tokens=30, prefix="b"))
+    alice, a = submit(openai_client, router, ALICE, batch_lines(MODEL, 120, max_tokens=30, prefix="a"))
+    bob, b = submit(openai_client, router, BOB, batch_lines(MODEL, 120, max_tokens=30, prefix="b"))
 
     def done(client: openai.OpenAI, batch_id: str) -> int:
         counts = client.batches.retrieve(batch_id).request_counts
@@ -88,7 +90,9 @@ def keep_busy(router: Proc, stop: threading.Event) -> None:
             pool.submit(loop, i)
 
 
-def test_the_aging_floor_lets_a_starved_batch_through_and_strict_does_not(cluster: Cluster, tmp_path: Path) -> None:
+def test_the_aging_floor_lets_a_starved_batch_through_and_strict_does_not(
+    cluster: Cluster, tmp_path: Path, openai_client: OpenAIClient
+) -> None:
     sim = cluster.sim("--output-tokens", "20", "--max-running", "2")
     floor = router_with(cluster, tmp_path, sim, "    aging_after_s: 1\n", "floor")
     strict = router_with(cluster, tmp_path, sim, "    aging_after_s: 1\n    strict: true\n", "strict")
@@ -97,8 +101,8 @@ def test_the_aging_floor_lets_a_starved_batch_through_and_strict_does_not(cluste
     busy.start()
     try:
         wait_for(lambda: _waiting(floor) >= 1, timeout=15)
-        client_floor, with_floor = submit(floor, BOB, batch_lines(MODEL, 6, max_tokens=4, prefix="f"))
-        client_strict, without = submit(strict, BOB, batch_lines(MODEL, 6, max_tokens=4, prefix="s"))
+        client_floor, with_floor = submit(openai_client, floor, BOB, batch_lines(MODEL, 6, max_tokens=4, prefix="f"))
+        client_strict, without = submit(openai_client, strict, BOB, batch_lines(MODEL, 6, max_tokens=4, prefix="s"))
         # Under the floor the starved batch still finishes, one line at a time, while the queue stays full.
         assert wait_batch(client_floor, with_floor, timeout=90).status == "completed"
         assert _waiting(floor) >= 1

@@ -21,11 +21,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-import openai
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Playwright, Request, Response, expect, sync_playwright
-from support.batch import batch_lines, wait_batch
+from support.batch import OpenAIClient, batch_lines, wait_batch
 from support.console import OPERATOR, VIEWER, console_keys
 from support.nvml import fake_gpu, start_fake_exporter
 from support.polling import wait_for
@@ -266,8 +265,10 @@ def test_the_controls_change_the_request_and_clear_forgets_the_conversation(
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
 
 
-def test_an_operator_follows_a_batch_and_cancels_it_from_the_operations_page(page: Page, console: Console) -> None:
-    client = openai.OpenAI(base_url=console.router.url + "/v1", api_key=OPERATOR, max_retries=0)
+def test_an_operator_follows_a_batch_and_cancels_it_from_the_operations_page(
+    page: Page, console: Console, openai_client: OpenAIClient
+) -> None:
+    client = openai_client(console.router.url, OPERATOR)
     upload = client.files.create(file=("catalogue.jsonl", batch_lines(MODEL, 3000, max_tokens=24)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     sign_in(page, OPERATOR)

@@ -1,12 +1,16 @@
-"""Batch input files for tests, and waiting for a batch to end."""
+"""Batch input files for tests, waiting for a batch to end, and the type of the `openai_client` fixture."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import openai
 from openai.types import Batch
+
+OpenAIClient = Callable[..., openai.OpenAI]
+"""`openai_client(url, key="unused")` (tests/conftest.py): an official client closed when the test ends."""
 
 END = ("completed", "failed", "expired", "cancelled")
 
