@@ -87,14 +87,18 @@ def spare(replica: Replica, settings: BatchSettings) -> bool:
     return replica.waiting == 0 or (replica.slots > 1 and replica.running < replica.slots - 1)
 
 
-def batch_room(replica: Replica, settings: BatchSettings, floor: bool = False) -> bool:
+def batch_room(replica: Replica, settings: BatchSettings, floor: bool = False, now: float | None = None) -> bool:
     """Whether a batch line may go to `replica` now: it has room to spare, fewer than `in_flight_per_replica`
     of this router's batch lines, and, once its slots are known, `headroom_slots` of them stay free for
-    interactive arrivals (the requests in its engine, or this router's in flight to it when more). `floor`
+    interactive arrivals (the requests in its engine, or this router's in flight to it when more). With
+    `now` (time.monotonic(), when a new line would start), also not within `quiet_after_interactive_s` of an
+    interactive request sent there: that request's prefill step is not stretched by a batch prefill. `floor`
     (the aging floor) allows one line on a replica without room."""
     if floor:
         return replica.batch_in_flight < 1
     if not spare(replica, settings) or replica.batch_in_flight >= settings.in_flight_per_replica:
+        return False
+    if now is not None and now - replica.interactive_sent < settings.quiet_after_interactive_s:
         return False
     occupied = max(replica.in_flight, replica.running + replica.waiting)
     return not replica.slots or occupied < replica.slots - settings.headroom_slots

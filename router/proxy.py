@@ -10,6 +10,7 @@ and ends it with an SSE error event if the replica dies. The caller must always 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -155,6 +156,8 @@ class Proxy:
             self.make_room(replica)
         replica.in_flight += 1
         replica.batch_in_flight += batch
+        if not batch:
+            replica.interactive_sent = time.monotonic()
         if request.ticket is not None:
             request.ticket.replica = replica.name
         response: Response | None = None

@@ -48,6 +48,8 @@ class Replica:
     in_flight: int = 0
     batch_in_flight: int = 0
     """Of `in_flight`, batch lines (router/batch/)."""
+    interactive_sent: float = 0.0
+    """time.monotonic() when this router last sent the replica a request other than a batch line."""
     waiting: float = 0.0
     running: float = 0.0
     failures: int = 0

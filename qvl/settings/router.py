@@ -231,6 +231,13 @@ class BatchSettings(Section):
         description="Once a replica's slots are learned (the most it ran while requests waited), batch lines are "
         "sent only while this many of them stay free for interactive arrivals.",
     )
+    quiet_after_interactive_s: float = Field(
+        0.05,
+        ge=0,
+        description="No new batch line goes to a replica this soon after an interactive or flex request was sent "
+        "to it, so that a batch prefill does not share, and stretch, the engine step that prefills the "
+        "interactive one (0: no wait).",
+    )
     spare_kv_cache: float = Field(
         0.9,
         gt=0,

@@ -295,7 +295,7 @@ class Runner:
         interval = self._batch.start_interval_s
         free: list[str] = []
         for r in self._replicas():
-            if r.healthy and batch_room(r, self._batch) and now - self._started.get(r.name, 0.0) >= interval:
+            if r.healthy and batch_room(r, self._batch, now=now) and now - self._started.get(r.name, 0.0) >= interval:
                 free.append(r.name)
         ready = [r for r in self.jobs.values() if r.pending and not r.stopping and r.not_before <= now]
         if not ready:

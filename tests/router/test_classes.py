@@ -1,5 +1,6 @@
 """The batch admission rules of router/classes.py on replicas in known states: spare room from the engine's
-own gauges, the per-replica cap, the headroom kept for interactive arrivals and the aging floor."""
+own gauges, the per-replica cap, the headroom kept for interactive arrivals, the quiet time after an
+interactive request and the aging floor."""
 
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ def test_the_cap_per_replica_and_the_headroom_kept_for_interactive_arrivals() ->
     assert not batch_room(replica(running=6, slots=8, in_flight=2, batch=2), settings)
     assert not batch_room(replica(running=2, slots=8, in_flight=6, batch=2), settings)
     assert batch_room(replica(running=6, slots=8, in_flight=6, batch=2), BatchSettings(in_flight_per_replica=4))
+
+
+def test_no_new_line_right_after_an_interactive_request_was_sent() -> None:
+    settings = BatchSettings(quiet_after_interactive_s=0.05)
+    r = replica(running=2, in_flight=2)
+    r.interactive_sent = 100.0
+    assert not batch_room(r, settings, now=100.04)  # its prefill step is not to be shared
+    assert batch_room(r, settings, now=100.06)
+    assert batch_room(r, settings)  # without `now` (the proxy placing a line already started): no quiet rule
+    assert batch_room(r, BatchSettings(quiet_after_interactive_s=0), now=100.0)
 
 
 def test_the_aging_floor_allows_one_line_on_a_full_replica() -> None:
