@@ -79,12 +79,15 @@ bench: install
 	$(BIN)/python -m benchmarks.generator_limit
 	$(BIN)/python -m benchmarks.planner_speed
 	$(BIN)/python -m benchmarks.batch_priority
+	$(BIN)/python -m benchmarks.batch_frontier
 	$(BIN)/python -m benchmarks.batch_validation
 
-# A batch job on spare capacity beside interactive traffic, on 2 simulated replicas (about 8 minutes),
-# and the largest batch file's upload and validation.
+# A batch job on spare capacity beside interactive traffic, on 2 simulated replicas (about 8 minutes), what a
+# perfect router could do on the same engine (virtual time, about a minute), and the largest batch file's
+# upload and validation. batch_frontier compares itself with batch_priority's last run: keep that order.
 bench-batch: install
 	$(BIN)/python -m benchmarks.batch_priority
+	$(BIN)/python -m benchmarks.batch_frontier
 	$(BIN)/python -m benchmarks.batch_validation
 
 # The capacity planner's whole loop on 2 real vLLM CPU replicas of the tiny model: calibrate, validate, size,

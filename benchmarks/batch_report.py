@@ -491,33 +491,30 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
 
 
 NOTES = """\
-## Notes on the committed run (2026-11-29 13:30 UTC; the router's batch code of commit e7fe15a)
+## Notes on the committed run (2026-11-29 16:50 UTC; the router's batch code of commit b4c69fb)
 
-- **What changed since the 10:13 run** (P99 +54.7 %, share 63.2 %, back-off 0.96 s): (1) the simulator's
-  `vllm:num_requests_waiting` now counts what the last step passed over, as vLLM's scheduler does, not
-  requests that arrived during the step and join the next one: the samples with a request waiting while
-  slots were free fell from 11-14 % to 0.0 %, and the router saw a queue in under 1 % of the batch phase
-  (was 27-28 %); (2) a line goes to the replica whose room it was counted on; (3) back-off answers each
-  scrape once, taking back as many lines as requests wait, newest first, down to one; (4) a new setting
-  `router.batch.headroom_slots` (0 by default: see below).
-- **What holds.** The jump: every replica at most one batch line 0.71 s after interactive load went to
-  100 % of C (from 4.4 and 5.2 lines), 99.0 % of later samples stayed there; all 1,399 interactive
-  requests of the jump got a 200, flex was shed (113 of 127 got 429 `flex_shed`); nothing else was refused.
-  "Busy" holds trivially (7.7 of 16 slots run without a batch); slot use 48 % without, 81 % with the batch.
-- **P99 TTFT +26.0 % (77.6 -> 97.8 ms), P50 +15.9 %: missed.** With the phantom queue gone, most of the
-  rise is in requests that found a free slot (p50 40.5 -> 47.3 ms, p99 77.5 -> 97.5 ms): the simulator
-  charges each prefill 13 ms, as long as a whole decode step, and the batch adds about 4 prefills a second
-  and 5 decodes a step per replica, so the step an interactive request is prefilled in is longer. The
-  13.9 % of interactive requests sent to an engine running all 16 slots had p99 113.7 ms.
-- **Batch share of the left-over 57.9 % (10.6 lines/s of 18.2 requests/s): missed.** Engines ran 13.0 of
-  16 slots; the batch held 3.6-4.0 lines per replica, never its cap K = 8; 430 of 1,689 admitted lines
-  (25 %) were taken back, nearly all by `make_room` (an interactive request arriving while the router has
-  all of a replica's slots open), since the router saw a queue in under 1 % of the phase.
-- **The two targets pull against each other here.** 80 % of the left-over needs the engines about full
-  (14.7 of 16 slots on average at 60 % interactive load); a full engine makes every interactive arrival
-  wait for a slot or cost an aborted line, and every batch prefill stretches a shared step. Short runs of
-  the same benchmark (40 s phases, not committed): defaults 57.2 % / +35.9 %; `start_interval_s=0.05`
-  55.5 % / +58.9 %; `start_interval_s=0.05, headroom_slots=3` 39.2 % / +26.3 % (share / P99 rise). Next
-  to try: taking a batch line back only once its engine has queued an interactive request (not on the
-  router's own count), and preferring lines that have just started (least work lost).
+- **What changed since the 13:30 run** (P99 +26.0 %, share 57.9 %, 430 lines taken back): a new setting
+  `router.batch.quiet_after_interactive_s` (50 ms). No new batch line goes to a replica that soon after an
+  interactive request was sent there, so a batch prefill rarely shares the engine step that prefills an
+  interactive request. P99 rise +14.5 % at a share of 54.0 %; 109 lines taken back.
+- **What holds.** The jump: every replica was at most one batch line 0.51 s after interactive load went
+  to 100 % of C, from 4.2 and 2.1 lines, and 99.3 % of later samples stayed there. All 1,402 interactive
+  requests of the jump got a 200; flex was shed (109 of 128 got 429 `flex_shed`); nothing else was
+  refused. "Busy" holds trivially: 7.8 of 16 slots run without a batch; slot use is 49 % without the
+  batch and 76 % with it.
+- **P99 TTFT +14.5 % (73.8 -> 84.5 ms) and a batch share of 54.0 % (9.9 lines/s of 18.3): both missed.
+  On this engine even a perfect router of the kinds studied cannot meet both.** `benchmarks/batch_frontier.py`
+  (`batch_frontier.md`) runs the same engine core in virtual time. In the router's place is an oracle that
+  sees each engine exactly and takes lines back at no delay. It sweeps every fill level from 8 to 16 under
+  three policies: make room; make room, paced (as the quiet rule does); and no make room. The model
+  matches this run: C is within 1.0 %; the no-batch P99, plus the fixed 3.3 ms of router and network, is
+  within 4.2 %.
+  - None of the 27 policies meets both targets.
+  - The largest share with the P99 rise under 10 % is 51.8 % (paced, F = 10).
+  - An 80 % share costs at least +24.4 %.
+  - Cause: every batch line costs a 13 ms prefill, as long as a decode step. A fuller engine makes more
+    interactive arrivals find all 16 slots taken, which costs an aborted line or a wait.
+  - A 2 ms prefill does not change the verdict: 69.9 % under 10 %, and +85.9 % at 80 %.
+  - The router measured here lies between the perfect router's paced curve (+8.2 % at 51.8 %) and its
+    unpaced one (+17.8 % at 53.2 %).
 """
