@@ -1,27 +1,32 @@
 """What the batch targets ask of the engine: the best that admission of the "fill and make room" kind can do
-on the batch benchmark's simulated replica, in virtual time, with a perfect router.
+on the batch benchmark's simulated replicas, in virtual time, with a perfect router.
 
 benchmarks/batch_priority.py measures the router's own admission against `qvl sim` replicas in real time.
 This study runs the very engine those replicas run (serving/sim/core.py with batch_priority's SIM_TERMS,
-M running, priority scheduling, every request 50 prompt tokens and N output tokens) in virtual time. In
-place of the router it puts an oracle that sees the engine's state exactly and at once: no scrape
-interval, no network, no front end, no pacing.
+R replicas of M running, priority scheduling, every request 50 prompt tokens and N output tokens) in
+virtual time. Interactive requests go to the engine holding the fewest requests (least-loaded). In place
+of the router's batch admission it puts an oracle that sees each engine's state exactly and at once: no
+scrape interval, no network, no front end.
 
-Policy fill-F (F <= M): at every step boundary, batch lines (priority 1) are added while the engine holds
-fewer than F requests in all (interactive and batch, running and waiting). With `make room`, an interactive
-arrival that finds the engine holding M or more aborts the newest running batch line, whose slot is free at
-the next step (the router's make_room, done perfectly); the aborted line's work is lost and it runs again
-later. Without it, the interactive request waits for a slot.
+Policy fill-F (F <= M), per engine: at every step boundary, batch lines (priority 1) are added while the
+engine holds fewer than F requests in all (interactive and batch, running and waiting). Three families:
+- make room: an interactive arrival that finds every slot of its engine taken aborts the newest batch line
+  there, whose slot is free at the next step (the router's make_room, done perfectly); the aborted line's
+  work is lost and it runs again later;
+- make room, paced: as make room, and at most one new line per step, none in a step that prefills an
+  interactive request (what `router.batch.quiet_after_interactive_s` approximates);
+- no make room: an interactive request that finds the engine full waits for a slot.
 
-For each F, over the same Poisson arrivals at 60 % of C (C: the answers per second of a closed loop of 2M
-clients, as batch_priority measures it): the interactive P50/P99 TTFT (arrival to the end of the step that
-prefilled it) against the same arrivals without a batch, and the batch's rate as a share of the left-over
-capacity C minus the interactive rate. The targets (P99 rise < 10 %, share >= 80 %) are met by a policy
-only if some F gives both: the report says which F comes nearest, and how the real benchmark's last run
-compares. The model's own error is checked too: its P50/P99 TTFT without a batch, plus the router's and
-front end's fixed delay (the real P50 less the model's), against batch_priority's measured no-batch phase.
+For each policy, over the same Poisson arrivals at 60 % of C (C: the answers per second of a closed loop
+of 2M clients per engine, as batch_priority measures it): the interactive P50/P99 TTFT (arrival to the end
+of the step that prefilled it) against the same arrivals without a batch, and the batch's rate as a share
+of the left-over capacity C minus the interactive rate. The report says which policy comes nearest the
+targets (P99 rise < 10 %, share >= 80 %), where batch_priority's last run lies, and the model's own error:
+its C, and its no-batch P99 plus the router's fixed delay (the real P50 less the model's), against that
+run. A what-if repeats the study with a cheap prefill (2 ms: a GPU, where 50 prompt tokens add little).
 
     python -m benchmarks.batch_frontier [--max-running 16] [--max-tokens 32] [--seconds 300] [--seeds 3]
+        [--what-if-prefill-ms 2 | --no-what-if] [--sim-term prefill_base_ms=5]
 
 Writes benchmarks/results/batch_frontier.json, .md and .png.
 """
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.batch_priority import SIM_TERMS, STEADY_SHARE, load, sim_terms
+from benchmarks.batch_priority import SIM_TERMS, STEADY_SHARE, engine_arguments, load, sim_terms
 from benchmarks.batch_report import derive
 from benchmarks.common import RESULTS
 from loadtests.records import percentile
@@ -429,27 +434,23 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--replicas", type=int, default=2, help="engines behind least-loaded routing (R)")
-    parser.add_argument("--max-running", type=int, default=16, help="requests the engine runs at once (M)")
-    parser.add_argument("--max-tokens", type=int, default=32, help="output tokens of every request (N)")
+    engine_arguments(parser)
     parser.add_argument("--seconds", type=float, default=300.0, help="virtual seconds per schedule, after warm-up")
     parser.add_argument("--seeds", type=int, default=3, help="Poisson schedules per policy")
-    parser.add_argument(
-        "--sim-term", action="append", default=[], metavar="NAME=MS", help="another value of one of SIM_TERMS"
-    )
     parser.add_argument(
         "--what-if-prefill-ms",
         type=float,
         default=2.0,
-        help="the same study once more with this prefill_base_ms (a cheap prefill, as on a GPU); no value: skip",
+        help="the same study once more with this prefill_base_ms (a cheap prefill, as on a GPU)",
     )
+    parser.add_argument("--no-what-if", dest="what_if", action="store_false", help="skip the what-if study")
     parser.add_argument("--out", type=Path, default=RESULTS / "batch_frontier", help="report path, no suffix")
     args = parser.parse_args()
     started = time.perf_counter()
     terms = sim_terms(args)
     doc = study(args, terms)
     doc["measured"] = measured()
-    if args.what_if_prefill_ms is not None:
+    if args.what_if:
         doc["what_if"] = study(args, {**terms, "prefill_base_ms": args.what_if_prefill_ms})
     doc["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     doc["wall_s"] = time.perf_counter() - started

@@ -366,11 +366,19 @@ def code_version() -> dict[str, object]:
     return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", "router", "serving", "qvl")}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The simulated fleet's shape and latency model (also batch_frontier's, which runs the same engine)."""
     parser.add_argument("--replicas", type=int, default=2, help="simulated replicas (R)")
     parser.add_argument("--max-running", type=int, default=16, help="requests each engine runs at once (M)")
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens of every request (N)")
+    parser.add_argument(
+        "--sim-term", action="append", default=[], metavar="NAME=VALUE", help="change one latency term (repeat)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    engine_arguments(parser)
     parser.add_argument("--in-flight-per-replica", type=int, default=8, help="router.batch.in_flight_per_replica")
     parser.add_argument("--scrape-s", type=float, default=1.0, help="router.load_scrape_interval_s")
     parser.add_argument("--capacity-s", type=float, default=24.0, help="length of the closed-loop saturation")
@@ -394,9 +402,6 @@ def main() -> int:
         default=[],
         metavar="NAME=VALUE",
         help="another router.batch setting, e.g. start_interval_s=0.05 (repeat)",
-    )
-    parser.add_argument(
-        "--sim-term", action="append", default=[], metavar="NAME=VALUE", help="change one latency term (repeat)"
     )
     parser.add_argument(
         "--out", type=Path, default=RESULTS / "batch_priority", help="the report's path without .json/.md"
