@@ -26,7 +26,7 @@ from qvl.procs import free_port
 def _collect_garbage_per_module() -> Iterator[None]:
     """Collect garbage after each test module: something a test left unclosed (a client's sockets, a file)
     then warns, and fails, at the end of its own module, not in whichever later test the collector
-    happens to run in (CI once failed test_layers on a socket a batch test had left open)."""
+    happens to run in (CI once failed test_layers on a socket some earlier test had left open)."""
     yield
     gc.collect()
 
@@ -69,8 +69,9 @@ def vllm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPair]:
 @pytest.fixture
 def openai_client() -> Iterator[OpenAIClient]:
     """`openai_client(url, key)`: the official client for the server at `url` (no retries), closed when the
-    test ends. A client left open hands its pooled sockets to the garbage collector, whose ResourceWarning
-    then fails whichever later test is running when it collects (the suite turns warnings into errors)."""
+    test ends, not left with its pooled sockets to the garbage collector (an unclosed socket's
+    ResourceWarning fails whichever test is running when it is collected: the suite turns warnings into
+    errors)."""
     made: list[openai.OpenAI] = []
 
     def make(url: str, key: str = "unused") -> openai.OpenAI:
