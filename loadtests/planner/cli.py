@@ -111,6 +111,7 @@ def validate_command(args: argparse.Namespace, say: Say) -> int:
             calibration_runs=runs,
             api_key=_first_key(workload),
             reuse=args.reuse,
+            max_send_lag_ms=args.max_send_lag_ms,
         )
     except (WorkloadError, SloError, BoundsError, ProfileError) as exc:
         say(f"qvl plan validate: {exc}")

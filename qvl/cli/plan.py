@@ -87,6 +87,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--bounds",
         help='error bounds, e.g. "ttft_p50=10%%,itl_p50=10%%,e2e_p50=10%%,ttft_p99=20%%,bursty_ttft_p99=25%%"',
     )
+    val.add_argument(
+        "--max-send-lag-ms",
+        type=float,
+        default=10.0,
+        help="P99 send lag above which a level's run is INVALID and made once more (default: %(default)s)",
+    )
     val.add_argument("--out", type=Path, required=True, help="folder for the runs and validation.json")
     val.set_defaults(standalone=_standalone("validate_command"))
 

@@ -17,6 +17,8 @@ from support.planner import make_profile
 from support.servers import Cluster, Proc
 from support.vllm import MAX_NUM_SEQS, VllmPair
 
+from loadtests.planner.validate import validation_levels
+from loadtests.workload import load_workload
 from serving.sim.profile import CapacityProfile, load_profile, write_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,6 +145,36 @@ def test_validation_passes_and_a_wrong_profile_fails_and_is_refused(
     assert sized.returncode == 0, sized.stderr[-3000:]
     answer = json.loads((tmp / "size" / "sizing.json").read_text())
     assert answer["validated"] and answer["replicas"] >= 2 and answer["headroom_replicas"] > answer["replicas"]
+
+
+def test_validation_levels_sit_between_and_above_the_calibration_rates_once_each() -> None:
+    workload = load_workload(CALIBRATION)
+    names = [name for name, _, _ in validation_levels(workload, [1, 2, 3, 4], 30)]
+    assert names == ["between 2.45", "between 3.46", "above 4.6", "bursty 3"]
+    # Two rates: the middle and the upper pair are the same pair, so its level comes once.
+    assert [name for name, _, _ in validation_levels(workload, [1, 2], 30)] == ["between 1.41", "above 2.3", "bursty 2"]
+
+
+def test_a_level_whose_generator_fell_behind_is_measured_once_more(cluster: Cluster, tmp_path: Path) -> None:
+    # A send-lag bound of 0 ms makes every run INVALID, as a generator on a busy machine would: each level is
+    # measured a second time, and a second INVALID run fails the validation (exit 5) saying so.
+    profile = tmp_path / "profile.yaml"
+    write_profile(hidden_profile(), profile)
+    up = cluster.start("up", "--engine", "sim", "--replicas", "1", "--cache", "off", ready_path="/ready")
+    out = tmp_path / "validation"
+    done = qvl_plan(
+        "validate", "--target", up.url, "--profile", str(profile), "--workload", str(CALIBRATION), "--slo", SLO,
+        "--out", str(out), "--rates", "1,2,3,4", "--level-duration", "3s", "--max-send-lag-ms", "0",
+    )  # fmt: skip
+    assert done.returncode == 5, done.stderr[-3000:]
+    report = json.loads((out / "validation.json").read_text())
+    names = [level["name"] for level in report["levels"]]
+    assert len(names) == 4 and done.stderr.count("once more") == 4, done.stderr[-3000:]
+    for level in report["levels"]:
+        first = out / level["name"].replace(" ", "-")
+        assert level["folder"] == str(first) + "-again" and not level["valid"]
+        assert (first / "workload.yaml").exists() and (Path(level["folder"]) / "workload.yaml").exists()
+    assert sum("INVALID" in failure for failure in report["failures"]) == 4
 
 
 def test_verify_holds_at_n_fails_at_n_minus_1_and_virtual_time_agrees(tmp_path: Path) -> None:
