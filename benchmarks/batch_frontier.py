@@ -43,9 +43,12 @@ from typing import Any
 
 from benchmarks.batch_priority import SIM_TERMS, STEADY_SHARE, engine_arguments, load, sim_terms
 from benchmarks.batch_report import derive
+from benchmarks.batch_traffic import poisson
 from benchmarks.common import RESULTS
 from loadtests.records import percentile
+from qvl.settings.serving import SimSettings
 from serving.sim.core import CoreRequest, EngineCore, StepCosts
+from serving.sim.engine import step_costs
 
 PROMPT_TOKENS = 50
 INTERACTIVE, BATCH = 0, 1  # vLLM priorities: lower runs first
@@ -54,14 +57,6 @@ RISE_TARGET = 0.10
 SHARE_TARGET = 0.80
 FAMILIES = ((True, False), (True, True), (False, False))
 """(make room, paced) of each policy family studied."""
-
-
-def step_costs(terms: dict[str, float]) -> StepCosts:
-    t = {name: value / 1000 for name, value in terms.items()}
-    return StepCosts(
-        t["step_base_ms"], t["per_decode_ms"], t["per_kv_ktoken_ms"], t["prefill_base_ms"], t["per_text_token_ms"],
-        t["per_image_token_ms"],
-    )  # fmt: skip
 
 
 def engine(costs: StepCosts, max_running: int) -> EngineCore:
@@ -185,25 +180,17 @@ def run(
     return Outcome(ttfts, done, aborted, busy)
 
 
-def poisson(rate: float, end: float, seed: int) -> list[float]:
-    rng = random.Random(seed)
-    times: list[float] = []
-    t = 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= end:
-            return times
-        times.append(t)
-
-
 def study(args: argparse.Namespace, terms: dict[str, float]) -> dict[str, Any]:
     """Every policy of FAMILIES at every F from M/2 to M, on the engine with these terms."""
     m, n, r = args.max_running, args.max_tokens, args.replicas
-    costs = step_costs(terms)
+    costs = step_costs(SimSettings(**terms))
     c = capacity(costs, m, n, args.seconds) * r
     rate = STEADY_SHARE * c
     end = WARM_S + args.seconds
-    schedules = [poisson(rate, end, seed) for seed in range(args.seeds)]
+    schedules = [
+        [a.at for a in poisson(rate, 0.0, end, random.Random(seed), "interactive", "steady")]
+        for seed in range(args.seeds)
+    ]
     base = [run(costs, s, r, m, n, 0, False, end) for s in schedules]
     base_ttfts = sorted(t for o in base for t in o.ttfts)
     rows = []

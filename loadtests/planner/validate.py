@@ -294,8 +294,8 @@ def validate(options: ValidateOptions, say: Say) -> Validation:
         say(f"[validation {number}/{len(plan)}] {name} req/s")
         if options.reuse is not None:
             folder = options.reuse / name.replace(" ", "-")
-            if (again := folder.with_name(folder.name + "-again")).exists():
-                folder = again  # the first run of this level was INVALID
+            if _again(folder).exists():
+                folder = _again(folder)  # the first run of this level was INVALID
             measured, workload = _reused_level(folder, options.objectives)
         else:
             folder = out / name.replace(" ", "-")
@@ -303,7 +303,7 @@ def validate(options: ValidateOptions, say: Say) -> Validation:
             if not measured.valid:
                 # A level whose generator fell behind (a busy machine) says nothing of the profile: once more.
                 say(f"  the generator fell behind (send lag): measuring {name} req/s once more")
-                folder = out / (name.replace(" ", "-") + "-again")
+                folder = _again(folder)
                 measured = _measure(options, workload, folder, name, kind, say)
         answer_cache = any(k in measured.cache for k in ("hit", "miss", "coalesced"))
         predicted, requests, wall = predict(
@@ -430,9 +430,12 @@ def _error_line(error: Mapping[str, float | None]) -> str:
     return "error: " + ", ".join(shown)
 
 
-def _measure(
-    options: ValidateOptions, workload: Workload, folder: Path, name: str, kind: str, say: Callable[[str], None]
-) -> RunSummary:
+def _again(folder: Path) -> Path:
+    """Where a level whose first run was INVALID is measured once more."""
+    return folder.with_name(folder.name + "-again")
+
+
+def _measure(options: ValidateOptions, workload: Workload, folder: Path, name: str, kind: str, say: Say) -> RunSummary:
     """One held-out level, run against the target into `folder`."""
     return run_loadtest(
         LoadtestOptions(
