@@ -38,6 +38,12 @@ class CacheableRequest(Protocol):
     @property
     def model(self) -> str: ...
     @property
+    def version(self) -> str:
+        """The model version that will answer ("" when the router chose none): part of the key, so a
+        version never answers from another's entries."""
+        ...
+
+    @property
     def doc(self) -> dict[str, Any]:
         """The parsed body; read-only."""
         ...
@@ -120,6 +126,8 @@ class AnswerCache:
         if store is None or not (decision.read or decision.write):
             return self._counted(Lookup("bypass"))
         revision = self._settings.model_revisions.get(request.model, "")
+        if request.version:
+            revision = f"{revision}@{request.version}"
         key = cache_key(request.doc, request.image_digests, revision)
         if not decision.read:
             # no-cache: fetch a fresh answer (and store it), without joining anyone's flight.

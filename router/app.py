@@ -27,7 +27,8 @@ from cache.flight import AnswerCache
 from cache.stores import build_store
 from qvl.settings import Settings
 from router.admission import Admission
-from router.audit import build_audit_log
+from router.audit import AuditLogError, build_audit_log
+from router.audit_record import AuditRecord
 from router.auth import KeyRing
 from router.batch.api import mount_batches
 from router.batch.files import FileStore
@@ -54,6 +55,12 @@ from router.policies import build_policy
 from router.proxy import Proxy
 from router.quota import Quotas
 from router.replicas import ReplicaPool
+from router.rollout.api import mount_rollouts
+from router.rollout.controller import Controller
+from router.rollout.service import Rollouts
+from router.rollout.shadow import Shadow
+from router.rollout.store import RolloutStore
+from router.routes import RouteTable, settings_routes
 from router.state import RouterState, state_of
 from router.upstream import UpstreamClient
 from serving.registry import Registry, RouterMember
@@ -83,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
             address = f"http://{settings.router.host}:{settings.router.port}"
             me = RouterMember(uuid.uuid4().hex[:12], address, time.time())
             watch = RegistryWatch(registry, pool, settings.registry.poll_interval_s, me)
+        rollouts = build_rollouts(settings)
         store = build_store(settings.cache)
         # The gauges are read at scrape time, by which `cache` exists.
         audit = build_audit_log(settings.router.audit)
@@ -92,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
             lambda: (audit.lines_written, audit.write_errors, audit.pending) if settings.router.audit.path else None,
             lambda: None if watch is None else (watch.up, watch.routers),
             lambda: quotas.degradation(),
+            lambda: rollouts.table.routes.values(),
         )
         cache = AnswerCache(store, settings.cache, metrics)
         admission = Admission(settings.router.admission)
@@ -113,9 +122,57 @@ def create_app(settings: Settings) -> FastAPI:
             runner = Runner(app.chat, jobs, files, keys, lambda: pool.replicas, settings.router, metrics)
             proxy.make_room = runner.make_room
             batches = Batches(files, jobs, runner)
-        app.state.qvl = RouterState(
-            settings, pool, proxy, metrics, client, cache, keys, quotas, audit, batches, console
+        shadow = Shadow(proxy, rollouts, metrics)
+
+        async def decided(model: str, decision: str, by: str, reason: str) -> None:
+            metrics.record_rollout_decision(model, decision, by)
+            record = AuditRecord(
+                time=time.time(),
+                request_id="rollout-" + uuid.uuid4().hex[:12],
+                key_id="",
+                model=model,
+                image_digests=(),
+                prompt_digest="",
+                cache="none",
+                replica="none",
+                status=0,
+                error_type="",
+                latency_ms=0.0,
+                prompt_tokens=None,
+                completion_tokens=None,
+                event=f"rollout:{decision}",
+                detail=reason,
+            )
+            try:
+                await audit.write(record)
+            except AuditLogError as exc:
+                log.error("audit line of a rollout decision not written: %s", exc)
+
+        controller = Controller(
+            rollouts.store,
+            rollouts.table,
+            settings.router.rollout,
+            uuid.uuid4().hex[:12],
+            lambda: pool.known_models,
+            decided,
         )
+        app.state.qvl = RouterState(
+            settings,
+            pool,
+            proxy,
+            metrics,
+            client,
+            cache,
+            keys,
+            quotas,
+            audit,
+            batches,
+            console,
+            rollouts,
+            shadow,
+            controller,
+        )
+        await rollouts.refresh()
         if watch is not None:
             await watch.announce()
             await watch.refresh()
@@ -130,6 +187,9 @@ def create_app(settings: Settings) -> FastAPI:
             checks.append(asyncio.create_task(console.live.run(), name="console-sampling"))
         if batches is not None:
             checks.append(asyncio.create_task(batches.runner.run(), name="batch-runner"))
+        if rollouts.store is not None:
+            checks.append(asyncio.create_task(rollouts.run(), name="routes"))
+            checks.append(asyncio.create_task(controller.run(), name="rollout-analysis"))
         try:
             yield
         finally:
@@ -137,6 +197,8 @@ def create_app(settings: Settings) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*checks, return_exceptions=True)
             # Requests have drained by now (uvicorn waits for them first): nothing more will be audited.
+            await shadow.close()
+            await rollouts.close()
             await audit.close()
             await client.close()
             await quotas.close()
@@ -154,6 +216,7 @@ def create_app(settings: Settings) -> FastAPI:
         mount_console(app)
     if settings.router.batch.enabled:
         mount_batches(app)
+    mount_rollouts(app)
 
     # Every error answer, FastAPI's own included, is built by router/errors.py's error_answer.
     @app.exception_handler(RouterError)
@@ -198,12 +261,23 @@ def create_app(settings: Settings) -> FastAPI:
         state = state_of(request)
         state.keys.authenticate(request.headers.get("authorization", "").encode("latin-1") or None)
         served: dict[str, int] = {}
+        versions: dict[str, set[str]] = {}
         for replica in state.pool.replicas:
             if replica.healthy:
                 for model in replica.models:
-                    served[model] = served.get(model, 0) + 1
+                    if "@" not in model:
+                        served[model] = served.get(model, 0) + 1
+                for model, version in replica.versions.items():
+                    versions.setdefault(model, set()).add(version)
         data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "qvl-cluster", "replicas": n}
+            {
+                "id": m,
+                "object": "model",
+                "created": 0,
+                "owned_by": "qvl-cluster",
+                "replicas": n,
+                "versions": sorted(versions.get(m, ())),
+            }
             for m, n in sorted(served.items())
         ]
         return {"object": "list", "data": data}
@@ -212,12 +286,36 @@ def create_app(settings: Settings) -> FastAPI:
     async def cluster(request: Request) -> dict[str, object]:
         state = state_of(request)
         state.keys.authenticate(request.headers.get("authorization", "").encode("latin-1") or None)
+        pools = [
+            {
+                "name": p.name,
+                "model": p.model,
+                "version": p.version,
+                "replicas": p.replicas,
+                "healthy": sum(r.healthy and r.versions.get(p.model) == p.version for r in state.pool.replicas),
+            }
+            for p in state.settings.pools
+        ]
         return {
             "policy": state.settings.router.policy,
+            "pools": pools,
+            "routes": [r.to_doc() for _, r in sorted(state.rollouts.table.routes.items())],
             "replicas": [r.describe() for r in state.pool.replicas],
         }
 
     return app
+
+
+def build_rollouts(settings: Settings) -> Rollouts:
+    """The routes from the settings, and the store of rollouts when Redis is given for it."""
+    table = RouteTable(settings_routes(settings.router.routes, settings.pools))
+    url = settings.router.rollout.store or settings.registry.url
+    store = (
+        RolloutStore(url, key_prefix=settings.router.rollout.key_prefix, timeout_s=settings.registry.timeout_s)
+        if url
+        else None
+    )
+    return Rollouts(table, store, settings.router.rollout)
 
 
 def quota_routers(settings: Settings, watch: RegistryWatch | None) -> int:

@@ -42,6 +42,11 @@ class AuditRecord:
     """The batch this request was a line of ("" for a client's own request)."""
     prompt: str | None = None
     """`prompt_text(doc)`, only when `audit.include_prompts`; never image bytes."""
+    version: str = ""
+    """The model version that answered ("" when none was chosen or known)."""
+    event: str = ""
+    """"" for a request; `rollout:DECISION` for a rollout's decision (then `detail` holds its reason)."""
+    detail: str = ""
 
 
 def prompt_digest(doc: Mapping[str, Any]) -> str:
@@ -77,6 +82,7 @@ def audit_record(
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
     batch_id: str = "",
+    version: str = "",
 ) -> AuditRecord:
     """The record of one request from its parsed body (`None` when it could not be parsed).
 
@@ -98,6 +104,7 @@ def audit_record(
         completion_tokens=completion_tokens,
         batch_id=batch_id,
         prompt=prompt_text(doc) if include_prompts and doc is not None else None,
+        version=version,
     )
 
 

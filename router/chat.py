@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
+from qvl.settings import versioned
 from router.audit import AuditLogError
 from router.audit_record import audit_record
 from router.auth import ApiKey
@@ -26,9 +27,11 @@ from router.batch.line import BATCH_LINE, BatchLine
 from router.classes import BATCH, FLEX, request_class, shed_flex, with_class
 from router.edge import ChatRequest, parse_chat_request, parse_json_object
 from router.errors import InvalidRequest, RequestTooLarge, RouterError
-from router.exchange import Exchange
+from router.exchange import FROM_CACHE, Exchange
 from router.fetch import inline_remote_images
 from router.metrics import NO_LOOKUP, UNKNOWN_MODEL, RouterMetrics
+from router.rollout.shadow import is_greedy
+from router.routes import Choice
 from router.state import RouterState
 
 log = logging.getLogger("qvl.router")
@@ -99,10 +102,21 @@ class ChatCompletions:
             request = with_class(request, klass, settings.router.classes, line is not None and line.ticket.floor)
             if line is not None:
                 request = dataclasses.replace(request, ticket=line.ticket)
-            state.keys.authorize(key, request.model)
+            state.keys.authorize(key, request.model.partition("@")[0])
+            choice = state.rollouts.table.choose(
+                request.model, request.session_id, key.id, request.doc, request.image_digests
+            )
+            if line is not None and request.model in line.versions:
+                pinned = line.versions[request.model]
+                choice = Choice(pinned, versioned(request.model, pinned))
+            elif choice.route is not None:
+                choice = await state.rollouts.pin(choice)
+            if choice.version:
+                request = dataclasses.replace(request, version=choice.version, target=choice.target)
+                exchange.version = choice.version.encode()
             if klass == FLEX:
                 try:
-                    shed_flex(state.pool.candidates(request.model), state.proxy.waiting, settings.router.classes)
+                    shed_flex(state.pool.candidates(request.served), state.proxy.waiting, settings.router.classes)
                 except RouterError:
                     state.metrics.record_admission(FLEX, "shed")
                     raise
@@ -115,7 +129,8 @@ class ChatCompletions:
             state.metrics.record_request(UNKNOWN_MODEL, "none", exc.status, NO_LOOKUP, exc.type, elapsed, False)
             await _audit(state, exchange, arrived, key, request, line)
             return
-        exchange.model = request.model if request.model in state.pool.known_models else UNKNOWN_MODEL
+        public = request.model.partition("@")[0]
+        exchange.model = public if public in state.pool.known_models else UNKNOWN_MODEL
         control = headers.get(b"cache-control")
         serving = exchange.serve(request, control.decode("latin-1") if control else None)
         await _until_disconnect(serving, receive, exchange, state.metrics)
@@ -128,7 +143,30 @@ class ChatCompletions:
             time.perf_counter() - started,
             request.stream,
         )
+        if exchange.version:
+            _versioned(state, exchange, request, choice)
         await _audit(state, exchange, arrived, key, request, line)
+
+
+def _versioned(state: RouterState, exchange: Exchange, request: ChatRequest, choice: Choice) -> None:
+    """Metrics by version, the rollout's samples, and the shadow copy of a greedy request."""
+    e2e = time.perf_counter() - exchange.started
+    ttft = exchange.first_at - exchange.started if exchange.first_at else e2e
+    version = exchange.version.decode()
+    state.metrics.record_version(exchange.model, version, exchange.status, ttft, e2e)
+    route = choice.route
+    if route is None or exchange.replica == FROM_CACHE:
+        return  # a cached answer says nothing of the version; a failed one does (no replica could answer)
+    if route.rollout:
+        state.rollouts.observe(route, version, exchange.status < 500, ttft, e2e)
+    if (
+        choice.shadow
+        and state.shadow is not None
+        and exchange.status == 200
+        and not request.stream
+        and is_greedy(request)
+    ):
+        state.shadow.mirror(request, choice.shadow, route, exchange.answer)
 
 
 async def _audit(
@@ -160,6 +198,7 @@ async def _audit(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         batch_id=line.batch_id if line is not None else "",
+        version=exchange.version.decode(),
     )
     try:
         await state.audit.write(record)

@@ -66,6 +66,15 @@ class ChatRequest:
     """The priority class (router/classes.py): interactive, flex or batch; set after parsing."""
     ticket: BatchTicket | None = field(default=None, compare=False, repr=False)
     """A batch line's ticket (router/batch/): the proxy notes where the line went."""
+    version: str = ""
+    """The model version the route chose (router/routes.py); empty: any replica of the model."""
+    target: str = ""
+    """The served name replicas are picked by: `MODEL@VERSION` when a version was chosen, else the model."""
+
+    @property
+    def served(self) -> str:
+        """The name the proxy picks replicas by."""
+        return self.target or self.model
 
 
 @dataclass(eq=False, slots=True)

@@ -12,12 +12,14 @@ Hierarchy (the `type` string is stable: clients match on it and metrics use it a
     ├── NotFound                     404 not_found               no such path
     ├── ModelNotFound                404 model_not_found         no replica serves the model
     ├── MethodNotAllowed             405 method_not_allowed      the path does not take this method (Allow)
+    ├── Conflict                     409 conflict                a rollout is already active, or has ended
     ├── RequestTooLarge              413 request_too_large       body over router.max_request_bytes
     ├── RateLimited                  429 rate_limit_exceeded     the key's quota is spent (Retry-After)
     ├── Overloaded                   503 overloaded              every replica slot and the wait queue are full,
     │                                                            or the wait ran out (Retry-After)
     ├── QuotaUnavailable             503 quota_unavailable       the shared quota store did not answer (Retry-After)
     ├── BatchStoreUnavailable        503 batch_store_unavailable the batch job store (Redis) did not answer
+    ├── RolloutStoreUnavailable      503 rollout_store_unavailable  rollouts need Redis, and it did not answer
     ├── NoHealthyReplica             503 no_healthy_replica      the model's replicas are all ejected (Retry-After)
     ├── UpstreamUnavailable          502 upstream_unavailable    every attempt failed before a byte was sent
     ├── UpstreamTimeout              504 upstream_timeout        the replica took longer than request_timeout_s
@@ -71,6 +73,8 @@ InvalidRequestCode = Literal[
     "invalid_purpose",
     "invalid_batch",
     "batch_not_cancellable",
+    # rollouts (router/rollout/)
+    "invalid_rollout",
 ]
 UnauthenticatedCode = Literal[
     "missing_api_key",
@@ -81,14 +85,16 @@ UnauthenticatedCode = Literal[
     "console_session_expired",
 ]
 PermissionDeniedCode = Literal["model_not_allowed", "operator_only", "csrf_token_invalid"]
-NotFoundCode = Literal["unknown_path", "file_not_found", "batch_not_found"]
+NotFoundCode = Literal["unknown_path", "file_not_found", "batch_not_found", "rollout_not_found"]
 ModelNotFoundCode = Literal["model_not_found"]
 MethodNotAllowedCode = Literal["method_not_allowed"]
+ConflictCode = Literal["rollout_active", "rollout_ended"]
 RequestTooLargeCode = Literal["request_too_large", "file_too_large"]
 RateLimitedCode = Literal["quota_exceeded", "flex_shed"]
 OverloadedCode = Literal["queue_full", "queue_timeout"]
 QuotaUnavailableCode = Literal["quota_unavailable"]
 BatchStoreUnavailableCode = Literal["batch_store_unavailable"]
+RolloutStoreUnavailableCode = Literal["rollout_store_unavailable"]
 NoHealthyReplicaCode = Literal["no_healthy_replica"]
 UpstreamUnavailableCode = Literal["upstream_unavailable"]
 UpstreamTimeoutCode = Literal["upstream_timeout"]
@@ -101,11 +107,13 @@ ErrorCode = Literal[
     NotFoundCode,
     ModelNotFoundCode,
     MethodNotAllowedCode,
+    ConflictCode,
     RequestTooLargeCode,
     RateLimitedCode,
     OverloadedCode,
     QuotaUnavailableCode,
     BatchStoreUnavailableCode,
+    RolloutStoreUnavailableCode,
     NoHealthyReplicaCode,
     UpstreamUnavailableCode,
     UpstreamTimeoutCode,
@@ -179,6 +187,11 @@ class MethodNotAllowed(RouterError):
         return [*super().headers(), (b"allow", self.allow.encode("latin-1"))]
 
 
+class Conflict(RouterError):
+    status = 409
+    type = "conflict"
+
+
 class RateLimited(RouterError):
     status = 429
     type = "rate_limit_exceeded"
@@ -209,6 +222,11 @@ class ModelNotFound(RouterError):
     type = "model_not_found"
 
 
+class RolloutStoreUnavailable(RouterError):
+    status = 503
+    type = "rollout_store_unavailable"
+
+
 class NoHealthyReplica(RouterError):
     status = 503
     type = "no_healthy_replica"
@@ -237,11 +255,13 @@ _BY_CLASS: dict[type[RouterError], Any] = {
     NotFound: NotFoundCode,
     ModelNotFound: ModelNotFoundCode,
     MethodNotAllowed: MethodNotAllowedCode,
+    Conflict: ConflictCode,
     RequestTooLarge: RequestTooLargeCode,
     RateLimited: RateLimitedCode,
     Overloaded: OverloadedCode,
     QuotaUnavailable: QuotaUnavailableCode,
     BatchStoreUnavailable: BatchStoreUnavailableCode,
+    RolloutStoreUnavailable: RolloutStoreUnavailableCode,
     NoHealthyReplica: NoHealthyReplicaCode,
     UpstreamUnavailable: UpstreamUnavailableCode,
     UpstreamTimeout: UpstreamTimeoutCode,

@@ -35,6 +35,7 @@ class Exchange:
         "cache_result",
         "error_type",
         "finished",
+        "first_at",
         "metrics",
         "model",
         "proxy",
@@ -43,6 +44,7 @@ class Exchange:
         "send",
         "started",
         "status",
+        "version",
     )
 
     def __init__(
@@ -68,6 +70,10 @@ class Exchange:
         self.finished = False
         self.answer = b""
         """The JSON answer, or for a stream the last chunk that carried usage (for the audit log)."""
+        self.version = b""
+        """The model version answering (x-qvl-model-version): the route's choice, else the replica's."""
+        self.first_at = 0.0
+        """perf_counter() of a stream's first chunk (0: not a stream, or none came)."""
 
     async def serve(self, request: ChatRequest, cache_control: str | None) -> None:
         """Answer the request; the cache's flight, if any, is always finished (followers never hang)."""
@@ -117,6 +123,8 @@ class Exchange:
         complete = False
         try:
             self.replica = upstream.replica.name.encode()
+            if not self.version:
+                self.version = upstream.replica.versions.get(request.model, "").encode()
             await self._start(upstream.status, ((b"content-type", upstream.content_type),))
             if upstream.response is None:
                 self.finished = True
@@ -128,7 +136,7 @@ class Exchange:
             recorder = StreamRecorder() if record else None
             if recorder is not None:
                 recorder.feed(upstream.body)
-            first_at = last_at = time.perf_counter()
+            first_at = last_at = self.first_at = time.perf_counter()
             await self.send({"type": "http.response.body", "body": upstream.body, "more_body": True})
             events = 0
             async for chunk in proxy.relay(upstream):
@@ -171,6 +179,7 @@ class Exchange:
                     (b"x-request-id", self.request_id),
                     (b"x-qvl-replica", self.replica),
                     (b"x-qvl-cache", self.cache_result),
+                    (b"x-qvl-model-version", self.version or b"none"),
                 ],
             }
         )

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from router.classes import CLASSES, Klass
 from router.replicas import Replica
+from router.routes import Route
 
 UNKNOWN_MODEL = "_unknown"
 CACHE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30)
@@ -123,6 +124,26 @@ class _StateCollector(Collector):
         return families
 
 
+class _RouteCollector(Collector):
+    """The routes this router applies, read at scrape time."""
+
+    def __init__(self, routes: Callable[[], Iterable[Route]]) -> None:
+        self._routes = routes
+
+    def collect(self) -> Iterable[Metric]:
+        weight = GaugeMetricFamily(
+            "qvl_route_weight_percent", "Share of a model's requests each version gets now", labels=["model", "version"]
+        )
+        rollout = GaugeMetricFamily(
+            "qvl_route_in_rollout", "1 while a rollout owns the model's route", labels=["model"]
+        )
+        for route in self._routes():
+            for version, _ in route.versions:
+                weight.add_metric([route.model, version], route.weight_of(version))
+            rollout.add_metric([route.model], 1.0 if route.rollout else 0.0)
+        return [weight, rollout]
+
+
 class RouterMetrics:
     """The router's metrics, in a registry of their own (no process-global state)."""
 
@@ -133,6 +154,7 @@ class RouterMetrics:
         audit: Callable[[], tuple[int, int, int] | None] = lambda: None,
         discovery: Callable[[], tuple[bool, int] | None] = lambda: None,
         quota: Callable[[], tuple[bool, float] | None] = lambda: None,
+        routes: Callable[[], Iterable[Route]] = tuple,
     ) -> None:
         self.registry = CollectorRegistry()
         self._by_key = Counter(
@@ -231,7 +253,54 @@ class RouterMetrics:
         self._admissions = admissions
         # Bound once: the interactive path counts every request.
         self._admitted = {klass: admissions.labels(klass, "admitted") for klass in CLASSES}
+        self._version_requests = Counter(
+            "qvl_version_requests",
+            "Chat requests answered by a chosen model version, by model, version and status class (2xx, 4xx, 5xx)",
+            ["model", "version", "code"],
+            registry=self.registry,
+        )
+        self._version_ttft = Histogram(
+            "qvl_version_time_to_first_token_seconds",
+            "Requests answered by a chosen model version: time to the first token (a non-streamed answer's whole time)",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._version_duration = Histogram(
+            "qvl_version_request_duration_seconds",
+            "Requests answered by a chosen model version: time from arrival to the last byte",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._shadow = Counter(
+            "qvl_shadow_comparisons",
+            "Shadow copies by model, version and result: same, differ (the answer text), error, skipped (too "
+            "many copies in flight)",
+            ["model", "version", "result"],
+            registry=self.registry,
+        )
+        self._decisions = Counter(
+            "qvl_rollout_decisions",
+            "Rollout decisions that changed something: start, advance, promote, abort, pause, resume; by "
+            "analysis or operator",
+            ["model", "decision", "by"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(replicas, stores, audit, discovery, quota))
+        self.registry.register(_RouteCollector(routes))
+
+    def record_version(self, model: str, version: str, status: int, ttft_s: float, seconds: float) -> None:
+        self._version_requests.labels(model, version, f"{status // 100}xx").inc()
+        if status < 400:
+            self._version_ttft.labels(model, version).observe(ttft_s)
+            self._version_duration.labels(model, version).observe(seconds)
+
+    def record_shadow(self, model: str, version: str, result: str) -> None:
+        self._shadow.labels(model, version, result).inc()
+
+    def record_rollout_decision(self, model: str, decision: str, by: str) -> None:
+        self._decisions.labels(model, decision, by).inc()
 
     def record_request(
         self, model: str, replica: str, status: int, cache: str, error_type: str, seconds: float, stream: bool

@@ -17,6 +17,7 @@ from router.edge import MAX_N, MAX_STOP
 from router.errors import (
     CODES,
     BatchStoreUnavailable,
+    Conflict,
     ErrorCode,
     InvalidRequest,
     MethodNotAllowed,
@@ -28,6 +29,7 @@ from router.errors import (
     QuotaUnavailable,
     RateLimited,
     RequestTooLarge,
+    RolloutStoreUnavailable,
     RouterError,
     StreamInterrupted,
     Unauthenticated,
@@ -55,6 +57,8 @@ _MEANING: dict[type[RouterError], str] = {
     Overloaded: "every replica slot and the wait queue are full, or the wait ran out",
     QuotaUnavailable: "the shared quota store did not answer",
     BatchStoreUnavailable: "the batch job store (Redis) did not answer",
+    Conflict: "a rollout of the model is already running or paused, or the rollout has ended",
+    RolloutStoreUnavailable: "rollouts need Redis (`router.rollout.store` or `registry.url`), and it did not answer",
     NoHealthyReplica: "no replica (of the model, on the chat endpoint) is healthy: all are ejected",
     UpstreamUnavailable: "every attempt failed before a byte was sent (the request was not processed)",
     UpstreamTimeout: "the replica took longer than `router.request_timeout_s`",
@@ -76,8 +80,24 @@ BATCH_ONLY: tuple[ErrorCode, ...] = (
     "batch_store_unavailable",
 )
 """Codes only the files and batches endpoints answer with."""
+ROLLOUT_ONLY: tuple[ErrorCode, ...] = (
+    "invalid_rollout",
+    "rollout_not_found",
+    "rollout_active",
+    "rollout_ended",
+    "rollout_store_unavailable",
+)
+"""Codes only the rollout endpoints answer with."""
 _NOT_CHAT: frozenset[ErrorCode] = frozenset(
-    {"unknown_path", "method_not_allowed", "invalid_parameters", "internal_error", "operator_only", *BATCH_ONLY}
+    {
+        "unknown_path",
+        "method_not_allowed",
+        "invalid_parameters",
+        "internal_error",
+        "operator_only",
+        *BATCH_ONLY,
+        *ROLLOUT_ONLY,
+    }
 )
 """Codes the chat operation does not document: FastAPI's routing and parameters (the chat endpoint parses its
 own body and takes one path and method), a bug's 500, which no operation promises, and the console's role check."""
@@ -107,7 +127,12 @@ _CHAT_ERRORS["400"] += _PASSTHROUGH
 # FastAPI routes that check the API key or can refuse (router/app.py): their error answers, added to FastAPI's.
 _KEY: list[ErrorCode] = ["missing_api_key", "invalid_api_key"]
 _BATCH_STORE: list[ErrorCode] = ["batch_store_unavailable"]
+_ROLLOUT: list[ErrorCode] = [*_KEY, "rollout_store_unavailable"]
+_ROLLOUT_WRITE: list[ErrorCode] = [*_ROLLOUT, "operator_only", "invalid_json", "invalid_rollout", "rollout_not_found"]
 _ROUTE_ERRORS = {
+    ("get", "/v1/rollouts"): error_descriptions(_ROLLOUT),
+    ("get", "/v1/rollouts/{model}"): error_descriptions([*_ROLLOUT, "rollout_not_found"]),
+    ("post", "/v1/rollouts/{action}"): error_descriptions([*_ROLLOUT_WRITE, "rollout_active", "rollout_ended"]),
     ("get", "/ready"): error_descriptions(["no_healthy_replica"]),
     ("get", "/v1/models"): error_descriptions(_KEY),
     ("get", "/v1/cluster"): error_descriptions(_KEY),
@@ -130,7 +155,7 @@ _ROUTE_ERRORS = {
         [*_KEY, "batch_not_found", "batch_not_cancellable", *_BATCH_STORE]
     ),
 }
-_AUTHENTICATED = ("/v1/models", "/v1/cluster", "/v1/files", "/v1/batches")
+_AUTHENTICATED = ("/v1/models", "/v1/cluster", "/v1/files", "/v1/batches", "/v1/rollouts")
 CONSOLE_SESSION = "ConsoleSession"
 _VALIDATION_ERRORS = error_descriptions(["invalid_parameters"])
 """Replaces FastAPI's generated 422: a route's parameters that do not validate get a 400 (router/app.py)."""

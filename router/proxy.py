@@ -91,11 +91,12 @@ class Proxy:
 
     async def open(self, request: ChatRequest, request_id: str) -> Upstream:
         """Commit the request to a replica; raises a RouterError when no replica could take it."""
-        candidates = self._pool.candidates(request.model)
+        served = request.served
+        candidates = self._pool.candidates(served)
         if not candidates:
-            if request.model in self._pool.known_models:
+            if served in self._pool.known_models or request.model in self._pool.known_models:
                 self._metrics.record_rejection("no_healthy_replica")
-                raise self._no_healthy_replica(request.model)
+                raise self._no_healthy_replica(served)
             self._metrics.record_rejection("model_not_found")
             raise ModelNotFound(f"model '{request.model}' is not served here", code="model_not_found", param="model")
         if request.klass == BATCH:
@@ -108,13 +109,13 @@ class Proxy:
             candidates = [r for r in candidates if r.name == wanted] or candidates
         else:
             try:
-                candidates = await self._admission.admit(lambda: self._pool.candidates(request.model))
+                candidates = await self._admission.admit(lambda: self._pool.candidates(served))
             except RouterError as exc:
                 self._metrics.record_rejection(exc.code or exc.type)
                 raise
         if not candidates:
             self._metrics.record_rejection("no_healthy_replica")
-            raise self._no_healthy_replica(request.model)
+            raise self._no_healthy_replica(served)
         headers = ((b"content-type", b"application/json"), (b"x-request-id", request_id.encode()))
         failures: list[str] = []
         for attempt in range(self._max_attempts):
@@ -138,10 +139,12 @@ class Proxy:
             code="upstream_unavailable",
         )
 
-    def _no_healthy_replica(self, model: str) -> NoHealthyReplica:
+    def _no_healthy_replica(self, served: str) -> NoHealthyReplica:
         # An ejected replica is readmitted by a health check at the earliest: retry after the next one.
+        model, at, version = served.partition("@")
+        what = f"version '{version}' of model '{model}'" if at else f"model '{model}'"
         return NoHealthyReplica(
-            f"no healthy replica serves model '{model}' right now",
+            f"no healthy replica serves {what} right now",
             code="no_healthy_replica",
             retry_after_s=self._check_interval_s,
         )

@@ -44,6 +44,9 @@ class Replica:
     url: str
     name: str
     models: frozenset[str] = frozenset()
+    """Every name the replica serves: public ones and, for a pooled replica, `MODEL@VERSION`."""
+    versions: dict[str, str] = field(default_factory=dict)
+    """Public model -> the version this replica serves of it (from its `MODEL@VERSION` names)."""
     healthy: bool = False
     in_flight: int = 0
     batch_in_flight: int = 0
@@ -76,7 +79,8 @@ class Replica:
         return {
             "name": self.name,
             "url": self.url,
-            "models": sorted(self.models),
+            "models": sorted(m for m in self.models if "@" not in m),
+            "versions": dict(sorted(self.versions.items())),
             "healthy": self.healthy,
             "in_flight": self.in_flight,
             "engine_running": self.running,
@@ -127,6 +131,16 @@ def parse_engine_metrics(text: str) -> EngineGauges:
         mm_cache_queries=found.get("mm_q"),
         mm_cache_hits=found.get("mm_h"),
     )
+
+
+def versions_of(models: frozenset[str]) -> dict[str, str]:
+    """Public model -> version, from the `MODEL@VERSION` names a pooled replica serves."""
+    found = {}
+    for name in models:
+        model, at, version = name.rpartition("@")
+        if at and model in models:
+            found[model] = version
+    return found
 
 
 class ReplicaPool:
@@ -210,6 +224,7 @@ class ReplicaPool:
                 return
             if not replica.healthy or not replica.models:
                 replica.models = await self._fetch_models(replica)
+                replica.versions = versions_of(replica.models)
                 self._known_models = frozenset(m for r in self.replicas for m in r.models)
         except (ConnectFailed, ConnectionLost, TimeoutError, ValueError) as exc:
             self.report_failure(replica, f"health check failed: {exc}")

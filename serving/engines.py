@@ -24,7 +24,7 @@ from typing import Protocol
 import yaml
 
 from qvl.procs import StartError
-from qvl.settings import EngineName, Settings
+from qvl.settings import EngineName, PoolSettings, Settings
 from serving.tiny_model import SERVED_NAME, ensure_tiny_model
 from serving.vllm_replica import core_list, cpu_layout, detect_cpus, detect_gpus, layout, plan_replica, served_name
 
@@ -77,6 +77,11 @@ class Engine(Protocol):
         """Where `replicas` replicas run on this host. Raises PlacementError (a ValueError) when they do not fit."""
         ...
 
+    def for_pool(self, settings: Settings, pool: PoolSettings) -> Settings:
+        """The settings a replica of `pool` runs with: its model, its public and versioned names, its engine
+        settings over the shared ones. May block (vllm builds a tiny model of another seed)."""
+        ...
+
     def command(
         self, settings: Settings, host: str, port: int, gpus: Sequence[int], workdir: Path, cpus: Sequence[int] = ()
     ) -> ReplicaCommand:
@@ -97,6 +102,21 @@ class VllmEngine:
 
     def with_model(self, settings: Settings, model: str) -> Settings:
         return settings.model_copy(update={"replica": settings.replica.model_copy(update={"model": model})})
+
+    def for_pool(self, settings: Settings, pool: PoolSettings) -> Settings:
+        spec = settings.replica
+        model = pool.path
+        if model is None and pool.tiny_seed:
+            target = Path(spec.run_dir).resolve() / f"tiny-model-seed{pool.tiny_seed}"
+            model = str(ensure_tiny_model(target, seed=pool.tiny_seed))
+        update = {
+            "model": model,
+            "served_model_name": pool.model,
+            "aliases": [pool.versioned],
+            "tensor_parallel_size": pool.tensor_parallel_size or spec.tensor_parallel_size,
+            "engine_args": {**spec.engine_args, **pool.engine_args},
+        }
+        return settings.model_copy(update={"replica": type(spec).model_validate({**spec.model_dump(), **update})})
 
     def local(self, settings: Settings, replicas: int) -> LocalLayout:
         spec = settings.replica
@@ -142,6 +162,10 @@ class SimEngine:
 
     def with_model(self, settings: Settings, model: str) -> Settings:
         return settings.model_copy(update={"sim": settings.sim.model_copy(update={"model": model})})
+
+    def for_pool(self, settings: Settings, pool: PoolSettings) -> Settings:
+        values = {**settings.sim.model_dump(), **pool.sim, "model": pool.model, "aliases": [pool.versioned]}
+        return settings.model_copy(update={"sim": type(settings.sim).model_validate(values)})
 
     def local(self, settings: Settings, replicas: int) -> LocalLayout:
         return LocalLayout(

@@ -159,7 +159,7 @@ def engine_flags(spec: ReplicaSettings, device: Device) -> list[str]:
 
 
 def vllm_command(spec: ReplicaSettings, model: str, host: str, port: int, device: Device) -> list[str]:
-    """The argv that starts one replica."""
+    """The argv that starts one replica; its aliases follow the main name (vLLM serves every name given)."""
     return [
         sys.executable,
         "-m",
@@ -168,6 +168,7 @@ def vllm_command(spec: ReplicaSettings, model: str, host: str, port: int, device
         model,
         "--served-model-name",
         served_name(spec, model),
+        *spec.aliases,
         "--host",
         host,
         "--port",

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qvl.cli import batch, loadtest, plan
+from qvl.cli import batch, loadtest, plan, rollout
 from qvl.cli.flags import SET_PREFIX, setting_flag
 from qvl.cli.loadtest import with_default_action
 from qvl.settings import Settings, SettingsError, load_settings
@@ -200,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     loadtest.add_commands(sub)
     plan.add_commands(sub)
     batch.add_commands(sub)
+    rollout.add_commands(sub)
 
     model = sub.add_parser("model", help="Build models.", description="Build models.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="WHAT")

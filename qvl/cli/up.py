@@ -43,16 +43,17 @@ def run_up(settings: Settings) -> int:
         # The router's keys are checked before any replica starts: a bad keys file fails in a second.
         KeyRing.from_settings(settings)
         with tempfile.TemporaryDirectory(prefix="qvl-up-") as tmp:
-            ports = _replica_ports(settings.up.replica_base_port, settings.up.replicas)
+            pools = _pool_settings(engine, settings)
+            ports = _replica_ports(settings.up.replica_base_port, len(pools))
             say(f"starting {len(ports)} {settings.up.engine} replica(s) on ports {', '.join(map(str, ports))}")
             local = engine.local(settings, len(ports))
             run_dir = Path(settings.replica.run_dir).resolve()
             if local.gpu_exporter:
                 exporter = _spawn_gpu_exporter(settings, log_dir=run_dir)
-            for port, gpus, cpus in zip(ports, local.gpus, local.cpus, strict=True):
+            for port, gpus, cpus, own in zip(ports, local.gpus, local.cpus, pools, strict=True):
                 workdir = (run_dir if local.log_name else Path(tmp)) / f"replica-{port}"
                 log_file = workdir / local.log_name if local.log_name else None
-                children.append(_spawn_replica(engine, settings, local.host, port, gpus, cpus, workdir, log_file))
+                children.append(_spawn_replica(engine, own, local.host, port, gpus, cpus, workdir, log_file))
             for child in children:
                 seconds = child.wait_ready(
                     local.startup_timeout_s, progress=say, cancelled=lambda: bool(stop_requested)
@@ -103,6 +104,24 @@ def run_replica(settings: Settings) -> int:
         if exporter is not None:
             exporter.stop()
         _restore_signals(previous)
+
+
+def _pool_settings(engine: Engine, settings: Settings) -> list[Settings]:
+    """The settings of each replica to start: up.replicas of the engine's model, or every pool's replicas
+    in the order of `pools` (they share the host's GPUs or cores, split as replica.* says)."""
+    if not settings.pools:
+        return [settings] * settings.up.replicas
+    own: list[Settings] = []
+    for pool in settings.pools:
+        if pool.tensor_parallel_size not in (None, settings.replica.tensor_parallel_size):
+            raise StartError(
+                f"pool {pool.name}: qvl up places every replica with replica.tensor_parallel_size "
+                f"({settings.replica.tensor_parallel_size}); use qvl cluster up for pools that differ"
+            )
+        pool_settings = engine.for_pool(settings, pool)
+        own += [pool_settings] * pool.replicas
+        say(f"pool {pool.name}: {pool.replicas} replica(s) of {pool.model} version {pool.version}")
+    return own
 
 
 def say(message: str) -> None:

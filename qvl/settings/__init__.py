@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -39,6 +39,7 @@ from qvl.settings.router import (
     RouterSettings,
 )
 from qvl.settings.serving import GpuExporterSettings, ReplicaSettings, SimSettings, UpSettings
+from qvl.settings.versions import PoolSettings, RolloutSettings, RouteSettings, versioned
 
 __all__ = [
     "AdmissionSettings",
@@ -56,9 +57,12 @@ __all__ = [
     "HealthSettings",
     "LimitSettings",
     "PolicyName",
+    "PoolSettings",
     "QuotaSettings",
     "RegistrySettings",
     "ReplicaSettings",
+    "RolloutSettings",
+    "RouteSettings",
     "RouterSettings",
     "Section",
     "Settings",
@@ -68,6 +72,7 @@ __all__ = [
     "is_redis_url",
     "load_settings",
     "redis_url",
+    "versioned",
 ]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -96,6 +101,27 @@ class Settings(BaseSettings):
         default_factory=RegistrySettings, description="The replica registry in Redis (cluster mode)."
     )
     cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="Replicas on Ray (`qvl cluster`).")
+    pools: list[PoolSettings] = Field(
+        default_factory=list,
+        description="Model pools, each one version of one model with its own replicas; `qvl up` and `qvl cluster "
+        "up` start every pool's replicas (then up.replicas and cluster.replicas are unused). Empty: one pool of "
+        "up.replicas (cluster.replicas) replicas of the model the engine settings name, without a version.",
+    )
+
+    @model_validator(mode="after")
+    def _pools(self) -> Settings:
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError("pool names must be distinct")
+        served = [p.versioned for p in self.pools]
+        if len(set(served)) != len(served):
+            raise ValueError("two pools serve the same model and version")
+        for model, route in self.router.routes.items():
+            known = {p.version for p in self.pools if p.model == model}
+            unknown = sorted(set(route.versions) - known) if known else []
+            if unknown:
+                raise ValueError(f"route {model} names version(s) no pool serves: {', '.join(unknown)}")
+        return self
 
 
 def load_settings(config_file: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:

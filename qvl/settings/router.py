@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 
 from qvl.settings.base import Section, redis_url
+from qvl.settings.versions import RolloutSettings, RouteSettings
 
 PolicyName = Literal["round-robin", "least-loaded", "session", "image-affinity"]
 
@@ -315,6 +316,14 @@ class RouterSettings(Section):
         default_factory=ClassSettings, description="Priority classes: interactive, flex and batch."
     )
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch jobs (the OpenAI Batch API).")
+    routes: dict[str, RouteSettings] = Field(
+        default_factory=dict,
+        description="Public model name -> how it is split between versions. A pooled model without a route "
+        "goes to its first pool's version; a rollout's route (in Redis) replaces the one given here.",
+    )
+    rollout: RolloutSettings = Field(
+        default_factory=RolloutSettings, description="Rollouts of a new model version (`qvl rollout`)."
+    )
 
     @field_validator("replicas")
     @classmethod

@@ -21,6 +21,12 @@ class SimSettings(Section):
     host: str = Field("127.0.0.1", description="Address the simulated engine listens on.")
     port: int = Field(8100, ge=1, le=65535, description="Port the simulated engine listens on.")
     model: str = Field("Qwen/Qwen3-VL-8B-Instruct", description="Model name the engine serves.")
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="Further model names the engine serves beside `model` (a model version's name such as "
+        "qwen3-vl-8b@v2): /v1/models lists them after `model`, a request may name any of them, and the reply's "
+        "`model` is the name the request used.",
+    )
     max_model_len: int = Field(32768, ge=16, description="Context length reported by /v1/models.")
     profile: Path | None = Field(
         None,
@@ -74,10 +80,32 @@ class SimSettings(Section):
     text_template_tokens: int = Field(0, ge=0, description="Tokens the chat template adds to every prompt.")
     image_min_pixels: int = Field(65536, ge=1024, description="Qwen3-VL resize lower bound in pixels.")
     image_max_pixels: int = Field(16777216, ge=1024, description="Qwen3-VL resize upper bound in pixels.")
+    # Fault injection, for rollout tests (a canary that fails or is slow). Faults are not latency terms.
+    fault_error_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of valid chat requests answered at once with HTTP 500 (vLLM's InternalServerError "
+        "JSON) instead of any token, drawn at random per request; 0: none, 1: every one.",
+    )
+    fault_added_ttft_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Extra delay before the engine sees each chat request, on top of the latency model: the first "
+        "token, or the whole non-streamed answer, comes that much later (the engine's TTFT histogram includes "
+        "it). A fault, not a latency term: zero_delay (--zero-delay) keeps it.",
+    )
+    fault_seed: int | None = Field(
+        None, description="Seed of the fault draws (fault_error_ratio), for repeatable tests; empty: random."
+    )
 
     def zero_delay(self) -> SimSettings:
-        """The same settings with every latency term at zero (throughput benchmarks): nothing sleeps."""
-        zeros = {name: 0.0 for name in type(self).model_fields if name.endswith("_ms")}
+        """The same settings with every latency term at zero (throughput benchmarks): nothing sleeps.
+
+        Injected faults (`fault_*`) stay: a test of a slow canary may run the rest at zero delay."""
+        zeros = {
+            name: 0.0 for name in type(self).model_fields if name.endswith("_ms") and not name.startswith("fault_")
+        }
         return self.model_copy(update=zeros)
 
 
@@ -94,6 +122,11 @@ class ReplicaSettings(Section):
     )
     served_model_name: str | None = Field(
         None, description="Model name clients use; empty: the checkpoint directory's name."
+    )
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="Further model names clients may use (a model version's name such as qwen3-vl-8b@v2), given "
+        "to vLLM's --served-model-name after the main one.",
     )
     host: str = Field("127.0.0.1", description="Address a replica listens on.")
     port: int = Field(8200, ge=1, le=65535, description="Port of `qvl replica` (qvl up picks its own).")

@@ -123,6 +123,8 @@ def mount_batches(app: FastAPI) -> None:
             "model": None,
             "owner": key.id,
             "total": 0,
+            # Pinned now: a rollout that starts later never changes the version a job's lines run on.
+            "versions": state_of(request).rollouts.table.current_versions(),
         }
         await batches.jobs.create(job)
         state_of(request).metrics.record_batch("created")
@@ -183,7 +185,7 @@ async def cancel(batches: Batches, job: Job) -> Job:
 async def batch_object(jobs: JobStore, job: Job) -> dict[str, Any]:
     """The OpenAI batch object of a stored job, with its current counts."""
     completed, failed = await jobs.counts(job["id"])
-    shown = {k: v for k, v in job.items() if k not in ("owner", "total")}
+    shown = {k: v for k, v in job.items() if k not in ("owner", "total", "versions")}
     shown["request_counts"] = {"total": job["total"], "completed": completed, "failed": failed}
     return shown
 

@@ -22,6 +22,8 @@ class BatchLine:
     """The key that created the batch: its models and quotas apply."""
     batch_id: str
     ticket: BatchTicket = field(default_factory=BatchTicket)
+    versions: dict[str, str] = field(default_factory=dict)
+    """Model -> the version the job was pinned to when it was created."""
 
 
 @dataclass(slots=True)

@@ -138,7 +138,8 @@ class Runner:
                 continue
             key = self._keys.by_id(job["owner"])
             # A key removed from the keys file: the job fails; the placeholder may use no model.
-            running = Running(job, BatchLine(key or ApiKey(id=job["owner"], models=frozenset()), batch_id))
+            owner = key or ApiKey(id=job["owner"], models=frozenset())
+            running = Running(job, BatchLine(owner, batch_id, versions=dict(job.get("versions") or {})))
             self.jobs[batch_id] = running
             running.task = asyncio.create_task(self._run_job(running, key is not None), name=f"batch-{batch_id}")
             log.info("running batch %s (%s)", batch_id, job["status"])
@@ -333,7 +334,8 @@ class Runner:
         batch_id = running.job["id"]
         request_id = f"{batch_id}-{secrets.token_hex(6)}"
         try:
-            answer = await call_chat(self._chat, BatchLine(running.line.key, batch_id, ticket), line.body, request_id)
+            batch_line = BatchLine(running.line.key, batch_id, ticket, running.line.versions)
+            answer = await call_chat(self._chat, batch_line, line.body, request_id)
         except asyncio.CancelledError:
             running.flying.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if ticket.aborted and not running.stopping:

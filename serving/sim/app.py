@@ -12,7 +12,7 @@ HTTP API
     POST /v1/chat/completions   JSON or SSE (`stream`), `stream_options.include_usage`,
                                 `max_tokens` / `max_completion_tokens`, `priority` (or the
                                 `X-Vllm-Priority` header); images as base64 data URLs
-    GET  /v1/models             the one served model, with `max_model_len`
+    GET  /v1/models             the served model, then its aliases (`aliases`), with `max_model_len`
     GET  /health                200, empty body
     GET  /version               {"version": "qvl-sim <version>"} (vLLM answers its own version here)
     GET  /metrics               Prometheus text: vllm:num_requests_running / _waiting,
@@ -22,9 +22,10 @@ HTTP API
                                 and end-to-end latency histograms, all labelled `model_name`;
                                 KV-cache usage is the KV tokens running requests hold, as a share of
                                 max_running full contexts (the simulator never runs out of KV)
-    Another model name gives 404 (`NotFoundError`); a malformed body or image gives 400
-    (`BadRequestError`), both as OpenAI-style JSON errors. `x-request-id` is echoed. A client that
-    disconnects, queued or mid-stream, has its request cancelled at once.
+    A request may name the model or any alias, and the reply's `model` echoes the name it used; another
+    name gives 404 (`NotFoundError`); a malformed body or image gives 400 (`BadRequestError`), both as
+    OpenAI-style JSON errors. `x-request-id` is echoed. A client that disconnects, queued or
+    mid-stream, has its request cancelled at once.
 
 Latency model (milliseconds; written down in serving/sim/core.py, run in real time by engine.py)
     The engine works in steps, like vLLM's continuous batching. Each step admits waiting requests
@@ -57,8 +58,15 @@ Flags (each also a `sim.*` YAML setting and a `QVL_SIM__*` variable)
     --profile PATH                        a capacity profile (serving/sim/profile.py): its costs, engine
                                           limits and token counting replace the settings above
     --zero-delay                          every latency term at zero: nothing sleeps (throughput tests)
-    Settings without a flag: sim.max_model_len (context length; longer requests get a 400) and
-    sim.image_min_pixels / sim.image_max_pixels (the resize bounds, Qwen3-VL's by default).
+    Settings without a flag: sim.max_model_len (context length; longer requests get a 400),
+    sim.image_min_pixels / sim.image_max_pixels (the resize bounds, Qwen3-VL's by default), sim.aliases,
+    and the injected faults below.
+
+Faults (for rollout tests: a canary that fails or is slow; `--zero-delay` keeps them)
+    sim.fault_error_ratio       share of valid chat requests answered at once with a 500
+                                (`InternalServerError`), drawn per request; seeded by sim.fault_seed
+    sim.fault_added_ttft_ms     extra time before the engine sees each request (after a stream's
+                                200 headers): every first token, and every whole answer, that much later
 
 Example: `qvl sim --port 8101 --model Qwen/Qwen3-VL-8B-Instruct --max-running 32`.
 """
@@ -69,6 +77,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -117,7 +126,15 @@ class SimApp:
         self._image_tokens = ImageTokenCounter(
             min_pixels=settings.image_min_pixels, max_pixels=settings.image_max_pixels
         )
-        self._models = models_body(settings.model, settings.max_model_len, int(time.time()))
+        self._models = models_body(settings.model, settings.max_model_len, int(time.time()), settings.aliases)
+        self._aliases = frozenset(settings.aliases)
+        self._fault_ratio = settings.fault_error_ratio
+        self._fault_delay = settings.fault_added_ttft_ms / 1000
+        self._faults = random.Random(settings.fault_seed)
+        # The base ApiError is vLLM's 500 (InternalServerError).
+        fault = ApiError("injected fault: the simulated engine failed this request (sim.fault_error_ratio)")
+        self._fault_status, self._fault_body = fault.status, fault.body()
+        self._never_waits = self.engine.zero and not self._fault_delay
         self._routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/models": {"GET": self._list_models},
@@ -175,6 +192,7 @@ class SimApp:
                 self.settings.text_chars_per_token,
                 self.settings.text_template_tokens,
                 priority,
+                self._aliases,
             )
             generation = self.engine.submit(call.request)
         except RequestRejected as exc:
@@ -184,24 +202,31 @@ class SimApp:
         except ApiError as exc:
             await _respond(send, exc.status, exc.body(), [_JSON, *headers])
             return
+        if self._fault_ratio and self._faults.random() < self._fault_ratio:
+            await _respond(send, self._fault_status, self._fault_body, [_JSON, *headers])
+            return
         if call.stream:
             work = self._stream(send, call, generation, headers)
         else:
-            work = self._complete(send, generation, headers)
-        if self.engine.zero:
-            # At zero cost the engine never waits (it steps itself), so nothing here can suspend
-            # except a send, which a disconnect releases: skip the watcher.
+            work = self._complete(send, call, generation, headers)
+        if self._never_waits:
+            # At zero cost the engine never waits (it steps itself) and, with no added fault delay,
+            # nothing here can suspend except a send, which a disconnect releases: skip the watcher.
             await work
         else:
             await _cancel_on_disconnect(receive, work)
 
-    async def _complete(self, send: Send, generation: Generation, headers: list[tuple[bytes, bytes]]) -> None:
+    async def _complete(
+        self, send: Send, call: ChatCall, generation: Generation, headers: list[tuple[bytes, bytes]]
+    ) -> None:
         seed = generation.prompt_tokens
+        if self._fault_delay:
+            await asyncio.sleep(self._fault_delay)
         async with generation:
             parts = [token_text(index, seed) async for index in generation.tokens()]
         body = completion_body(
             completion_id(),
-            self.settings.model,
+            call.model,
             "".join(parts),
             generation.finish_reason,
             generation.prompt_tokens,
@@ -214,9 +239,11 @@ class SimApp:
     ) -> None:
         seed = generation.prompt_tokens
         last = generation.completion_tokens - 1
-        writer = ChunkWriter(completion_id(), self.settings.model)
+        writer = ChunkWriter(completion_id(), call.model)
         # vLLM answers 200 and its headers before the request is scheduled, so a queued stream has them too.
         await send({"type": "http.response.start", "status": 200, "headers": [_SSE, *headers]})
+        if self._fault_delay:
+            await asyncio.sleep(self._fault_delay)
         async with generation:
             async for index in generation.tokens():
                 reason = generation.finish_reason if index == last else None

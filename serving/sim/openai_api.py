@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -71,6 +72,8 @@ class ChatCall:
     stream: bool
     include_usage: bool
     request: SimRequest
+    model: str
+    """The served name the request used (the reply's `model`, as vLLM echoes it): the main one if it named none."""
 
 
 def parse_chat(
@@ -80,10 +83,12 @@ def parse_chat(
     chars_per_token: float = 4.0,
     template_tokens: int = 0,
     priority_header: bytes | None = None,
+    aliases: frozenset[str] = frozenset(),
 ) -> ChatCall:
     """Read a /v1/chat/completions body; raises BadRequest (400) or ModelNotFound (404). Text tokens are
     template_tokens + characters / chars_per_token (rounded up), as a capacity profile counts them.
-    `priority_header` is the request's X-Vllm-Priority header, if any."""
+    `priority_header` is the request's X-Vllm-Priority header, if any; `aliases` are the names served
+    beside `served_model`."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -91,8 +96,10 @@ def parse_chat(
     if not isinstance(doc, dict):
         raise BadRequest("request body must be a JSON object")
     model = doc.get("model")
-    # vLLM serves the one model when the field is left out.
-    if model is not None and model != served_model:
+    # vLLM serves its main name when the field is left out.
+    if model is None:
+        model = served_model
+    elif model != served_model and (not isinstance(model, str) or model not in aliases):
         raise ModelNotFound(f"The model `{model}` does not exist.")
     stream = doc.get("stream") or False
     if not isinstance(stream, bool):
@@ -113,7 +120,7 @@ def parse_chat(
     chars, images = _read_messages(doc.get("messages"), counter)
     text_tokens = template_tokens + math.ceil(chars / chars_per_token)
     request = SimRequest(text_tokens=text_tokens, images=images, max_tokens=max_tokens, priority=priority)
-    return ChatCall(stream=stream, include_usage=include_usage, request=request)
+    return ChatCall(stream=stream, include_usage=include_usage, request=request, model=model)
 
 
 def _body_priority(value: Any) -> int:
@@ -265,10 +272,16 @@ class ChunkWriter:
         return b"data: [DONE]\n\n"
 
 
-def models_body(model: str, max_model_len: int, created: int) -> bytes:
-    """The /v1/models list of the one served model, in vLLM's shape."""
-    card = {
-        "id": model,
+def models_body(model: str, max_model_len: int, created: int, aliases: Sequence[str] = ()) -> bytes:
+    """The /v1/models list in vLLM's shape: one card for `model`, then one for each alias (all of the one
+    model: `root` is `model`)."""
+    cards = [_model_card(name, model, max_model_len, created) for name in dict.fromkeys((model, *aliases))]
+    return orjson.dumps({"object": "list", "data": cards})
+
+
+def _model_card(name: str, model: str, max_model_len: int, created: int) -> dict[str, Any]:
+    return {
+        "id": name,
         "object": "model",
         "created": created,
         "owned_by": "vllm",
@@ -292,4 +305,3 @@ def models_body(model: str, max_model_len: int, created: int) -> bytes:
             }
         ],
     }
-    return orjson.dumps({"object": "list", "data": [card]})

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 
 import httpx
 import openai
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message
 from support.chat import image_chat, png_data_url
 from support.polling import wait_for
 from support.servers import Cluster, Proc
+
+from qvl.settings import SimSettings
+from serving.sim.app import create_app
 
 MODEL = "qwen3-vl-sim"
 # A 64x48 PNG is scaled up to 320x224 by Qwen3-VL's resize: 10 x 7 image tokens.
@@ -39,6 +44,13 @@ VLLM_METRICS = (
 
 def chat_url(proc: Proc) -> str:
     return proc.url + "/v1/chat/completions"
+
+
+def sim_with(cluster: Cluster, settings: Mapping[str, object], *flags: str) -> Proc:
+    """`qvl sim` with `sim.*` settings that have no flag, given in a --config file (JSON is YAML)."""
+    config = cluster.tmp / f"sim-{len(cluster.procs)}.yaml"
+    config.write_bytes(orjson.dumps({"sim": settings}))
+    return cluster.sim("--config", str(config), *flags)
 
 
 def scrape(proc: Proc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -272,3 +284,126 @@ def test_official_openai_client(cluster: Cluster) -> None:
             client.chat.completions.create(model="nope", messages=messages)
     finally:
         client.close()
+
+
+ALIASES = ["qwen3-vl-8b@v2", "qwen3-vl-canary"]
+
+
+def test_aliases_are_listed_accepted_and_echoed(cluster: Cluster) -> None:
+    sim = sim_with(cluster, {"aliases": ALIASES}, "--zero-delay")
+    cards = httpx.get(sim.url + "/v1/models").json()["data"]
+    assert [card["id"] for card in cards] == [MODEL, *ALIASES]
+    assert all(card["root"] == MODEL and card["object"] == "model" and card["max_model_len"] == 32768 for card in cards)
+    assert len({card["permission"][0]["id"] for card in cards}) == len(cards)
+
+    for name in ALIASES:
+        doc = httpx.post(chat_url(sim), json=image_chat(name, png_data_url(), max_tokens=2)).json()
+        assert doc["model"] == name
+        body = image_chat(name, png_data_url(), stream=True, stream_options={"include_usage": True}, max_tokens=2)
+        chunks = [orjson.loads(event) for event in sse_events(httpx.post(chat_url(sim), json=body).text)[:-1]]
+        assert {chunk["model"] for chunk in chunks} == {name}
+    # No `model`: the main name, as vLLM answers.
+    unnamed = {key: value for key, value in image_chat(MODEL, png_data_url()).items() if key != "model"}
+    assert httpx.post(chat_url(sim), json=unnamed).json()["model"] == MODEL
+    assert httpx.post(chat_url(sim), json=image_chat(MODEL, png_data_url())).json()["model"] == MODEL
+
+    for unknown in ("qwen3-vl-8b@v3", ["qwen3-vl-8b@v2"]):
+        response = httpx.post(chat_url(sim), json={**image_chat(MODEL, png_data_url()), "model": unknown})
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "NotFoundError"
+
+
+def test_fault_error_ratio_one_fails_every_request_with_vllms_500(cluster: Cluster) -> None:
+    sim = sim_with(cluster, {"fault_error_ratio": 1.0}, "--zero-delay")
+    for stream in (False, True):
+        body = image_chat(MODEL, png_data_url(), stream=stream)
+        response = httpx.post(chat_url(sim), json=body, headers={"x-request-id": "r-500"})
+        assert response.status_code == 500, stream
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["x-request-id"] == "r-500"
+        error = response.json()["error"]
+        assert error["type"] == "InternalServerError" and error["code"] == 500 and error["param"] is None
+        assert "injected fault" in error["message"]
+    # Checked before the draw: a bad request is still a 400, an unknown model still a 404.
+    assert httpx.post(chat_url(sim), json=image_chat(MODEL, png_data_url(), max_tokens=0)).status_code == 400
+    assert httpx.post(chat_url(sim), json=image_chat("nope", png_data_url())).status_code == 404
+    # The failed requests never reached the engine.
+    assert metric(sim, "vllm:prompt_tokens_total") == 0
+    assert metric(sim, "vllm:time_to_first_token_seconds_count") == 0
+
+
+def test_fault_error_ratio_half_is_random_and_repeatable_with_a_seed(cluster: Cluster) -> None:
+    settings = {"fault_error_ratio": 0.5, "fault_seed": 1234}
+    outcomes = []
+    for sim in (sim_with(cluster, settings, "--zero-delay"), sim_with(cluster, settings, "--zero-delay")):
+        with httpx.Client(timeout=10) as client:
+            body = image_chat(MODEL, png_data_url(), max_tokens=1)
+            outcomes.append([client.post(chat_url(sim), json=body).status_code for _ in range(200)])
+    assert set(outcomes[0]) == {200, 500}
+    assert 70 <= outcomes[0].count(500) <= 130
+    assert outcomes[0] == outcomes[1]  # the same seed, the same draws
+
+
+def test_fault_added_ttft_delays_the_first_token_and_the_answer(cluster: Cluster) -> None:
+    added = 0.3
+    fast = cluster.sim("--zero-delay")
+    slow = sim_with(cluster, {"fault_added_ttft_ms": added * 1000}, "--zero-delay")  # --zero-delay keeps it
+
+    def first_token_and_answer(sim: Proc) -> tuple[float, float]:
+        """The quickest of three runs: time to a stream's first token, and to a whole non-streamed answer."""
+        firsts, answers = [], []
+        with httpx.Client(timeout=10) as client:
+            for _ in range(3):
+                start = time.perf_counter()
+                with client.stream("POST", chat_url(sim), json=image_chat(MODEL, png_data_url(), stream=True)) as r:
+                    lines = r.iter_lines()
+                    while not next(lines).startswith("data: "):
+                        pass
+                    firsts.append(time.perf_counter() - start)
+                    for _line in lines:  # read to the end, so the connection can be reused
+                        pass
+                start = time.perf_counter()
+                assert client.post(chat_url(sim), json=image_chat(MODEL, png_data_url())).status_code == 200
+                answers.append(time.perf_counter() - start)
+        return min(firsts), min(answers)
+
+    fast_first, fast_answer = first_token_and_answer(fast)
+    slow_first, slow_answer = first_token_and_answer(slow)
+    assert slow_first - fast_first >= added * 0.9
+    assert slow_answer - fast_answer >= added * 0.9
+    # The engine's own TTFT counts the delay, as it would a slow replica's (a lower bound only).
+    assert metric(slow, "vllm:time_to_first_token_seconds_sum") >= 6 * added * 0.9
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_added_ttft_is_cancelled_with_the_request(stream: bool) -> None:
+    # In process: a 60 s delay that a disconnect failed to cancel would outlast the wait below.
+    app = create_app(SimSettings(model=MODEL, fault_added_ttft_ms=60_000).zero_delay())
+    request: Message = {"type": "http.request", "body": orjson.dumps(image_chat(MODEL, png_data_url(), stream=stream))}
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    sent: list[Message] = []
+
+    async def scenario() -> None:
+        messages = [request]
+
+        async def receive() -> Message:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(0.05)  # the client leaves while the request waits out the delay
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        task = asyncio.ensure_future(app(scope, receive, send))
+        done, _ = await asyncio.wait({task}, timeout=10)
+        if not done:
+            task.cancel()
+        assert task in done
+        task.result()
+
+    asyncio.run(scenario())
+    # A stream has its 200 headers (vLLM sends them before scheduling) and nothing more.
+    assert [message["type"] for message in sent] == (["http.response.start"] if stream else [])
+    assert app.engine.metrics.prompt_tokens == 0
+    assert app.engine.metrics.finished == {"stop": 0, "length": 0, "abort": 0}

@@ -168,3 +168,15 @@ def test_replicas_run_priority_scheduling_unless_told_fcfs(tmp_path: Path) -> No
     assert flag_value(engine_flags(fcfs, "gpu"), "--scheduling-policy") == "fcfs"
     _, settings = parse_command(["replica", "--scheduling-policy", "fcfs"])
     assert settings.replica.scheduling_policy == "fcfs"
+
+
+def test_aliases_follow_the_main_name_in_served_model_name(tmp_path: Path) -> None:
+    spec = ReplicaSettings(model="/models/Qwen3-VL-8B-Instruct", aliases=["qwen3-vl-8b@v2", "canary"])
+    (plan,) = plan_replicas(spec, spec.model or "", [9100], [0], tmp_path, {})
+    cmd = plan.command
+    # vLLM's --served-model-name takes every following value; the first is the main name.
+    start = cmd.index("--served-model-name") + 1
+    assert cmd[start : start + 4] == ["Qwen3-VL-8B-Instruct", "qwen3-vl-8b@v2", "canary", "--host"]
+    assert cmd.count("--served-model-name") == 1
+    (plain,) = plan_replicas(ReplicaSettings(model="/m/tiny"), "/m/tiny", [9101], [0], tmp_path, {})
+    assert plain.command[plain.command.index("--served-model-name") + 2] == "--host"
