@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(ENGINE)
 EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu),ray
 
-.PHONY: install system-deps demo test lint typecheck promcheck pytest bench bench-batch bench-planner capacity-demo dashboards-preview clean
+.PHONY: install system-deps demo test lint typecheck promcheck pytest bench bench-batch bench-rollout bench-planner capacity-demo dashboards-preview clean
 
 install: system-deps $(STAMP)
 
@@ -81,6 +81,7 @@ bench: install
 	$(BIN)/python -m benchmarks.batch_priority
 	$(BIN)/python -m benchmarks.batch_frontier
 	$(BIN)/python -m benchmarks.batch_validation
+	$(BIN)/python -m benchmarks.rollout_canary --steps 0.5,5,25,50,100 --rate 400
 
 # A batch job on spare capacity beside interactive traffic, on 2 simulated replicas (about 8 minutes), what a
 # perfect router could do on the same engine (virtual time, about a minute), and the largest batch file's
@@ -89,6 +90,13 @@ bench-batch: install
 	$(BIN)/python -m benchmarks.batch_priority
 	$(BIN)/python -m benchmarks.batch_frontier
 	$(BIN)/python -m benchmarks.batch_validation
+
+# Versions and rollouts on simulated replicas behind the real router: the split and stickiness of a static route,
+# a failing and a slow canary aborted (time to abort, share of traffic the canary got), 20 A/A rollouts (about
+# 5 minutes). `make bench-rollout ROLLOUT_ARGS=--quick` for a short check (about 2.5 minutes).
+ROLLOUT_ARGS ?=
+bench-rollout: install
+	$(BIN)/python -m benchmarks.rollout_canary --steps 0.5,5,25,50,100 --rate 400 $(ROLLOUT_ARGS)
 
 # The capacity planner's whole loop on 2 real vLLM CPU replicas of the tiny model: calibrate, validate, size,
 # verify, report (loadtests/planner/demo.py; about 20 minutes). PLAN: the planning folder (must be new).

@@ -57,9 +57,10 @@ from router.quota import Quotas
 from router.replicas import ReplicaPool
 from router.rollout.api import mount_rollouts
 from router.rollout.controller import Controller
+from router.rollout.memory import MemoryRolloutStore
 from router.rollout.service import Rollouts
 from router.rollout.shadow import Shadow
-from router.rollout.store import RolloutStore
+from router.rollout.store import RolloutStore, Store
 from router.routes import RouteTable, settings_routes
 from router.state import RouterState, state_of
 from router.upstream import UpstreamClient
@@ -307,13 +308,14 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def build_rollouts(settings: Settings) -> Rollouts:
-    """The routes from the settings, and the store of rollouts when Redis is given for it."""
+    """The routes from the settings, and the store of routes and rollouts: Redis when one is given for it,
+    else this router's memory."""
     table = RouteTable(settings_routes(settings.router.routes, settings.pools))
     url = settings.router.rollout.store or settings.registry.url
-    store = (
+    store: Store = (
         RolloutStore(url, key_prefix=settings.router.rollout.key_prefix, timeout_s=settings.registry.timeout_s)
         if url
-        else None
+        else MemoryRolloutStore()
     )
     return Rollouts(table, store, settings.router.rollout)
 

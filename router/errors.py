@@ -19,7 +19,7 @@ Hierarchy (the `type` string is stable: clients match on it and metrics use it a
     │                                                            or the wait ran out (Retry-After)
     ├── QuotaUnavailable             503 quota_unavailable       the shared quota store did not answer (Retry-After)
     ├── BatchStoreUnavailable        503 batch_store_unavailable the batch job store (Redis) did not answer
-    ├── RolloutStoreUnavailable      503 rollout_store_unavailable  rollouts need Redis, and it did not answer
+    ├── RolloutStoreUnavailable      503 rollout_store_unavailable  the rollout store (Redis) did not answer
     ├── NoHealthyReplica             503 no_healthy_replica      the model's replicas are all ejected (Retry-After)
     ├── UpstreamUnavailable          502 upstream_unavailable    every attempt failed before a byte was sent
     ├── UpstreamTimeout              504 upstream_timeout        the replica took longer than request_timeout_s

@@ -71,7 +71,8 @@ class _StateCollector(Collector):
             "qvl_batch_in_flight", "Batch lines this router has open on the replica", labels=["replica"]
         )
         for r in self._replicas():
-            for model in r.models or (UNKNOWN_MODEL,):
+            # Public names only: a pooled replica's MODEL@VERSION name would count it twice in every sum.
+            for model in [m for m in r.models if "@" not in m] or [UNKNOWN_MODEL]:
                 healthy.add_metric([r.name, model], 1.0 if r.healthy else 0.0)
             in_flight.add_metric([r.name], r.in_flight)
             waiting.add_metric([r.name], r.waiting)

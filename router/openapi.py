@@ -58,7 +58,7 @@ _MEANING: dict[type[RouterError], str] = {
     QuotaUnavailable: "the shared quota store did not answer",
     BatchStoreUnavailable: "the batch job store (Redis) did not answer",
     Conflict: "a rollout of the model is already running or paused, or the rollout has ended",
-    RolloutStoreUnavailable: "rollouts need Redis (`router.rollout.store` or `registry.url`), and it did not answer",
+    RolloutStoreUnavailable: "the rollout store (Redis: `router.rollout.store` or `registry.url`) did not answer",
     NoHealthyReplica: "no replica (of the model, on the chat endpoint) is healthy: all are ejected",
     UpstreamUnavailable: "every attempt failed before a byte was sent (the request was not processed)",
     UpstreamTimeout: "the replica took longer than `router.request_timeout_s`",
@@ -141,6 +141,18 @@ _ROUTE_ERRORS = {
     ("get", "/console/api/operations"): error_descriptions([*_CONSOLE_SESSION, "operator_only"]),
     ("post", "/console/api/batches/{batch_id}/cancel"): error_descriptions(
         [*_CONSOLE_SESSION, "operator_only", "csrf_token_invalid", "batch_not_found", "batch_not_cancellable"]
+    ),
+    ("post", "/console/api/rollouts/{action}"): error_descriptions(
+        [
+            *_CONSOLE_SESSION,
+            "operator_only",
+            "csrf_token_invalid",
+            "invalid_json",
+            "invalid_rollout",
+            "rollout_not_found",
+            "rollout_ended",
+            "rollout_store_unavailable",
+        ]
     ),
     ("post", "/v1/files"): error_descriptions([*_KEY, "invalid_purpose", "invalid_file", "file_too_large"]),
     ("get", "/v1/files/{file_id}"): error_descriptions([*_KEY, "file_not_found"]),

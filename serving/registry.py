@@ -2,7 +2,7 @@
 
 Layout (under a key prefix, `qvl:` by default):
     registry:members   sorted set: replica id -> the time (Redis' clock) its announcement expires
-    registry:info      hash: replica id -> JSON {model, url, tensor_parallel_size, node, started_at}
+    registry:info      hash: replica id -> JSON {model, url, tensor_parallel_size, node, started_at, pool, version}
     registry:routers   sorted set: router id -> expiry, as for replicas
     registry:router_info   hash: router id -> JSON {router_id, url, started_at}
     registry:epoch     when this registry's data began (set by the first announcement, never expires): a
@@ -73,6 +73,10 @@ class Member:
     tensor_parallel_size: int
     node: str
     started_at: float
+    pool: str = ""
+    """The pool the replica belongs to ("" outside pools); its `model` is then the pool's public name."""
+    version: str = ""
+    """The pool's version label ("" outside pools)."""
 
 
 @dataclass(frozen=True, slots=True)

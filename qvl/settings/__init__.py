@@ -104,8 +104,9 @@ class Settings(BaseSettings):
     pools: list[PoolSettings] = Field(
         default_factory=list,
         description="Model pools, each one version of one model with its own replicas; `qvl up` and `qvl cluster "
-        "up` start every pool's replicas (then up.replicas and cluster.replicas are unused). Empty: one pool of "
-        "up.replicas (cluster.replicas) replicas of the model the engine settings name, without a version.",
+        "up` start every pool's replicas (then up.replicas and cluster.replicas are unused, and `qvl cluster "
+        "scale` is refused). Empty: one pool of up.replicas (cluster.replicas) replicas of the model the engine "
+        "settings name, without a version.",
     )
 
     @model_validator(mode="after")

@@ -105,12 +105,13 @@ class RouteSettings(Section):
 
 class RolloutSettings(Section):
     """Rollouts (`qvl rollout`): the defaults of a new one and its analysis. State lives in Redis
-    (registry.url) so that every router applies it and it survives a router restart."""
+    (store, else registry.url) so that every router applies it and it survives a router restart; without
+    Redis, in a lone router's memory."""
 
     store: Annotated[str, redis_url("")] = Field(
         "",
-        description="Redis URL of the routes and rollouts; empty: registry.url. With neither, routes are the "
-        "settings' and `qvl rollout` is refused (rollout_store_unavailable).",
+        description="Redis URL of the routes and rollouts; empty: registry.url. With neither, this router keeps "
+        "them in its memory (one router only; a restart forgets them).",
     )
     sticky_ttl_s: float = Field(
         3600.0, gt=0, description="Seconds a session stays pinned to the version it was first given."

@@ -2,6 +2,8 @@
 
 Pages: /console/signin (GET, POST), /console/signout (POST), /console/playground, /console/operations.
 JSON: /console/api/session, /console/api/playground (models and limits for this key), /console/api/operations.
+Writes (operators, with the x-csrf-token header): POST /console/api/batches/{id}/cancel and
+POST /console/api/rollouts/{pause|resume|abort} with {"model": ...}.
 Without a valid session a page redirects to the sign-in page and a JSON endpoint answers 401; a viewer
 asking for an operator's page or JSON gets 403. Chat goes to POST /v1/chat/completions itself, with the
 session cookie and the x-csrf-token header (router/chat.py reads both through Sessions.chat_key).
@@ -18,14 +20,16 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jinja2
+import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from router.batch.api import cancel
 from router.console.batches import batch_panel
+from router.console.rollouts import ACTIONS, NO_CONTROLLER, rollout_panel
 from router.console.service import Console
 from router.console.session import Session
-from router.errors import NotFound, PermissionDenied, RouterError
+from router.errors import InvalidRequest, NotFound, PermissionDenied, RolloutStoreUnavailable, RouterError
 from router.state import state_of
 
 HERE = Path(__file__).parent
@@ -170,13 +174,15 @@ def mount_console(app: FastAPI) -> None:
 
     @routes.get("/console/api/operations")
     async def operations_json(request: Request) -> JSONResponse:
-        """The operations page's data: replicas, GPUs, and the router's last minute (operators only)."""
+        """The operations page's data: replicas, GPUs, the router's last minute, batch jobs and rollouts
+        (operators only). `rollouts.error` says why there are none to show (no rollout store)."""
         console = _console(request)
         session = _session(request)
         console.sessions.require(session, "operator")
         doc = console.live.snapshot()
-        batches = state_of(request).batches
-        doc["batches"] = await batch_panel(batches) if batches is not None else None
+        state = state_of(request)
+        doc["batches"] = await batch_panel(state.batches) if state.batches is not None else None
+        doc["rollouts"] = await rollout_panel(state.controller)
         return _json(doc)
 
     @routes.post("/console/api/batches/{batch_id}/cancel")
@@ -193,6 +199,23 @@ def mount_console(app: FastAPI) -> None:
         changed = await cancel(batches, job)
         log.info("console: operator key '%s' cancelled batch %s (owner '%s')", session.key.id, batch_id, job["owner"])
         return _json({"id": changed["id"], "status": changed["status"]})
+
+    @routes.post("/console/api/rollouts/{action}")
+    async def rollout_action(action: str, request: Request) -> JSONResponse:
+        """Pause, resume or abort a model's rollout: body {"model"} (operators only; needs x-csrf-token)."""
+        console = _console(request)
+        session = _session(request)
+        console.sessions.require(session, "operator")
+        console.sessions.check_write(session, request.headers.get("x-csrf-token", "").encode() or None)
+        if action not in ACTIONS:
+            raise NotFound(f"no rollout action '{action[:40]}' here", code="unknown_path")
+        model = await _model_of(request)
+        controller = state_of(request).controller
+        if controller is None:
+            raise RolloutStoreUnavailable(NO_CONTROLLER, code="rollout_store_unavailable")
+        changed = await controller.act(model, action, session.key.id or "anonymous")
+        log.info("console: operator key '%s' did %s on the rollout of %s", session.key.id, action, model)
+        return _json({"model": changed["model"], "status": changed["status"], "reason": changed["reason"]})
 
     app.include_router(routes)
 
@@ -222,6 +245,21 @@ def _same_origin(request: Request) -> bool:
     if not origin or origin == "null":
         return origin is None
     return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+async def _model_of(request: Request) -> str:
+    """The `model` of a small JSON body {"model": ...}; raises InvalidRequest (invalid_json, invalid_rollout)."""
+    body = await request.body()
+    try:
+        doc = orjson.loads(body) if len(body) <= _MAX_FORM_BYTES else None
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model must name the model of the rollout", code="invalid_rollout", param="model")
+    return model
 
 
 async def _form(request: Request) -> dict[str, str]:

@@ -20,7 +20,7 @@ from qvl.settings import RolloutSettings
 from router.errors import Conflict, InvalidRequest, NotFound, RolloutStoreUnavailable
 from router.rollout import steps as st
 from router.rollout.analysis import ABORT, ADVANCE, Analysis, Sample, analyse, parse_sample
-from router.rollout.store import RolloutStore, StoreUnavailable
+from router.rollout.store import Store, StoreUnavailable
 from router.routes import Route, RouteTable
 
 log = logging.getLogger("qvl.router.rollout")
@@ -32,7 +32,7 @@ Decided = Callable[[str, str, str, str], Awaitable[None]]
 class Controller:
     def __init__(
         self,
-        store: RolloutStore | None,
+        store: Store | None,
         table: RouteTable,
         settings: RolloutSettings,
         owner: str,
@@ -47,11 +47,9 @@ class Controller:
         self._decided = decided
         self.leading = False
 
-    def _need_store(self) -> RolloutStore:
+    def _need_store(self) -> Store:
         if self._store is None:
-            raise RolloutStoreUnavailable(
-                "rollouts need Redis (router.rollout.store or registry.url)", code="rollout_store_unavailable"
-            )
+            raise RolloutStoreUnavailable("this router has no rollout store", code="rollout_store_unavailable")
         return self._store
 
     # Operations -----------------------------------------------------------------------------------
@@ -157,11 +155,11 @@ class Controller:
                 log.exception("rollout analysis failed")
             await asyncio.sleep(max(0.0, self._settings.interval_s - (time.monotonic() - started)))
 
-    async def tick(self, store: RolloutStore, state: dict[str, Any]) -> Analysis:
+    async def tick(self, store: Store, state: dict[str, Any]) -> Analysis:
         """One analysis of a running rollout, and what it decides."""
         now = time.time()
         suffix = f"{state['id']}:{state['step']}"
-        since = max(state["step_started"] - 3600, now - self._settings.window_s)
+        since = now - self._settings.window_s
         samples = [s for s in map(parse_sample, await store.samples("samples:" + suffix)) if s is not None]
         samples = [s for s in samples if s.at >= since]
         shadow = [_shadow(line) for line in await store.samples("shadow:" + suffix)]
@@ -197,7 +195,7 @@ class Controller:
         return analysis
 
     async def _write(
-        self, store: RolloutStore, state: dict[str, Any], route: Route, decision: str, kind: str, message: str
+        self, store: Store, state: dict[str, Any], route: Route, decision: str, kind: str, message: str
     ) -> None:
         await self._call(store.put_state(state, route))
         event = {

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 from qvl.settings import RolloutSettings
 from router.rollout.analysis import sample_line
-from router.rollout.store import RolloutStore, StoreUnavailable
+from router.rollout.store import Store, StoreUnavailable
 from router.routes import Choice, Route, RouteTable
 
 log = logging.getLogger("qvl.router.rollout")
@@ -24,7 +24,7 @@ PINS_KEPT = 100_000
 
 
 class Rollouts:
-    def __init__(self, table: RouteTable, store: RolloutStore | None, settings: RolloutSettings) -> None:
+    def __init__(self, table: RouteTable, store: Store | None, settings: RolloutSettings) -> None:
         self.table = table
         self.store = store
         self._settings = settings
@@ -50,12 +50,14 @@ class Rollouts:
 
     async def _remembered(self, route: Route, digest: str, version: str) -> str | None:
         ttl = self._settings.sticky_ttl_s
-        if self.store is not None:
+        if self.store is not None and self.store_up:
             try:
                 return await self.store.pin(route.model, digest, version, ttl)
-            except StoreUnavailable:
-                # The hash alone still assigns; only sessions whose weights moved can change version.
-                pass
+            except StoreUnavailable as exc:
+                # Until the next route poll works, pins are this router's own: requests never wait on a
+                # store that is down, and the hash still gives every router the same choice.
+                log.warning("cannot read session pins (%s); pinning in this router until the store answers", exc)
+                self.store_up = False
         key = f"{route.model}\x1f{digest}"
         found = self._pins.get(key)
         if found is None:
@@ -68,7 +70,7 @@ class Rollouts:
 
     async def _repin(self, route: Route, digest: str, version: str) -> None:
         self._pins[f"{route.model}\x1f{digest}"] = version
-        if self.store is not None:
+        if self.store is not None and self.store_up:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.repin(route.model, digest, version, self._settings.sticky_ttl_s)
 

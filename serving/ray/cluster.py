@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from qvl.settings import ClusterSettings, Settings, load_settings
+from qvl.settings import ClusterSettings, PoolSettings, Settings, load_settings
+from serving.engines import ENGINES
 from serving.ray import local as ray_local
 from serving.ray.supervisor import ReplicaSupervisor
 
@@ -170,14 +172,31 @@ def up(settings: Settings, say: Say) -> list[Row]:
     existing = _replica_indexes(conf)
     if existing:
         say(f"{len(existing)} replica(s) of cluster {conf.name!r} already running")
-    _start(settings, [i for i in range(conf.replicas) if i not in existing], say)
+    if not settings.pools:
+        _start(settings, [i for i in range(conf.replicas) if i not in existing], say)
+        return status(conf)
+    plan = pool_plan(settings, existing)
+    for pool in settings.pools:
+        adding = sum(p is pool for p in plan.values())
+        say(f"pool {pool.name}: {pool.replicas} replica(s) of {pool.model} version {pool.version}, {adding} to start")
+    _start(settings, sorted(plan), say, plan)
     return status(conf)
+
+
+def pool_plan(settings: Settings, existing: list[int]) -> dict[int, PoolSettings]:
+    """The replicas each pool still lacks (counted by the pool the running ones report), at free indexes.
+    A pool that has more than its `replicas` keeps them: `down` and `up` to shrink it."""
+    have = Counter(str(info.get("pool", "")) for i in existing if (info := _info(_actor(settings.cluster, i))))
+    free = (i for i in itertools.count() if i not in existing)
+    return {next(free): pool for pool in settings.pools for _ in range(max(0, pool.replicas - have[pool.name]))}
 
 
 def scale(settings: Settings, count: int, say: Say) -> list[Row]:
     """Grow to `count` replicas (with the settings the running ones were started with) or shrink by
     stopping the highest-numbered ones first."""
     conf = settings.cluster
+    if settings.pools:
+        raise ClusterError("scale resizes a cluster without pools; with pools, set pools[].replicas and run up")
     existing = _replica_indexes(conf)
     if len(existing) > count:
         doomed = existing[count:]
@@ -256,15 +275,20 @@ def as_json(conf: ClusterSettings) -> str:
 # -- placement ---------------------------------------------------------------------------------
 
 
-def _start(settings: Settings, indexes: list[int], say: Say) -> None:
+def _start(settings: Settings, indexes: list[int], say: Say, plan: Mapping[int, PoolSettings] | None = None) -> None:
     conf = settings.cluster
     if not indexes:
         return
-    gpus = conf.gpus_per_replica if conf.gpus_per_replica is not None else settings.replica.tensor_parallel_size
-    dumped = settings.model_dump(mode="json", exclude={"api_keys"})
+    engine = ENGINES[conf.engine]
     started: dict[int, tuple[ActorHandle, ray.ObjectRef]] = {}
     try:
         for i in indexes:
+            pool = (plan or {}).get(i)
+            own = engine.for_pool(settings, pool) if pool is not None else settings
+            spec = own.replica
+            gpus = conf.gpus_per_replica if conf.gpus_per_replica is not None else spec.tensor_parallel_size
+            dumped = own.model_dump(mode="json", exclude={"api_keys"})
+            pool_doc = pool.model_dump(mode="json") if pool is not None else None
             pg = _place(conf, i, gpus, say)
             actor = (
                 ray.remote(ReplicaSupervisor)
@@ -277,7 +301,7 @@ def _start(settings: Settings, indexes: list[int], say: Say) -> None:
                     max_restarts=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
                 )
-                .remote(_name(conf, i), dumped, pg)
+                .remote(_name(conf, i), dumped, pg, pool_doc)
             )
             started[i] = (actor, actor.start.remote())
         _wait_started(conf, started, settings.replica.startup_timeout_s, say)

@@ -29,7 +29,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qvl.procs import Child, answers, die_with_parent, free_port, port_free, spawn
-from qvl.settings import Settings, load_settings
+from qvl.settings import PoolSettings, Settings, load_settings
 from serving.engines import ENGINES, ReplicaCommand
 from serving.registry import Member, Registry, RegistryUnavailable
 
@@ -59,9 +59,17 @@ _bundle_gpus = ray.remote(num_gpus=1, num_cpus=0)(_gpu_ids)
 class ReplicaSupervisor:
     """One replica: placement facts, the server process, its registry announcement."""
 
-    def __init__(self, replica_id: str, settings: dict[str, Any], placement_group: PlacementGroup) -> None:
-        # The driver's settings, passed whole: flags beat the actor's environment.
+    def __init__(
+        self,
+        replica_id: str,
+        settings: dict[str, Any],
+        placement_group: PlacementGroup,
+        pool: dict[str, Any] | None = None,
+    ) -> None:
+        # The driver's settings, passed whole (a pool's replica: already the pool's): flags beat the
+        # actor's environment.
         self._settings: Settings = load_settings(None, settings)
+        self._pool = PoolSettings.model_validate(pool) if pool is not None else None
         self._id = replica_id
         self._pg = placement_group
         self._state: State = "starting"
@@ -113,6 +121,8 @@ class ReplicaSupervisor:
             "last_exit": self._last_exit,
             "engine": self._settings.cluster.engine,
             "model": self._engine.served_model(self._settings),
+            "pool": self._pool.name if self._pool is not None else "",
+            "version": self._pool.version if self._pool is not None else "",
             "settings": self._settings.model_dump(mode="json", exclude={"api_keys"}),
         }
 
@@ -272,6 +282,8 @@ class ReplicaSupervisor:
             tensor_parallel_size=max(1, len(self._placement.gpus)),
             node=self._placement.node_ip,
             started_at=self._started_at,
+            pool=self._pool.name if self._pool is not None else "",
+            version=self._pool.version if self._pool is not None else "",
         )
         try:
             await self._registry.announce(member)

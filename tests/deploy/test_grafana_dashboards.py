@@ -40,6 +40,8 @@ _COUNTERS = (
     "qvl_batch_lines_total",
     "qvl_batches_total",
     "qvl_admission_decisions_total",
+    "qvl_version_requests_total",
+    "qvl_rollout_decisions_total",
 )
 _GAUGES = (
     "up",
@@ -59,6 +61,7 @@ _GAUGES = (
     "qvl_gpu_power_watts",
     "qvl_gpu_power_limit_watts",
     "qvl_batch_in_flight",
+    "qvl_route_weight_percent",
 )
 _HISTOGRAMS = (
     "qvl_request_duration_seconds",
@@ -68,6 +71,8 @@ _HISTOGRAMS = (
     "vllm:time_to_first_token_seconds",
     "vllm:inter_token_latency_seconds",
     "vllm:e2e_request_latency_seconds",
+    "qvl_version_time_to_first_token_seconds",
+    "qvl_version_request_duration_seconds",
 )
 _RECORDING_RULES = (
     *(

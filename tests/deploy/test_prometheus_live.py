@@ -1,13 +1,14 @@
 """deploy/prometheus and deploy/grafana against a real Prometheus scraping a real `qvl up --engine sim`.
 
-One run per module: `qvl up --engine sim --replicas 3`, two GPU exporters (this machine's, which has no
-NVML and reports `qvl_gpu_exporter_up 0`, and one reading the substitute NVML module of
-tests/serving/fake_nvml, since no GPU is here), Prometheus (Debian's package) with the shipped config
-at a 1 s interval, the answer cache in a real redis-server, and ~25 s of shop traffic
+One run per module: `qvl up --engine sim` with two pools of one model (three replicas of version v1, one of
+v2) and a rollout of v2 at 10 % held for the whole run (the version panels need both), two GPU exporters (this
+machine's, which has no NVML and reports `qvl_gpu_exporter_up 0`, and one reading the substitute NVML module
+of tests/serving/fake_nvml, since no GPU is here), Prometheus (Debian's package) with the shipped config at a
+1 s interval, the answer cache in a real redis-server, and ~25 s of shop traffic
 (loadtests/workloads/shop.yaml through loadtests/traffic.py, broken requests included) during which one
-replica is SIGKILLed while it answers a stream and a plain request (so a stream is cut and a request
-retried, for certain) and Redis is killed and restarted. Then every recording rule and
-every panel query of every dashboard is evaluated through the HTTP API.
+replica is SIGKILLed while it answers a stream and a plain request (so a stream is cut and a request retried,
+for certain) and Redis is killed and restarted. Then every recording rule and every panel query of every
+dashboard is evaluated through the HTTP API.
 
 What cannot return data from this machine's own hardware: every per-GPU query (utilization, memory,
 temperature, power, the GPU inventory and host:qvl_gpu_utilization_ratio:avg) needs NVML. Here those
@@ -52,7 +53,10 @@ FAKE_HOST = "gpu-node-fake"
 REAL_HOST = "cpu-node-real"
 FAKE_GPUS = [fake_gpu("GPU-fake-0", 87, 71, 80, 66, 512, 700), fake_gpu("GPU-fake-1", 41, 70, 80, 58, 301, 700)]
 SIM_SETTINGS = """\
-up: {engine: sim, replicas: 3, model: "Qwen/Qwen3-VL-4B-Instruct"}
+up: {engine: sim, model: "Qwen/Qwen3-VL-4B-Instruct"}
+pools:
+  - {name: stable, model: "Qwen/Qwen3-VL-4B-Instruct", version: v1, replicas: 3}
+  - {name: canary, model: "Qwen/Qwen3-VL-4B-Instruct", version: v2, replicas: 1}
 # session: the fault probes below are pinned to the victim by their session id; the shop traffic
 # carries none and goes least-loaded.
 router: {policy: session}
@@ -83,6 +87,26 @@ def _session_on(router: Proc, replica_url: str) -> str:
         if response.headers["x-qvl-replica"] == name:
             return session
     raise AssertionError(f"no session of 200 went to {name}")
+
+
+def _start_rollout(router: Proc, timeout_s: float = 20.0) -> None:
+    """A rollout of v2 at 10 % that no analysis advances during the run (it may abort it, as the canary's
+    one replica is slower under this load; the version panels have their data either way). Returns once
+    this router applies its route, so that the victim's session found next stays on v1."""
+    body = {"model": MODEL, "to": "v2", "steps": [10, 100], "min_requests": 10**6, "min_duration_s": 3600, "shadow": 0}
+    deadline = time.monotonic() + timeout_s
+    while True:  # the v2 replica may not be healthy in the router yet
+        answer = httpx.post(router.url + "/v1/rollouts/start", json=body, timeout=10)
+        if answer.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert answer.status_code == 200, answer.text
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{router.url}/v1/rollouts/{MODEL}", timeout=10).json()
+        if state["applied_here"] == state["route"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the router did not apply the rollout's route within {timeout_s}s")
 
 
 def _kill_while_answering(router: Proc, session: str, pid: int) -> tuple[httpx.Response, bytes]:
@@ -121,7 +145,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     try:
         redis.start()
         config = tmp / "qvl.yaml"
-        batch_dir = f"router: {{policy: session, batch: {{files_dir: '{tmp / 'batch'}'}}}}"
+        batch_dir = (
+            f"router: {{policy: session, batch: {{files_dir: '{tmp / 'batch'}'}}, "
+            f"rollout: {{store: '{redis.url}', poll_interval_s: 0.2}}}}"
+        )
         config.write_text(
             SIM_SETTINGS.replace("router: {policy: session}", batch_dir) + f"cache: {{backend: '{redis.url}'}}\n"
         )
@@ -130,7 +157,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         with openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0) as batches:
             upload = batches.files.create(file=("tags.jsonl", batch_lines(MODEL, 20)), purpose="batch")
             batches.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-        replicas = [r["url"] for r in httpx.get(router.url + "/v1/cluster", timeout=5).json()["replicas"]]
+        listed = httpx.get(router.url + "/v1/cluster", timeout=5).json()["replicas"]
+        replicas = [r["url"] for r in listed]
+        stable = [r["url"] for r in listed if r["versions"].get(MODEL) == "v1"]
         with pytest.MonkeyPatch.context() as env:
             env.setenv("QVL_GPU_EXPORTER__NODE_NAME", REAL_HOST)
             real_exporter = cluster.start("gpu-exporter", ready_path="/metrics")
@@ -141,9 +170,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             "qvl-gpu": [real_exporter.url.removeprefix("http://"), fake_exporter.url.removeprefix("http://")],
         }
         prometheus.start(write_config(tmp, targets, interval_s=1))
-        prometheus.wait_for('count(up{job=~"qvl-.*"} == 1) == 6', timeout_s=30)
+        prometheus.wait_for('count(up{job=~"qvl-.*"} == 1) == 7', timeout_s=30)
 
-        victim = replicas[1]
+        _start_rollout(router)
+        victim = stable[1]
         victim_pid = sim_pid(int(victim.rsplit(":", 1)[1]))
         session = _session_on(router, victim)
         traffic = ShopTraffic(router.url, MODEL, seed=5)
@@ -230,9 +260,9 @@ def test_router_metrics_saw_the_failover(run: Run) -> None:
     prometheus = run.prometheus
     errors = prometheus.query(f'sum by (type) (qvl_upstream_errors_total{{replica="{run.killed_replica}"}})')
     assert {s["metric"]["type"] for s in errors} & {"connect", "disconnect", "stream_interrupted"}
-    healthy = prometheus.query(f'qvl_replica_healthy{{replica="{run.killed_replica}"}}')
+    healthy = prometheus.query(f'max by (replica) (qvl_replica_healthy{{replica="{run.killed_replica}"}})')
     assert [float(s["value"][1]) for s in healthy] == [0.0]
-    assert float(prometheus.query("sum(qvl_replica_healthy)")[0]["value"][1]) == 2.0
+    assert float(prometheus.query("sum(max by (replica) (qvl_replica_healthy))")[0]["value"][1]) == 3.0
     rejected = {s["metric"]["reason"] for s in prometheus.query("qvl_rejections_total")}
     assert {"model_not_found", "invalid_json"} <= rejected
     assert float(prometheus.query("sum(qvl_retries_total)")[0]["value"][1]) >= 1

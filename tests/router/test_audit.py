@@ -37,6 +37,9 @@ FIELDS = [
     "completion_tokens",
     "batch_id",
     "prompt",
+    "version",
+    "event",
+    "detail",
 ]
 
 

@@ -307,6 +307,8 @@ def test_the_operations_page_shows_the_fleet_and_a_killed_source_within_seconds(
     expect(page.locator(f'#gpus tr[data-gpu="{GPU_HOST}/1"]')).to_contain_text("98 / 350 W")
     expect(page.locator('[data-metric="request-rate"] .v')).not_to_have_text(NO_VALUE)
     expect(page.locator('[data-metric="ttft-p50"] .v')).not_to_have_text(NO_VALUE)
+    # No rollout has run on this cluster (its routes and rollouts are in the router's memory).
+    expect(page.locator('[data-panel="rollouts"]')).to_contain_text("No rollout yet")
     page.screenshot(path=str(console.artifacts / "operations.png"), full_page=True)
 
     # Kill one replica and the GPU exporter outright.

@@ -1,18 +1,23 @@
 """The console over real HTTP, against `qvl sim` and `qvl router` processes: sign-in, the session cookie, roles,
-CSRF, the chat endpoint through the cookie, the security headers, and switching the console off."""
+CSRF, the chat endpoint through the cookie, the security headers, the rollout panel and its actions (without a
+store, and with a real Redis), and switching the console off."""
 
 from __future__ import annotations
 
 import re
+import time
+import uuid
+from collections.abc import Callable
 from contextlib import closing
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from support.chat import image_chat, png_data_url
 from support.console import OPERATOR, VIEWER, console_keys, sign_in
-from support.servers import Cluster, Proc
+from support.servers import Cluster, Proc, RedisServer
 
 MODEL = "qwen3-vl-sim"
 API = ("/console/api/session", "/console/api/playground", "/console/api/operations")
@@ -162,3 +167,92 @@ def test_the_console_can_be_switched_off(cluster: Cluster, tmp_path: Path) -> No
         router.url + "/v1/chat/completions", json=image_chat(MODEL, png_data_url()), headers={"cookie": "qvl_console=x"}
     )
     assert error(chat) == (401, "authentication_error", "missing_api_key")
+
+
+def test_rollout_actions_are_for_operators_with_the_csrf_token(router: Proc) -> None:
+    body = {"model": MODEL}
+    viewer, csrf = sign_in(router.url, VIEWER)
+    with closing(viewer):
+        answer = viewer.post("/console/api/rollouts/pause", json=body, headers={"x-csrf-token": csrf})
+        assert error(answer) == (403, "permission_denied", "operator_only")
+    operator, csrf = sign_in(router.url, OPERATOR)
+    with closing(operator):
+        assert error(operator.post("/console/api/rollouts/pause", json=body)) == (
+            403,
+            "permission_denied",
+            "csrf_token_invalid",
+        )
+        headers = {"x-csrf-token": csrf}
+        assert error(operator.post("/console/api/rollouts/promote", json=body, headers=headers))[2] == "unknown_path"
+        assert error(operator.post("/console/api/rollouts/abort", json={}, headers=headers))[2] == "invalid_rollout"
+        answer = operator.post("/console/api/rollouts/abort", json=body, headers=headers)
+        assert error(answer) == (404, "not_found", "rollout_not_found")
+        panel = operator.get("/console/api/operations").json()["rollouts"]
+        assert panel == {"data": [], "error": None}
+        assert 'id="rollouts-note"' in operator.get("/console/operations").text
+
+
+VERSIONED = "qwen3-vl-8b"
+
+
+def _versioned_sim(cluster: Cluster, tmp: Path, version: str) -> Proc:
+    config = tmp / f"sim-{version}.yaml"
+    config.write_text(
+        f'sim: {{model: {VERSIONED}, aliases: ["{VERSIONED}@{version}"], step_base_ms: 5, output_tokens: 4}}\n'
+    )
+    return cluster.start("sim", "--config", str(config))
+
+
+def test_the_rollout_panel_shows_a_real_rollout_and_operators_pause_resume_and_abort_it(
+    cluster: Cluster, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    config = tmp_path / f"router-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text(
+        f"""router:
+  routes: {{{VERSIONED}: {{versions: {{v1: 100}}}}}}
+  rollout: {{store: "{redis_server.url}", interval_s: 0.2, poll_interval_s: 0.1, min_samples: 20}}
+  batch: {{enabled: false}}
+"""
+    )
+    sims = [_versioned_sim(cluster, tmp_path, v) for v in ("v1", "v2")]
+    router = cluster.router(
+        *sims, flags=("--keys-file", str(console_keys(tmp_path)), "--config", str(config)), auth=True
+    )
+    start = {"model": VERSIONED, "to": "v2", "steps": [25, 100], "min_requests": 10**6, "min_duration_s": 3600}
+    bearer = {"authorization": f"Bearer {OPERATOR}"}
+    started = httpx.post(router.url + "/v1/rollouts/start", json=start, headers=bearer, timeout=10)
+    assert started.status_code == 200, started.text
+    operator, csrf = sign_in(router.url, OPERATOR)
+    with closing(operator):
+
+        def row(until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+            """The panel's one row once `until` holds of it (or after 10 s, for the asserts to say why)."""
+            deadline = time.monotonic() + 10
+            while True:
+                panel = operator.get("/console/api/operations").json()["rollouts"]
+                assert panel["error"] is None
+                (found,) = panel["data"]
+                if until(found) or time.monotonic() > deadline:
+                    return found
+                time.sleep(0.1)
+
+        running = row(lambda r: r["analysis"] is not None and r["applied_here"] == r["route"])
+        assert (running["model"], running["baseline"], running["target"]) == (VERSIONED, "v1", "v2")
+        assert (running["status"], running["step_percent"], running["steps"]) == ("running", 25.0, [25.0, 100.0])
+        assert running["applied_here"] == [{"version": "v2", "percent": 25.0}, {"version": "v1", "percent": 75.0}]
+        assert running["analysis"]["decision"] == "hold" and running["reason"]
+        assert running["actions"] == ["pause", "abort"]
+
+        headers = {"x-csrf-token": csrf}
+        for action, status in (("pause", "paused"), ("resume", "running"), ("abort", "aborted")):
+            answer = operator.post(f"/console/api/rollouts/{action}", json={"model": VERSIONED}, headers=headers)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["status"] == status and "by operator" in answer.json()["reason"]
+        ended = row(lambda r: r["applied_here"] == r["route"])
+        assert ended["status"] == "aborted" and ended["actions"] == []
+        assert ended["applied_here"] == [{"version": "v2", "percent": 0.0}, {"version": "v1", "percent": 100.0}]
+        again = operator.post("/console/api/rollouts/pause", json={"model": VERSIONED}, headers=headers)
+        assert error(again) == (409, "conflict", "rollout_ended")
+    metrics = httpx.get(router.url + "/metrics", timeout=5).text
+    for decision in ("pause", "resume", "abort"):
+        assert f'qvl_rollout_decisions_total{{by="operator",decision="{decision}",model="{VERSIONED}"}} 1.0' in metrics

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+import openai
+import orjson
 import pytest
+from support.batch import batch_lines, wait_batch
 from support.servers import Cluster, Proc
 
 from router.routes import Route, assign
@@ -32,7 +36,9 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     tmp = tmp_path_factory.mktemp("versions")
     cluster = Cluster(tmp)
     config = tmp / "qvl.yaml"
-    config.write_text(POOLS + f'  batch: {{files_dir: "{tmp / "files"}"}}\n')
+    config.write_text(
+        POOLS + f'  batch: {{files_dir: "{tmp / "files"}"}}\n  audit: {{path: "{tmp / "audit.jsonl"}"}}\n'
+    )
     try:
         yield cluster.start("up", "--config", str(config), ready_path="/ready", timeout=90)
     finally:
@@ -117,3 +123,19 @@ def test_versions_are_in_the_metrics(router: Proc) -> None:
     text = httpx.get(router.url + "/metrics").text
     assert f'qvl_version_requests_total{{code="2xx",model="{LARGE}",version="v2"}}' in text
     assert f'qvl_route_weight_percent{{model="{LARGE}",version="v1"}} 50.0' in text
+
+
+def test_a_batch_job_keeps_the_version_current_when_it_was_created(router: Proc) -> None:
+    """The route splits LARGE 50/50 (the tie goes to v1, listed first): every line of a job created now
+    runs on v1, where interactive requests with the same bodies spread over both versions."""
+    with openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0) as client:
+        uploaded = client.files.create(file=("lines.jsonl", batch_lines(LARGE, 24)), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = wait_batch(client, batch.id, timeout=60)
+    assert done.status == "completed" and done.request_counts is not None and done.request_counts.completed == 24
+    audit = Path(router.log).parent / "audit.jsonl"
+    lines = [orjson.loads(line) for line in audit.read_text().splitlines()]
+    versions = Counter(line["version"] for line in lines if line["batch_id"] == batch.id)
+    assert versions == Counter({"v1": 24})

@@ -208,6 +208,75 @@ def test_supervision_registry_and_two_routers(ray_cluster: RayCluster, redis_ser
     assert registry_urls(redis_server.url) == {}
 
 
+def test_pools_are_placed_and_announced_with_their_versions(
+    ray_cluster: RayCluster, redis_server, cluster: Cluster, tmp_path: Path
+) -> None:
+    """Two pools (v1 and v2 of one model) from one settings tree: each replica is announced with its pool
+    and version, and a router routes the public name by the route's weights to the right replicas."""
+    config = tmp_path / "pools.yaml"
+    config.write_text(
+        SIM_CONFIG.read_text()
+        + """pools:
+  - {name: big-v1, model: qwen3-vl-8b, version: v1, replicas: 1}
+  - {name: big-v2, model: qwen3-vl-8b, version: v2, replicas: 1}
+"""
+    )
+    env = cluster_env("pools", redis_server.url, ray_cluster.tmp)
+    ray_cluster.qvl("up", "--config", str(config), env=env)
+    try:
+        placed = {r["replica"]: (r["pool"], r["version"], r["model"]) for r in replicas(ray_cluster, env)}
+        assert placed == {
+            "pools-replica-0": ("big-v1", "v1", "qwen3-vl-8b"),
+            "pools-replica-1": ("big-v2", "v2", "qwen3-vl-8b"),
+        }
+        members = registry_members(redis_server.url)
+        assert {m.replica_id: (m.pool, m.version) for m in members} == {
+            "pools-replica-0": ("big-v1", "v1"),
+            "pools-replica-1": ("big-v2", "v2"),
+        }
+        router = cluster.start("router", "--config", str(config), "--registry", redis_server.url, ready_path="/ready")
+        wait_for(lambda: len(routed(router)) == 2, timeout=10)
+        versions = {
+            httpx.post(
+                router.url + "/v1/chat/completions",
+                json={"model": "qwen3-vl-8b@v2", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=20,
+            ).headers["x-qvl-model-version"]
+            for _ in range(3)
+        }
+        assert versions == {"v2"}
+        plain = httpx.post(
+            router.url + "/v1/chat/completions",
+            json={"model": "qwen3-vl-8b", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=20,
+        )
+        assert plain.headers["x-qvl-model-version"] == "v1"  # no route: the first pool's version
+        refused = ray_cluster.qvl("scale", "3", "--config", str(config), env=env, check=False)
+        assert refused.returncode == 1 and "with pools" in refused.stderr
+        # A pool grows by its replicas setting: up starts what each pool lacks, by the pool they report.
+        config.write_text(config.read_text().replace("version: v2, replicas: 1", "version: v2, replicas: 2"))
+        ray_cluster.qvl("up", "--config", str(config), env=env)
+        grown = sorted((r["pool"], r["version"]) for r in replicas(ray_cluster, env))
+        assert grown == [("big-v1", "v1"), ("big-v2", "v2"), ("big-v2", "v2")]
+    finally:
+        ray_cluster.qvl("down", "--config", str(config), env=env)
+
+
+def registry_members(redis_url: str) -> list:
+    import asyncio
+
+    from serving.registry import Registry
+
+    async def read() -> list:
+        registry = Registry(redis_url, ttl_s=TTL_S)
+        try:
+            return await registry.members()
+        finally:
+            await registry.close()
+
+    return asyncio.run(read())
+
+
 def test_restarts_are_bounded(ray_cluster: RayCluster, redis_server) -> None:
     env = cluster_env("budget", redis_server.url, ray_cluster.tmp, QVL_CLUSTER__MAX_RESTARTS="1")
     ray_cluster.qvl("up", "--config", str(SIM_CONFIG), "--replicas", "1", env=env)

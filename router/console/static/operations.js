@@ -150,6 +150,67 @@ function renderBatches(batches) {
   }));
 }
 
+async function rolloutAction(model, action, button) {
+  button.disabled = true;
+  const response = await fetch(`/console/api/rollouts/${encodeURIComponent(action)}`, {
+    method: "POST", credentials: "same-origin",
+    headers: { "x-csrf-token": csrf, "content-type": "application/json" },
+    body: JSON.stringify({ model }),
+  });
+  const doc = await response.json();
+  button.textContent = response.ok ? doc.status : (doc.error || {}).message || "failed";
+}
+
+const weights = (list) => list.map((w) => `${w.version} ${num(w.percent, w.percent % 1 ? 1 : 0)} %`).join(" · ");
+const rolloutBadge = { running: "healthy", paused: "failing", promoted: "healthy", aborted: "ejected" };
+
+function analysisCell(row, analysis) {
+  const td = cell(row, "");
+  if (!analysis) { td.textContent = "none yet"; return; }
+  td.classList.add("analysis");
+  td.append(el("span", `badge ${analysis.decision === "abort" ? "ejected" : analysis.decision === "hold" ? "failing" : "healthy"}`, analysis.decision));
+  td.append(el("span", "hint", ` ${analysis.canary_requests} new / ${analysis.baseline_requests} baseline requests`));
+  const checks = el("ul", "checks");
+  for (const c of analysis.checks) {
+    const item = el("li", c.passed ? "pass" : "fail");
+    item.dataset.check = c.name;
+    item.append(el("b", null, c.name), ` ${c.passed ? "pass" : "FAIL"}: ${c.detail}`);
+    checks.append(item);
+  }
+  td.append(checks);
+}
+
+function renderRollouts(panel) {
+  const rows = panel.data;
+  if (panel.error) $("rollouts-note").textContent = `No rollouts to show: ${panel.error.message}.`;
+  else $("rollouts-note").textContent = rows.length ? "" : "No rollout yet (qvl rollout start MODEL --to VERSION).";
+  $("rollouts").replaceChildren(...rows.map((r) => {
+    const row = el("tr");
+    row.dataset.rollout = r.model;
+    row.dataset.status = r.status;
+    cell(row, r.model);
+    cell(row, `${r.baseline} → ${r.target}`);
+    cell(row, el("span", `badge ${rolloutBadge[r.status] || ""}`, r.status));
+    const step = cell(row, bar(r.step_percent / 100));
+    step.append(`${num(r.step_percent, r.step_percent % 1 ? 1 : 0)} % (step ${r.step + 1} of ${r.steps.length})`);
+    const here = cell(row, r.applied_here ? weights(r.applied_here) : "no route here");
+    here.title = `the rollout set: ${weights(r.route)}`;
+    if (r.applied_here && weights(r.applied_here) !== weights(r.route)) here.append(el("span", "badge stale", "not applied yet"));
+    analysisCell(row, r.analysis);
+    const reason = cell(row, r.reason);
+    reason.classList.add("reason");
+    const actions = cell(row, "");
+    for (const action of r.actions) {
+      const button = el("button", "secondary", action[0].toUpperCase() + action.slice(1));
+      button.type = "button";
+      button.dataset.action = action;
+      button.addEventListener("click", () => rolloutAction(r.model, action, button));
+      actions.append(button);
+    }
+    return row;
+  }));
+}
+
 async function refresh() {
   try {
     const response = await fetch("/console/api/operations", { credentials: "same-origin" });
@@ -161,6 +222,7 @@ async function refresh() {
     renderReplicas(doc.replicas);
     renderGpus(doc.gpus, doc.exporters);
     renderBatches(doc.batches);
+    renderRollouts(doc.rollouts);
     $("updated").textContent = `updated ${new Date(doc.generated_at * 1000).toLocaleTimeString()} · every ${doc.refresh_s} s`;
     document.body.dataset.updated = String(doc.generated_at);
     $("ops-error").hidden = true;
