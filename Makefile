@@ -81,7 +81,7 @@ bench: install
 	$(BIN)/python -m benchmarks.batch_priority
 	$(BIN)/python -m benchmarks.batch_frontier
 	$(BIN)/python -m benchmarks.batch_validation
-	$(BIN)/python -m benchmarks.rollout_canary --steps 0.5,5,25,50,100 --rate 400
+	$(BIN)/python -m benchmarks.rollout_canary
 
 # A batch job on spare capacity beside interactive traffic, on 2 simulated replicas (about 8 minutes), what a
 # perfect router could do on the same engine (virtual time, about a minute), and the largest batch file's
@@ -96,7 +96,7 @@ bench-batch: install
 # 5 minutes). `make bench-rollout ROLLOUT_ARGS=--quick` for a short check (about 2.5 minutes).
 ROLLOUT_ARGS ?=
 bench-rollout: install
-	$(BIN)/python -m benchmarks.rollout_canary --steps 0.5,5,25,50,100 --rate 400 $(ROLLOUT_ARGS)
+	$(BIN)/python -m benchmarks.rollout_canary $(ROLLOUT_ARGS)
 
 # The capacity planner's whole loop on 2 real vLLM CPU replicas of the tiny model: calibrate, validate, size,
 # verify, report (loadtests/planner/demo.py; about 20 minutes). PLAN: the planning folder (must be new).
