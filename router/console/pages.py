@@ -20,7 +20,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jinja2
-import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
@@ -29,7 +28,9 @@ from router.console.batches import batch_panel
 from router.console.rollouts import ACTIONS, NO_CONTROLLER, rollout_panel
 from router.console.service import Console
 from router.console.session import Session
+from router.edge import parse_json_object
 from router.errors import InvalidRequest, NotFound, PermissionDenied, RolloutStoreUnavailable, RouterError
+from router.rollout.api import model_of
 from router.state import state_of
 
 HERE = Path(__file__).parent
@@ -188,10 +189,7 @@ def mount_console(app: FastAPI) -> None:
     @routes.post("/console/api/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str, request: Request) -> JSONResponse:
         """Cancel any key's batch (operators only; needs the session's x-csrf-token)."""
-        console = _console(request)
-        session = _session(request)
-        console.sessions.require(session, "operator")
-        console.sessions.check_write(session, request.headers.get("x-csrf-token", "").encode() or None)
+        session = _operator_write(request)
         batches = state_of(request).batches
         job = await batches.jobs.get(batch_id) if batches is not None and len(batch_id) <= 128 else None
         if batches is None or job is None:
@@ -203,10 +201,7 @@ def mount_console(app: FastAPI) -> None:
     @routes.post("/console/api/rollouts/{action}")
     async def rollout_action(action: str, request: Request) -> JSONResponse:
         """Pause, resume or abort a model's rollout: body {"model"} (operators only; needs x-csrf-token)."""
-        console = _console(request)
-        session = _session(request)
-        console.sessions.require(session, "operator")
-        console.sessions.check_write(session, request.headers.get("x-csrf-token", "").encode() or None)
+        session = _operator_write(request)
         if action not in ACTIONS:
             raise NotFound(f"no rollout action '{action[:40]}' here", code="unknown_path")
         model = await _model_of(request)
@@ -218,6 +213,15 @@ def mount_console(app: FastAPI) -> None:
         return _json({"model": changed["model"], "status": changed["status"], "reason": changed["reason"]})
 
     app.include_router(routes)
+
+
+def _operator_write(request: Request) -> Session:
+    """The session of an operator's write, checked: its role, and the session's x-csrf-token."""
+    console = _console(request)
+    session = _session(request)
+    console.sessions.require(session, "operator")
+    console.sessions.check_write(session, request.headers.get("x-csrf-token", "").encode() or None)
+    return session
 
 
 def _console(request: Request) -> Console:
@@ -250,16 +254,9 @@ def _same_origin(request: Request) -> bool:
 async def _model_of(request: Request) -> str:
     """The `model` of a small JSON body {"model": ...}; raises InvalidRequest (invalid_json, invalid_rollout)."""
     body = await request.body()
-    try:
-        doc = orjson.loads(body) if len(body) <= _MAX_FORM_BYTES else None
-    except orjson.JSONDecodeError:
-        doc = None
-    if not isinstance(doc, dict):
-        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
-    model = doc.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model must name the model of the rollout", code="invalid_rollout", param="model")
-    return model
+    if len(body) > _MAX_FORM_BYTES:
+        raise InvalidRequest("the body must be a small JSON object", code="invalid_json")
+    return model_of(parse_json_object(body))
 
 
 async def _form(request: Request) -> dict[str, str]:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from router.auth import ApiKey
+from router.edge import parse_json_object
 from router.errors import InvalidRequest, NotFound, PermissionDenied
 from router.rollout.controller import Controller
 from router.state import state_of
@@ -35,10 +35,8 @@ def mount_rollouts(app: FastAPI) -> None:
     @routes.post("/v1/rollouts/{action}")
     async def act(action: str, request: Request) -> JSONResponse:
         key, controller = _caller(request, write=True)
-        doc = await _body(request)
-        model = doc.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("model must name the model to roll out", code="invalid_rollout", param="model")
+        doc = parse_json_object(await request.body())
+        model = model_of(doc)
         actor = key.id or "anonymous"
         if action == "start":
             target = doc.get("to")
@@ -78,14 +76,12 @@ def _caller(request: Request, *, write: bool) -> tuple[ApiKey, Controller]:
     return key, state.controller
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        doc = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("the body must be a JSON object", code="invalid_json") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
-    return doc
+def model_of(doc: dict[str, Any]) -> str:
+    """The `model` a rollout request names; raises InvalidRequest (invalid_rollout)."""
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model must name the model of the rollout", code="invalid_rollout", param="model")
+    return model
 
 
 def _steps(value: object) -> list[float] | None:
