@@ -125,8 +125,8 @@ def create_app(settings: Settings) -> FastAPI:
             batches = Batches(files, jobs, runner)
         shadow = Shadow(proxy, rollouts, metrics)
 
-        async def decided(model: str, decision: str, by: str, reason: str) -> None:
-            metrics.record_rollout_decision(model, decision, by)
+        async def decided(model: str, decision: str, by: str, cause: str, reason: str) -> None:
+            metrics.record_rollout_decision(model, decision, by, cause)
             record = AuditRecord(
                 time=time.time(),
                 request_id="rollout-" + uuid.uuid4().hex[:12],

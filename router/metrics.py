@@ -138,11 +138,19 @@ class _RouteCollector(Collector):
         rollout = GaugeMetricFamily(
             "qvl_route_in_rollout", "1 while a rollout owns the model's route", labels=["model"]
         )
+        step = GaugeMetricFamily(
+            "qvl_rollout_step_percent",
+            "While a rollout owns the model's route: its step, the percent of requests the new version gets",
+            labels=["model", "version"],
+        )
         for route in self._routes():
             for version, _ in route.versions:
                 weight.add_metric([route.model, version], route.weight_of(version))
             rollout.add_metric([route.model], 1.0 if route.rollout else 0.0)
-        return [weight, rollout]
+            if route.rollout:
+                target = route.versions[0][0]  # a rollout puts its new version first (router/rollout/steps.py)
+                step.add_metric([route.model, target], route.weight_of(target))
+        return [weight, rollout, step]
 
 
 class RouterMetrics:
@@ -284,8 +292,9 @@ class RouterMetrics:
         self._decisions = Counter(
             "qvl_rollout_decisions",
             "Rollout decisions that changed something: start, advance, promote, abort, pause, resume; by "
-            "analysis or operator",
-            ["model", "decision", "by"],
+            "analysis or operator; cause: operator, checks_passed, or the failed checks (errors, ttft_p95, e2e_p95, "
+            "ttft_median, answers) joined by +",
+            ["model", "decision", "by", "cause"],
             registry=self.registry,
         )
         self.registry.register(_StateCollector(replicas, stores, audit, discovery, quota))
@@ -300,8 +309,8 @@ class RouterMetrics:
     def record_shadow(self, model: str, version: str, result: str) -> None:
         self._shadow.labels(model, version, result).inc()
 
-    def record_rollout_decision(self, model: str, decision: str, by: str) -> None:
-        self._decisions.labels(model, decision, by).inc()
+    def record_rollout_decision(self, model: str, decision: str, by: str, cause: str) -> None:
+        self._decisions.labels(model, decision, by, cause).inc()
 
     def record_request(
         self, model: str, replica: str, status: int, cache: str, error_type: str, seconds: float, stream: bool

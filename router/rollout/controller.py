@@ -25,8 +25,9 @@ from router.routes import Route, RouteTable
 
 log = logging.getLogger("qvl.router.rollout")
 
-Decided = Callable[[str, str, str, str], Awaitable[None]]
-"""(model, decision, reason kind, message): metrics and audit of one decision."""
+Decided = Callable[[str, str, str, str, str], Awaitable[None]]
+"""(model, decision, by, cause, message): metrics and audit of one decision. `by` is analysis or operator;
+`cause` a bounded label: operator, checks_passed, or the failed checks' names joined by "+"."""
 
 
 class Controller:
@@ -90,7 +91,7 @@ class Controller:
             shadow=self._settings.shadow if shadow is None else shadow,
             now=time.time(),
         )
-        await self._write(store, state, new_route, "start", "operator", f"{actor}: {state['reason']}")
+        await self._write(store, state, new_route, "start", "operator", "operator", f"{actor}: {state['reason']}")
         return state
 
     async def act(self, model: str, action: str, actor: str) -> dict[str, Any]:
@@ -112,7 +113,7 @@ class Controller:
             state = st.promoted(state, f"promoted by {actor}", now)
         else:
             raise Conflict(f"cannot {action} a rollout that is {status}", code="rollout_ended")
-        await self._write(store, state, st.route_of(state), action, "operator", state["reason"])
+        await self._write(store, state, st.route_of(state), action, "operator", "operator", state["reason"])
         return state
 
     async def status(self, model: str) -> dict[str, Any]:
@@ -185,30 +186,44 @@ class Controller:
         doc = analysis.to_doc()
         if analysis.decision == ABORT:
             new = st.aborted(state, f"aborted by the analysis: {analysis.reason}", now)
-            await self._write(store, {**new, "analysis": doc}, st.route_of(new), ABORT, "analysis", new["reason"])
+            cause = "+".join(c.name for c in analysis.checks if not c.passed)
+            await self._write(
+                store, {**new, "analysis": doc}, st.route_of(new), ABORT, "analysis", cause, new["reason"]
+            )
         elif analysis.decision == ADVANCE:
             new = st.advanced(state, f"step {state['steps'][state['step']]:g}% passed: {analysis.reason}", now)
             action = "promote" if new["status"] == st.PROMOTED else ADVANCE
-            await self._write(store, {**new, "analysis": doc}, st.route_of(new), action, "analysis", new["reason"])
+            route = st.route_of(new)
+            await self._write(
+                store, {**new, "analysis": doc}, route, action, "analysis", "checks_passed", new["reason"]
+            )
         else:
             await store.put_state({**state, "analysis": doc, "reason": analysis.reason, "updated": now})
         return analysis
 
     async def _write(
-        self, store: Store, state: dict[str, Any], route: Route, decision: str, kind: str, message: str
+        self,
+        store: Store,
+        state: dict[str, Any],
+        route: Route,
+        decision: str,
+        kind: str,
+        cause: str,
+        message: str,
     ) -> None:
         await self._call(store.put_state(state, route))
         event = {
             "at": state["updated"],
             "decision": decision,
             "by": kind,
+            "cause": cause,
             "reason": message,
             "step": state["steps"][state["step"]],
             "status": state["status"],
         }
         await self._call(store.add_event(state["model"], event))
         log.warning("rollout of %s: %s (%s)", state["model"], decision, message)
-        await self._decided(state["model"], decision, kind, message)
+        await self._decided(state["model"], decision, kind, cause, message)
 
     @staticmethod
     async def _call(work: Any) -> Any:

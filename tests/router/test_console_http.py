@@ -255,4 +255,5 @@ def test_the_rollout_panel_shows_a_real_rollout_and_operators_pause_resume_and_a
         assert error(again) == (409, "conflict", "rollout_ended")
     metrics = httpx.get(router.url + "/metrics", timeout=5).text
     for decision in ("pause", "resume", "abort"):
-        assert f'qvl_rollout_decisions_total{{by="operator",decision="{decision}",model="{VERSIONED}"}} 1.0' in metrics
+        labels = f'by="operator",cause="operator",decision="{decision}",model="{VERSIONED}"'
+        assert f"qvl_rollout_decisions_total{{{labels}}} 1.0" in metrics

@@ -3,6 +3,7 @@ simulator's fault settings), routers with the rollout store in a real Redis, loa
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -124,7 +125,10 @@ def test_a_healthy_canary_is_promoted_step_by_step(cluster: Cluster, tmp_path: P
     )
     assert after.headers["x-qvl-model-version"] == "v2"
     metrics = httpx.get(router.url + "/metrics").text
-    assert f'qvl_rollout_decisions_total{{by="analysis",decision="promote",model="{MODEL}"}} 1.0' in metrics
+    assert (
+        f'qvl_rollout_decisions_total{{by="analysis",cause="checks_passed",decision="promote",model="{MODEL}"}} 1.0'
+        in metrics
+    )
     assert load.versions["v1"] > 0 and load.versions["v2"] > 0
 
 
@@ -157,6 +161,9 @@ def test_a_bad_canary_is_aborted_and_everyone_returns_to_the_baseline(
     assert not failed["passed"] and failed["p_value"] < 0.001
     lines = [line for line in audit.read_text().splitlines() if '"rollout:abort"' in line]
     assert len(lines) == 1 and check in lines[0]
+    metrics = httpx.get(router.url + "/metrics").text
+    pattern = rf'qvl_rollout_decisions_total\{{by="analysis",cause="[a-z0-9_+]*{check}[a-z0-9_+]*",decision="abort"'
+    assert re.search(pattern, metrics), metrics
 
 
 def test_route_changes_reach_two_routers_within_two_seconds_and_survive_a_restart(
@@ -188,6 +195,7 @@ def test_route_changes_reach_two_routers_within_two_seconds_and_survive_a_restar
     assert seen <= 2.0, f"the second router applied the route after {seen:.2f}s"
     assert set(load.statuses) == {200} and not load.failures, (load.statuses, load.failures[:3])
     assert load.versions["v2"] > 0
+    assert f'qvl_rollout_step_percent{{model="{MODEL}",version="v2"}} 30.0' in httpx.get(second.url + "/metrics").text
     second.kill()
     restarted = _router(cluster, tmp_path, redis_server, replicas)
     state = httpx.get(f"{restarted.url}/v1/rollouts/{MODEL}", timeout=10).json()
