@@ -191,6 +191,8 @@ def test_route_changes_reach_two_routers_within_two_seconds_and_survive_a_restar
         time.sleep(1.0)
     finally:
         load.stop()
+    # The propagation contract (routers poll the route revision every poll_interval_s, 0.2 s here), which
+    # the issue states as "within 2 s": not a speed target.
     assert seen is not None, "the second router never applied the new route"
     assert seen <= 2.0, f"the second router applied the route after {seen:.2f}s"
     assert set(load.statuses) == {200} and not load.failures, (load.statuses, load.failures[:3])
