@@ -3,7 +3,7 @@
 1 base     qvl/ modules that know no other package (settings, data URLs, images, process helpers)
 2 middle   cache/ and serving/, each on the base only (neither imports the other)
 3 router   router/, on the base, cache/ and the registry client (serving.registry) only
-4 top      the command line and launchers (qvl.cli, qvl.demo), loadtests/, tools/
+4 top      the command line and launchers (qvl.cli, qvl.demo), loadtests/, tools/, autoscale/
 
 Every import counts, also those inside functions and under TYPE_CHECKING: a lazy import is still a
 dependency.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from support import ROOT
 
-PACKAGES = ("qvl", "cache", "serving", "router", "loadtests", "tools")
+PACKAGES = ("qvl", "cache", "serving", "router", "loadtests", "tools", "autoscale")
 TOP_IN_QVL = ("qvl.cli", "qvl.demo", "qvl.__main__")
 # What each part may import besides itself (module prefixes; "base" is every base module of qvl/).
 MAY_USE = {

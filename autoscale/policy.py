@@ -1,0 +1,225 @@
+"""Autoscaling decisions as pure functions of what is observed: how many replicas a pool should have.
+
+Two policies, registered by name in POLICIES (`autoscale.policy`):
+- `demand` (the default) estimates the pool's demand in what costs a replica work, prompt tokens (image
+  tokens included) and generated tokens per second, follows it with Holt's linear smoothing (a level and a
+  trend, time-aware for irregular samples), and plans for the larger of now and the forecast one start-up
+  time ahead: a replica asked for now serves only after `startup_s`. Replicas needed = max(prefill demand
+  / prefill capacity, decode demand / decode capacity) / target_utilisation, the capacities being one
+  replica's at the SLO (a capacity-planning profile's). It scales up at once to what is needed; it scales
+  down one replica at a time, only when one fewer replica would still leave the hysteresis band free,
+  never within `down_after_up_s` of a scale-up, and no change of any kind within `cooldown_s` of the last.
+- `reactive`, the baseline the benchmark compares with: in-flight requests per replica against a target,
+  acting only when the wish has held for an up (or down) delay, jumping straight to the count it wants.
+
+`victim` says which replica goes on a scale-down: one still starting before any serving one.
+Decisions carry a `reason` from a closed set (REASONS), which metrics use as a label.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, Protocol
+
+from qvl.settings.autoscale import AutoscaleSettings
+
+Direction = Literal["up", "down", "hold"]
+REASONS = (
+    "demand_up",
+    "demand_down",
+    "in_band",
+    "cooldown",
+    "down_after_up",
+    "below_min",
+    "above_max",
+    "at_max",
+    "reactive_up",
+    "reactive_down",
+    "waiting",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What a pool is asked for, at `at` (seconds): token rates summed over its replicas, and the requests in
+    flight on it (interactive only: a batch backlog is not interactive demand)."""
+
+    at: float
+    prefill_tokens_s: float
+    decode_tokens_s: float
+    in_flight: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What one replica sustains at the SLO."""
+
+    prefill_tokens_s: float
+    decode_tokens_s: float
+
+    def __post_init__(self) -> None:
+        if self.prefill_tokens_s <= 0 or self.decode_tokens_s <= 0:
+            raise ValueError("a replica's capacity must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    at: float
+    current: int
+    desired: int
+    direction: Direction
+    reason: str
+    needed: float
+    """Replicas the policy's signal asks for, before rounding, bounds and stability rules."""
+
+
+class Trend:
+    """Holt's linear smoothing of one signal sampled at irregular times: level and slope per second."""
+
+    def __init__(self, span_s: float) -> None:
+        self._span_s = span_s
+        self.level: float | None = None
+        self.slope = 0.0
+        self._at = 0.0
+
+    def update(self, at: float, value: float) -> None:
+        if self.level is None:
+            self.level, self._at = value, at
+            return
+        dt = max(at - self._at, 1e-9)
+        weight = 1 - math.exp(-dt / self._span_s * 4)  # about 98 % of the weight within one span
+        predicted = self.level + self.slope * dt
+        level = predicted + weight * (value - predicted)
+        self.slope += weight * ((level - self.level) / dt - self.slope)
+        self.level, self._at = level, at
+
+    def forecast(self, ahead_s: float) -> float:
+        """The value `ahead_s` seconds after the last sample (0 before any)."""
+        return 0.0 if self.level is None else self.level + self.slope * ahead_s
+
+
+class Policy(Protocol):
+    def decide(self, load: Load, current: int) -> Decision: ...
+
+
+class _Stability:
+    """What both policies share: the bounds, the cool-down, and the rule against scaling down soon after
+    scaling up."""
+
+    def __init__(self, settings: AutoscaleSettings) -> None:
+        self.settings = settings
+        self.last_change = -math.inf
+        self.last_up = -math.inf
+
+    def bounded(self, at: float, current: int, wanted: int, needed: float, up: str, down: str) -> Decision:
+        s = self.settings
+        if current < s.min_replicas:
+            return self._change(at, current, s.min_replicas, needed, "below_min")
+        if current > s.max_replicas:
+            return self._change(at, current, s.max_replicas, needed, "above_max")
+        wanted = min(max(wanted, s.min_replicas), s.max_replicas)
+        if wanted == current:
+            reason = "at_max" if needed > s.max_replicas and current == s.max_replicas else "in_band"
+            return Decision(at, current, current, "hold", reason, needed)
+        if at - self.last_change < s.cooldown_s:
+            return Decision(at, current, current, "hold", "cooldown", needed)
+        if wanted < current and at - self.last_up < s.down_after_up_s:
+            return Decision(at, current, current, "hold", "down_after_up", needed)
+        return self._change(at, current, wanted, needed, up if wanted > current else down)
+
+    def _change(self, at: float, current: int, wanted: int, needed: float, reason: str) -> Decision:
+        self.last_change = at
+        if wanted > current:
+            self.last_up = at
+        return Decision(at, current, wanted, "up" if wanted > current else "down", reason, needed)
+
+
+class DemandPolicy:
+    """Token demand against a replica's capacity, forecast one start-up ahead (see the module's docstring)."""
+
+    def __init__(self, settings: AutoscaleSettings, capacity: Capacity) -> None:
+        self._settings = settings
+        self._capacity = capacity
+        self._prefill = Trend(settings.forecast_window_s)
+        self._decode = Trend(settings.forecast_window_s)
+        self._stability = _Stability(settings)
+
+    def needed(self, prefill_tokens_s: float, decode_tokens_s: float) -> float:
+        """Replicas that serve these rates at target_utilisation of their capacity."""
+        c, u = self._capacity, self._settings.target_utilisation
+        return max(prefill_tokens_s / c.prefill_tokens_s, decode_tokens_s / c.decode_tokens_s) / u
+
+    def decide(self, load: Load, current: int) -> Decision:
+        self._prefill.update(load.at, load.prefill_tokens_s)
+        self._decode.update(load.at, load.decode_tokens_s)
+        ahead = self._settings.startup_s
+        now = self.needed(load.prefill_tokens_s, load.decode_tokens_s)
+        later = self.needed(max(0.0, self._prefill.forecast(ahead)), max(0.0, self._decode.forecast(ahead)))
+        needed = max(now, later)
+        wanted = current
+        if math.ceil(needed - 1e-9) > current:
+            wanted = math.ceil(needed - 1e-9)
+        elif current > 0 and needed <= (current - 1) * (1 - self._settings.hysteresis):
+            wanted = current - 1  # one step down at a time
+        return self._stability.bounded(load.at, current, wanted, needed, "demand_up", "demand_down")
+
+
+class ReactivePolicy:
+    """In-flight requests per replica against a target, with up and down delays (the benchmark's baseline)."""
+
+    def __init__(self, settings: AutoscaleSettings) -> None:
+        self._settings = settings
+        self._stability = _Stability(settings.model_copy(update={"cooldown_s": 0.0, "down_after_up_s": 0.0}))
+        self._wish_since: float | None = None
+        self._wish: int | None = None
+
+    def decide(self, load: Load, current: int) -> Decision:
+        s = self._settings
+        needed = load.in_flight / s.in_flight_target
+        wanted = max(math.ceil(needed - 1e-9), s.min_replicas)
+        if wanted == current:
+            self._wish_since = self._wish = None
+            return self._stability.bounded(load.at, current, current, needed, "reactive_up", "reactive_down")
+        direction_changed = self._wish is None or (self._wish > current) != (wanted > current)
+        if direction_changed:
+            self._wish_since = load.at
+        self._wish = wanted
+        delay = s.reactive_up_delay_s if wanted > current else s.reactive_down_delay_s
+        assert self._wish_since is not None
+        if load.at - self._wish_since < delay:
+            return Decision(load.at, current, current, "hold", "waiting", needed)
+        self._wish_since = self._wish = None
+        return self._stability.bounded(load.at, current, wanted, needed, "reactive_up", "reactive_down")
+
+
+POLICIES: Mapping[str, Callable[[AutoscaleSettings, Capacity], Policy]] = MappingProxyType(
+    {"demand": DemandPolicy, "reactive": lambda settings, capacity: ReactivePolicy(settings)}
+)
+"""Every policy by the name `autoscale.policy` takes."""
+
+
+def build_policy(settings: AutoscaleSettings, capacity: Capacity) -> Policy:
+    return POLICIES[settings.policy](settings, capacity)
+
+
+ReplicaState = Literal["starting", "serving", "draining"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    name: str
+    state: ReplicaState
+    in_flight: int
+    started_at: float
+
+
+def victim(replicas: Iterable[ReplicaView]) -> ReplicaView | None:
+    """The replica a scale-down removes: a starting one first (the newest), else the serving one with the
+    fewest requests in flight (the newest among equals); never one already draining."""
+    candidates = [r for r in replicas if r.state != "draining"]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda r: (r.state != "starting", r.in_flight, -r.started_at))
