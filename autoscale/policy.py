@@ -8,7 +8,8 @@ Two policies, registered by name in POLICIES (`autoscale.policy`):
   / prefill capacity, decode demand / decode capacity) / target_utilisation, the capacities being one
   replica's at the SLO (a capacity-planning profile's). It scales up at once to what is needed; it scales
   down one replica at a time, only when one fewer replica would still leave the hysteresis band free,
-  never within `down_after_up_s` of a scale-up, and no change of any kind within `cooldown_s` of the last.
+  never within `down_after_up_s` of a scale-up; within `cooldown_s` of the last change only a further up
+  after an up may happen (no turn, no step down).
 - `reactive`, the baseline the benchmark compares with: in-flight requests per replica against a target,
   acting only when the wish has held for an up (or down) delay, jumping straight to the count it wants.
 
@@ -124,7 +125,10 @@ class _Stability:
         if wanted == current:
             reason = "at_max" if needed > s.max_replicas and current == s.max_replicas else "in_band"
             return Decision(at, current, current, "hold", reason, needed)
-        if at - self.last_change < s.cooldown_s:
+        # The cool-down holds every turn and every step down; an up right after an up is the same direction
+        # (a flash sale's ramp), never a flap, and waiting there would only lengthen the shortage.
+        up_after_up = wanted > current and self.last_up >= self.last_change
+        if at - self.last_change < s.cooldown_s and not up_after_up:
             return Decision(at, current, current, "hold", "cooldown", needed)
         if wanted < current and at - self.last_up < s.down_after_up_s:
             return Decision(at, current, current, "hold", "down_after_up", needed)

@@ -33,7 +33,11 @@ class AutoscaleSettings(Section):
         lt=1,
         description="demand: scale down only when the replicas needed are this share under one fewer replica.",
     )
-    cooldown_s: float = Field(60.0, ge=0, description="Seconds after any change before the next one.")
+    cooldown_s: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds after any change before a step down or a turn (an up after an up may follow at once).",
+    )
     down_after_up_s: float = Field(
         300.0, ge=0, description="Seconds after a scale-up during which no scale-down happens."
     )

@@ -135,3 +135,12 @@ def test_the_trend_follows_a_ramp_and_forecasts_it() -> None:
     for at in range(0, 600, 5):
         trend.update(at, 2.0 * at)
     assert trend.forecast(100) == pytest.approx(2.0 * 595 + 200, rel=0.02)
+
+
+def test_a_rising_load_is_followed_up_without_waiting_for_the_cool_down() -> None:
+    policy = DemandPolicy(SETTINGS, CAPACITY)
+    first = policy.decide(demand(0, 3.5), 1)
+    again = policy.decide(demand(5, 6.5), first.desired)
+    assert (first.desired, again.desired, again.reason) == (4, 7, "demand_up")
+    turned = policy.decide(demand(10, 0.2), again.desired)
+    assert (turned.direction, turned.reason) == ("hold", "cooldown")
