@@ -27,6 +27,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         proxy_headers=False,
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(settings.router.drain.timeout_s),
+        timeout_keep_alive=math.ceil(settings.router.keep_alive_s),
     )
 
 

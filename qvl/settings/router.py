@@ -292,6 +292,12 @@ class RouterSettings(Section):
         "the first byte reaches the client).",
     )
     connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to open a connection to a replica.")
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        description="Seconds an idle client connection stays open. Longer than clients' own idle expiry (httpx "
+        "and the OpenAI SDK: 5 s), so that a client never sends on a connection the router is closing.",
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Seconds a whole upstream request may take, streaming included."
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support import ROOT
+from support.polling import wait_for
 from support.servers import Cluster, Proc, RedisServer
 
 MODEL = "qwen3-vl-8b"
@@ -120,6 +121,8 @@ def test_a_healthy_canary_is_promoted_step_by_step(cluster: Cluster, tmp_path: P
     assert [e["decision"] for e in reversed(state["events"])] == ["start", "advance", "promote"]
     assert state["route"]["versions"] == [["v2", 100.0]]
     assert set(load.statuses) == {200} and not load.failures
+    # This router applies the promoted route at its next poll of the store (poll_interval_s, 0.2 s here).
+    wait_for(lambda: httpx.get(f"{router.url}/v1/rollouts/{MODEL}").json()["applied_here"] == state["route"], 5)
     after = httpx.post(
         router.url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
     )
