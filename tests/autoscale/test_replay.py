@@ -45,4 +45,8 @@ def test_both_policies_replay_the_same_trace() -> None:
     reactive = replay(SALE, ReactivePolicy(SETTINGS.model_copy(update={"policy": "reactive"})), FLEET, 5400.0, start=7)
     demand = replay(SALE, DemandPolicy(SETTINGS, FLEET.capacity()), FLEET, 5400.0, start=7)
     assert len(reactive.times) == len(demand.times) == 1080
-    assert reactive.violation_s > 0 and demand.violation_s > 0  # nobody starts a replica in under 120 s
+    # Both fall short for some ticks: nobody starts a replica in under 120 s.
+    assert all(
+        any(r > s * FLEET.capacity_rps for r, s in zip(run.rates, run.serving, strict=True))
+        for run in (reactive, demand)
+    )
