@@ -3,13 +3,15 @@
 Two policies, registered by name in POLICIES (`autoscale.policy`):
 - `demand` (the default) estimates the pool's demand in what costs a replica work, prompt tokens (image
   tokens included) and generated tokens per second, follows it with Holt's linear smoothing (a level and a
-  trend, time-aware for irregular samples), and plans for the larger of now and the forecast one start-up
-  time ahead: a replica asked for now serves only after `startup_s`. Replicas needed = max(prefill demand
-  / prefill capacity, decode demand / decode capacity) / target_utilisation, the capacities being one
-  replica's at the SLO (a capacity-planning profile's). It scales up at once to what is needed; it scales
-  down one replica at a time, only when one fewer replica would still leave the hysteresis band free,
-  never within `down_after_up_s` of a scale-up; within `cooldown_s` of the last change only a further up
-  after an up may happen (no turn, no step down).
+  trend, time-aware for irregular samples), and plans for the larger of now (smoothed over `smoothing_s`,
+  so that one noisy interval does not count) and the forecast one start-up time ahead: a replica asked
+  for now serves only after the start-up time (`startup_s`, or the measured one when longer). Replicas
+  needed = max(prefill demand / prefill capacity, decode demand / decode capacity) / target_utilisation,
+  the capacities being one replica's at the SLO (autoscale/capacity.py). It scales up at once to what
+  is needed; it scales down one replica at a time, only when one fewer replica would still leave the
+  hysteresis band free, never within `down_after_up_s` of a scale-up; within `cooldown_s` of the last
+  change only a further up after an up may happen (no turn, no step down). Batch lines' tokens are kept
+  apart and add at most `batch_burst_replicas`. Until a replica's capacity is known (`tune`) it holds (`no_capacity`).
 - `reactive`, the baseline the benchmark compares with: in-flight requests per replica against a target,
   acting only when the wish has held for an up (or down) delay, jumping straight to the count it wants.
 
@@ -40,6 +42,8 @@ REASONS = (
     "reactive_up",
     "reactive_down",
     "waiting",
+    "no_data",
+    "no_capacity",
 )
 
 
@@ -52,6 +56,9 @@ class Load:
     prefill_tokens_s: float
     decode_tokens_s: float
     in_flight: float = 0.0
+    batch_prefill_tokens_s: float = 0.0
+    """Batch lines' tokens, apart: they may only use autoscale.batch_burst_replicas."""
+    batch_decode_tokens_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +109,30 @@ class Trend:
         return 0.0 if self.level is None else self.level + self.slope * ahead_s
 
 
+class Smoothed:
+    """Exponential smoothing of one signal sampled at irregular times (the weight of a sample decays with
+    the time since it, about 98 % of it within `span_s`)."""
+
+    def __init__(self, span_s: float) -> None:
+        self._span_s = span_s
+        self.value: float | None = None
+        self._at = 0.0
+
+    def update(self, at: float, value: float) -> float:
+        if self.value is None:
+            self.value = value
+        else:
+            weight = 1 - math.exp(-max(at - self._at, 0.0) / self._span_s * 4)
+            self.value += weight * (value - self.value)
+        self._at = at
+        return self.value
+
+
 class Policy(Protocol):
     def decide(self, load: Load, current: int) -> Decision: ...
+
+    def tune(self, capacity: Capacity | None, startup_s: float) -> None:
+        """What the loop learned: a replica's capacity (None: unknown yet) and the measured start-up time."""
 
 
 class _Stability:
@@ -144,25 +173,41 @@ class _Stability:
 class DemandPolicy:
     """Token demand against a replica's capacity, forecast one start-up ahead (see the module's docstring)."""
 
-    def __init__(self, settings: AutoscaleSettings, capacity: Capacity) -> None:
+    def __init__(self, settings: AutoscaleSettings, capacity: Capacity | None) -> None:
         self._settings = settings
         self._capacity = capacity
+        self._startup_s = settings.startup_s
         self._prefill = Trend(settings.forecast_window_s)
         self._decode = Trend(settings.forecast_window_s)
+        self._prefill_now = Smoothed(settings.smoothing_s)
+        self._decode_now = Smoothed(settings.smoothing_s)
         self._stability = _Stability(settings)
+
+    def tune(self, capacity: Capacity | None, startup_s: float) -> None:
+        self._capacity = capacity
+        self._startup_s = max(self._settings.startup_s, startup_s)
 
     def needed(self, prefill_tokens_s: float, decode_tokens_s: float) -> float:
         """Replicas that serve these rates at target_utilisation of their capacity."""
         c, u = self._capacity, self._settings.target_utilisation
+        assert c is not None
         return max(prefill_tokens_s / c.prefill_tokens_s, decode_tokens_s / c.decode_tokens_s) / u
 
     def decide(self, load: Load, current: int) -> Decision:
         self._prefill.update(load.at, load.prefill_tokens_s)
         self._decode.update(load.at, load.decode_tokens_s)
-        ahead = self._settings.startup_s
-        now = self.needed(load.prefill_tokens_s, load.decode_tokens_s)
+        prefill_now = self._prefill_now.update(load.at, load.prefill_tokens_s)
+        decode_now = self._decode_now.update(load.at, load.decode_tokens_s)
+        if self._capacity is None:
+            s = self._settings
+            if s.min_replicas <= current <= s.max_replicas:
+                return Decision(load.at, current, current, "hold", "no_capacity", math.nan)
+            return self._stability.bounded(load.at, current, current, math.nan, "demand_up", "demand_down")
+        ahead = self._startup_s
+        now = self.needed(prefill_now, decode_now)
         later = self.needed(max(0.0, self._prefill.forecast(ahead)), max(0.0, self._decode.forecast(ahead)))
-        needed = max(now, later)
+        batch = self.needed(load.batch_prefill_tokens_s, load.batch_decode_tokens_s)
+        needed = max(now, later) + min(batch, float(self._settings.batch_burst_replicas))
         wanted = current
         if math.ceil(needed - 1e-9) > current:
             wanted = math.ceil(needed - 1e-9)
@@ -179,6 +224,9 @@ class ReactivePolicy:
         self._stability = _Stability(settings.model_copy(update={"cooldown_s": 0.0, "down_after_up_s": 0.0}))
         self._wish_since: float | None = None
         self._wish: int | None = None
+
+    def tune(self, capacity: Capacity | None, startup_s: float) -> None:
+        """In-flight requests need no capacity, and the baseline does not forecast."""
 
     def decide(self, load: Load, current: int) -> Decision:
         s = self._settings
@@ -199,13 +247,13 @@ class ReactivePolicy:
         return self._stability.bounded(load.at, current, wanted, needed, "reactive_up", "reactive_down")
 
 
-POLICIES: Mapping[str, Callable[[AutoscaleSettings, Capacity], Policy]] = MappingProxyType(
+POLICIES: Mapping[str, Callable[[AutoscaleSettings, Capacity | None], Policy]] = MappingProxyType(
     {"demand": DemandPolicy, "reactive": lambda settings, capacity: ReactivePolicy(settings)}
 )
 """Every policy by the name `autoscale.policy` takes."""
 
 
-def build_policy(settings: AutoscaleSettings, capacity: Capacity) -> Policy:
+def build_policy(settings: AutoscaleSettings, capacity: Capacity | None) -> Policy:
     return POLICIES[settings.policy](settings, capacity)
 
 

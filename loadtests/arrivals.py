@@ -29,7 +29,7 @@ def send_times(arrivals: Arrivals, rng: random.Random) -> list[float] | None:
         scale = 1.0 / (arrivals.rate * shape)
         return _renewal(lambda: rng.gammavariate(shape, scale), arrivals.duration_s)
     until = sum(s.duration_s for s in arrivals.stages) if isinstance(arrivals, Stages) else arrivals.duration_s
-    return _thinned(lambda t: rate_at(arrivals, t), max_rate(arrivals), until, rng)
+    return thinned(lambda t: rate_at(arrivals, t), max_rate(arrivals), until, rng)
 
 
 def rate_at(arrivals: Stages | Diurnal | Spike, t: float) -> float:
@@ -93,7 +93,8 @@ def _renewal(gap: Callable[[], float], until: float) -> list[float]:
     return times
 
 
-def _thinned(rate: Callable[[float], float], peak: float, until: float, rng: random.Random) -> list[float]:
+def thinned(rate: Callable[[float], float], peak: float, until: float, rng: random.Random) -> list[float]:
+    """Poisson send times in [0, until) at `rate(t)` (never above `peak`), by thinning."""
     times: list[float] = []
     if peak <= 0:
         return times

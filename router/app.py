@@ -36,6 +36,7 @@ from router.batch.jobs import build_job_store
 from router.batch.runner import Runner
 from router.batch.service import Batches
 from router.chat import CHAT_PATH, ChatCompletions
+from router.console.autoscaling import AutoscalerStatus
 from router.console.live import Live
 from router.console.pages import mount_console
 from router.console.service import Console
@@ -113,7 +114,8 @@ def create_app(settings: Settings) -> FastAPI:
         console = None
         if settings.router.console.enabled:
             live = Live(settings.router.console, metrics.registry, lambda: pool.replicas, client)
-            console = Console(settings.router.console, Sessions(settings.router.console, keys), live)
+            autoscaling = AutoscalerStatus.from_settings(settings.registry)
+            console = Console(settings.router.console, Sessions(settings.router.console, keys), live, autoscaling)
         batches = None
         if settings.router.batch.enabled:
             assert isinstance(app, RouterAPI)
@@ -209,6 +211,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await watch.close()
             if batches is not None:
                 await batches.jobs.close()
+            if console is not None:
+                await console.close()
 
     app = RouterAPI(title="qvl-cluster router", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Registered for method checks (GET answers 405); POSTs are dispatched before the middleware stack.

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from qvl.engine_metrics import engine_series
 from qvl.settings import RouterSettings
 from router.upstream import ConnectFailed, ConnectionLost, Origin, UpstreamClient
 
@@ -102,28 +103,15 @@ _ENGINE_SERIES = {
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
     "vllm:kv_cache_usage_perc": "kv",
-    "vllm:mm_cache_queries_total": "mm_q",
     "vllm:mm_cache_queries": "mm_q",
-    "vllm:mm_cache_hits_total": "mm_h",
     "vllm:mm_cache_hits": "mm_h",
 }
 
 
 def parse_engine_metrics(text: str) -> EngineGauges:
     """The engine's queue, KV-cache and media-cache series from a vLLM (or `qvl sim`) Prometheus text page."""
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        which = _ENGINE_SERIES.get(name)
-        if which is None:
-            continue
-        value = float(line.rsplit(" ", 1)[1])
-        if which == "kv":
-            found[which] = max(found.get(which, 0.0), value)
-        else:
-            found[which] = found.get(which, 0.0) + value
+    series = engine_series(text, _ENGINE_SERIES, take_max=("vllm:kv_cache_usage_perc",))
+    found = {_ENGINE_SERIES[name]: value for name, value in series.items()}
     return EngineGauges(
         running=found.get("running", 0.0),
         waiting=found.get("waiting", 0.0),

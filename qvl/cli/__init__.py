@@ -1,6 +1,6 @@
 """The `qvl` command: one entry, a subcommand per role (router, sim, up, replica, gpu-exporter,
-cluster up|status|scale|down, model tiny, loadtest [run]|sweep|report, plan calibrate|validate|size|verify|report,
-batch submit|status|cancel); `python -m qvl` and `python -m qvl.cli`
+cluster up|status|scale|down|autoscale, model tiny, loadtest [run]|sweep|report,
+plan calibrate|validate|size|verify|report, batch submit|status|cancel); `python -m qvl` and `python -m qvl.cli`
 run it too.
 
 Every subcommand that runs with settings takes `--config FILE` (YAML) and reads `QVL_*` variables; its
@@ -107,7 +107,13 @@ def _run_gpu_exporter(settings: Settings, args: argparse.Namespace) -> int:
 def _run_cluster(settings: Settings, args: argparse.Namespace) -> int:
     from qvl.cli.cluster import run_cluster
 
-    return run_cluster(settings, args.cluster_command, count=getattr(args, "count", None), as_json=args.json)
+    return run_cluster(
+        settings,
+        args.cluster_command,
+        count=getattr(args, "count", None),
+        as_json=args.json,
+        once=getattr(args, "once", False),
+    )
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
@@ -288,6 +294,20 @@ def _cluster_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         "Stop every replica and remove its placement group; also stop the local Ray head that `up --address "
         "local` started, unless other clusters' replicas are on it.",
     )
+    auto = action(
+        "autoscale",
+        "Size every pool from its load until SIGINT or SIGTERM (the autoscale: settings): start replicas ahead "
+        "of the demand, drain and stop the ones not needed. Serves /metrics and /status on autoscale.port.",
+    )
+    auto.add_argument("--once", action="store_true", help="decide (and act) once, print the status as JSON, exit")
+    setting_flag(auto, "--dry-run", "autoscale.dry_run")
+    setting_flag(auto, "--policy", "autoscale.policy")
+    setting_flag(auto, "--interval", "autoscale.interval_s")
+    setting_flag(auto, "--min-replicas", "autoscale.min_replicas")
+    setting_flag(auto, "--max-replicas", "autoscale.max_replicas")
+    setting_flag(auto, "--profile", "autoscale.profile", metavar="PATH", type=Path)
+    setting_flag(auto, "--port", "autoscale.port")
+    setting_flag(auto, "--registry", "registry.url", metavar="URL")
 
 
 def _replica_flags(p: argparse.ArgumentParser) -> None:

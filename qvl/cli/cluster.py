@@ -8,7 +8,10 @@ placed); 3 from `status` when that Ray cluster is reachable but has no replica o
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
+from typing import Any
 
 from qvl.settings import Settings
 from serving.ray.local import LocalHeadError
@@ -20,8 +23,10 @@ def say(message: str) -> None:
     print(f"qvl: {message}", file=sys.stderr, flush=True)
 
 
-def run_cluster(settings: Settings, action: str, *, count: int | None = None, as_json: bool = False) -> int:
-    """Run one action (up, status, scale, down); returns the exit status (see the module's docstring)."""
+def run_cluster(
+    settings: Settings, action: str, *, count: int | None = None, as_json: bool = False, once: bool = False
+) -> int:
+    """Run one action (up, status, scale, down, autoscale); returns the exit status (see the module's docstring)."""
     import ray
 
     from serving.ray import cluster as ray_cluster
@@ -37,6 +42,10 @@ def run_cluster(settings: Settings, action: str, *, count: int | None = None, as
             rows = None
             if action == "up":
                 rows = ray_cluster.up(settings, say)
+            elif action == "autoscale":
+                status = asyncio.run(_autoscale(settings, once))
+                if once or as_json:
+                    print(json.dumps(status, indent=2), flush=True)
             elif action == "scale":
                 assert count is not None
                 if not found:
@@ -72,3 +81,21 @@ def run_cluster(settings: Settings, action: str, *, count: int | None = None, as
         print(f"qvl: {exc}", file=sys.stderr)
         return 1
     return code
+
+
+async def _autoscale(settings: Settings, once: bool) -> dict[str, Any]:
+    """Run the autoscaler on the connected Ray until SIGINT or SIGTERM (or one tick); returns its last status."""
+    from autoscale.fleet import RayFleet
+    from autoscale.metrics import AutoscalerMetrics
+    from autoscale.service import run_autoscaler, stop_on_signals
+
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    metrics = AutoscalerMetrics()
+    fleet = RayFleet(settings, metrics)
+    try:
+        autoscaler = await run_autoscaler(settings, fleet, metrics, stop, once=once)
+    finally:
+        say("waiting for drains and starts under way")
+        await fleet.close()
+    return autoscaler.status()

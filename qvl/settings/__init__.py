@@ -20,6 +20,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from qvl.settings.autoscale import AutoscaleSettings
 from qvl.settings.base import REDIS_URL_ERROR, EngineName, Section, SettingsError, is_redis_url, redis_url
 from qvl.settings.cache import CacheSettings
 from qvl.settings.cluster import ClusterSettings, RegistrySettings
@@ -45,6 +46,7 @@ __all__ = [
     "AdmissionSettings",
     "AuditSettings",
     "AuthSettings",
+    "AutoscaleSettings",
     "BatchSettings",
     "CacheSettings",
     "ClassSettings",
@@ -78,6 +80,10 @@ __all__ = [
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
+DEFAULT_POOL = "default"
+"""The name the autoscaler gives the one pool of a cluster without `pools`."""
+
+
 class Settings(BaseSettings):
     """Everything a `qvl` process reads at start-up."""
 
@@ -108,6 +114,9 @@ class Settings(BaseSettings):
         "scale` is refused). Empty: one pool of up.replicas (cluster.replicas) replicas of the model the engine "
         "settings name, without a version.",
     )
+    autoscale: AutoscaleSettings = Field(
+        default_factory=AutoscaleSettings, description="The autoscaler of pools on Ray (`qvl cluster autoscale`)."
+    )
 
     @model_validator(mode="after")
     def _pools(self) -> Settings:
@@ -122,6 +131,10 @@ class Settings(BaseSettings):
             unknown = sorted(set(route.versions) - known) if known else []
             if unknown:
                 raise ValueError(f"route {model} names version(s) no pool serves: {', '.join(unknown)}")
+        pools = set(names) or {DEFAULT_POOL}
+        stray = sorted(set(self.autoscale.pools) - pools)
+        if stray:
+            raise ValueError(f"autoscale.pools names no pool: {', '.join(stray)} (pools: {', '.join(sorted(pools))})")
         return self
 
 

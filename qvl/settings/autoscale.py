@@ -1,8 +1,9 @@
-"""The autoscaler's policy settings (autoscale/policy.py): bounds and the stability rules. Not yet part of
-the settings tree: that comes with the loop that acts on Ray (issue 19), with `enabled` and `dry_run`."""
+"""The autoscaler's settings (`qvl cluster autoscale`, autoscale/): bounds, the SLO and a replica's capacity,
+the policy and its stability rules, dry-run, draining."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -12,20 +13,62 @@ from qvl.settings.base import Section
 AutoscalePolicyName = Literal["demand", "reactive"]
 
 
+class PoolBounds(Section):
+    """One pool's own bounds, replacing autoscale.min_replicas and max_replicas for it."""
+
+    min_replicas: int = Field(ge=1, description="Fewest replicas of this pool.")
+    max_replicas: int = Field(ge=1, description="Most replicas of this pool.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolBounds:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
 class AutoscaleSettings(Section):
+    dry_run: bool = Field(False, description="Decide, log, count and export as usual, but start and stop nothing.")
+    interval_s: float = Field(10.0, gt=0, description="Seconds between two looks at the load (one decision per pool).")
+    host: str = Field("0.0.0.0", description="Address the autoscaler's /metrics and /status listen on.")
+    port: int = Field(8300, ge=0, le=65535, description="Port of the autoscaler's /metrics and /status; 0: none.")
     policy: AutoscalePolicyName = Field(
         "demand",
         description="demand: prefill and decode tokens per second against a replica's capacity at the SLO, "
         "forecast ahead of the start-up time; reactive: in-flight requests per replica against a target "
         "(the baseline the benchmark compares with).",
     )
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas of a pool.")
+    min_replicas: int = Field(
+        1, ge=1, description="Fewest replicas of a pool (at least 1: with none, no engine shows the demand)."
+    )
     max_replicas: int = Field(8, ge=1, description="Most replicas of a pool.")
+    pools: dict[str, PoolBounds] = Field(
+        default_factory=dict, description="Per-pool bounds by pool name, replacing min_replicas and max_replicas."
+    )
+    slo_ttft_s: float = Field(
+        2.0,
+        gt=0,
+        description="The SLO: mean time to first token a replica may show. A replica's token throughput while "
+        "it is at or past the SLO (or queueing) is a sample of its capacity.",
+    )
+    profile: Path | None = Field(
+        None,
+        description="Capacity profile (qvl-capacity-profile/1) giving a replica's prefill and decode capacity; "
+        "empty: capacity_* settings, else learned online from the engines' metrics.",
+    )
+    capacity_prefill_tokens_s: float = Field(
+        0.0, ge=0, description="One replica's prompt tokens per second at the SLO (image tokens included); 0: unknown."
+    )
+    capacity_decode_tokens_s: float = Field(
+        0.0, ge=0, description="One replica's generated tokens per second at the SLO; 0: unknown."
+    )
     target_utilisation: float = Field(
         0.8, gt=0, le=1, description="demand: share of a replica's capacity at the SLO to plan for."
     )
     startup_s: float = Field(
-        120.0, ge=0, description="Seconds a replica takes to serve after it is asked for (the forecast's horizon)."
+        120.0,
+        ge=0,
+        description="Seconds a replica takes to serve after it is asked for: the forecast's horizon (the "
+        "measured start-ups replace it when longer).",
     )
     hysteresis: float = Field(
         0.15,
@@ -44,6 +87,12 @@ class AutoscaleSettings(Section):
     forecast_window_s: float = Field(
         300.0, gt=0, description="demand: seconds of demand the trend is fitted over (Holt's smoothing span)."
     )
+    smoothing_s: float = Field(
+        60.0,
+        gt=0,
+        description="demand: span of the exponential smoothing of the current demand (0.98 of the weight within "
+        "it), so that one noisy interval neither adds nor removes a replica.",
+    )
     in_flight_target: float = Field(2.0, gt=0, description="reactive: in-flight requests per replica to keep.")
     reactive_up_delay_s: float = Field(
         30.0, ge=0, description="reactive: seconds the target must be exceeded before scaling up."
@@ -51,9 +100,26 @@ class AutoscaleSettings(Section):
     reactive_down_delay_s: float = Field(
         600.0, ge=0, description="reactive: seconds the load must stay under the target before scaling down."
     )
+    batch_burst_replicas: int = Field(
+        0,
+        ge=0,
+        description="Replicas a pool may add, within max_replicas, for batch work: batch lines never count as "
+        "interactive demand and use only this budget.",
+    )
+    drain_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="A replica being removed leaves the registry, then gets this long to finish its requests "
+        "in flight before it is stopped.",
+    )
+    history: int = Field(360, ge=1, description="Samples per pool kept for the console's chart (one per interval).")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscaleSettings:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
+
+    def bounds(self, pool: str) -> PoolBounds:
+        """The pool's bounds: its own entry in `pools`, else min_replicas and max_replicas."""
+        return self.pools.get(pool) or PoolBounds(min_replicas=self.min_replicas, max_replicas=self.max_replicas)

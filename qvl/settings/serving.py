@@ -98,6 +98,12 @@ class SimSettings(Section):
     fault_seed: int | None = Field(
         None, description="Seed of the fault draws (fault_error_ratio), for repeatable tests; empty: random."
     )
+    startup_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds the engine waits before it listens, as a real replica loads its weights (a cold "
+        "start, for autoscaling tests and trace replays).",
+    )
 
     def zero_delay(self) -> SimSettings:
         """The same settings with every latency term at zero (throughput benchmarks): nothing sleeps.

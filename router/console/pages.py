@@ -24,6 +24,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from router.batch.api import cancel
+from router.console.autoscaling import autoscaling_panel
 from router.console.batches import batch_panel
 from router.console.rollouts import ACTIONS, NO_CONTROLLER, rollout_panel
 from router.console.service import Console
@@ -175,8 +176,9 @@ def mount_console(app: FastAPI) -> None:
 
     @routes.get("/console/api/operations")
     async def operations_json(request: Request) -> JSONResponse:
-        """The operations page's data: replicas, GPUs, the router's last minute, batch jobs and rollouts
-        (operators only). `rollouts.error` says why there are none to show (no rollout store)."""
+        """The operations page's data: replicas, GPUs, the router's last minute, batch jobs, rollouts and
+        autoscaling (operators only). `rollouts.error` says why there are none to show (no rollout store);
+        `autoscaling.error` why its status cannot be read, `autoscaling.note` why there is none."""
         console = _console(request)
         session = _session(request)
         console.sessions.require(session, "operator")
@@ -184,6 +186,7 @@ def mount_console(app: FastAPI) -> None:
         state = state_of(request)
         doc["batches"] = await batch_panel(state.batches) if state.batches is not None else None
         doc["rollouts"] = await rollout_panel(state.controller)
+        doc["autoscaling"] = await autoscaling_panel(console.autoscaling)
         return _json(doc)
 
     @routes.post("/console/api/batches/{batch_id}/cancel")

@@ -276,38 +276,67 @@ def as_json(conf: ClusterSettings) -> str:
 
 
 def _start(settings: Settings, indexes: list[int], say: Say, plan: Mapping[int, PoolSettings] | None = None) -> None:
-    conf = settings.cluster
     if not indexes:
         return
-    engine = ENGINES[conf.engine]
     started: dict[int, tuple[ActorHandle, ray.ObjectRef]] = {}
     try:
         for i in indexes:
-            pool = (plan or {}).get(i)
-            own = engine.for_pool(settings, pool) if pool is not None else settings
-            spec = own.replica
-            gpus = conf.gpus_per_replica if conf.gpus_per_replica is not None else spec.tensor_parallel_size
-            dumped = own.model_dump(mode="json", exclude={"api_keys"})
-            pool_doc = pool.model_dump(mode="json") if pool is not None else None
-            pg = _place(conf, i, gpus, say)
-            actor = (
-                ray.remote(ReplicaSupervisor)
-                .options(
-                    name=_name(conf, i),
-                    namespace=NAMESPACE,
-                    lifetime="detached",
-                    num_cpus=conf.cpus_per_replica,
-                    num_gpus=1 if gpus else 0,
-                    max_restarts=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-                )
-                .remote(_name(conf, i), dumped, pg, pool_doc)
-            )
-            started[i] = (actor, actor.start.remote())
-        _wait_started(conf, started, settings.replica.startup_timeout_s, say)
+            started[i] = _create(settings, i, (plan or {}).get(i), say)
+        _wait_started(settings.cluster, started, settings.replica.startup_timeout_s, say)
     except BaseException:
-        _stop(conf, list(started))
+        _stop(settings.cluster, list(started))
         raise
+
+
+def _create(settings: Settings, index: int, pool: PoolSettings | None, say: Say) -> tuple[ActorHandle, ray.ObjectRef]:
+    """Place replica `index` (of `pool`) and ask its supervisor to start; returns the actor and the start's ref."""
+    conf = settings.cluster
+    own = ENGINES[conf.engine].for_pool(settings, pool) if pool is not None else settings
+    spec = own.replica
+    gpus = conf.gpus_per_replica if conf.gpus_per_replica is not None else spec.tensor_parallel_size
+    dumped = own.model_dump(mode="json", exclude={"api_keys"})
+    pool_doc = pool.model_dump(mode="json") if pool is not None else None
+    pg = _place(conf, index, gpus, say)
+    actor = (
+        ray.remote(ReplicaSupervisor)
+        .options(
+            name=_name(conf, index),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            num_cpus=conf.cpus_per_replica,
+            num_gpus=1 if gpus else 0,
+            max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+        )
+        .remote(_name(conf, index), dumped, pg, pool_doc)
+    )
+    return actor, actor.start.remote()
+
+
+def launch(settings: Settings, pool: PoolSettings | None, taken: set[int], say: Say) -> tuple[str, ray.ObjectRef]:
+    """Place one more replica of `pool` (None: of the cluster without pools) at the lowest index neither
+    running nor in `taken`, and ask it to start without waiting: its `info()` says `starting` until it
+    serves, and the returned ref resolves then (a RayError if it never does). Raises ClusterError when it
+    cannot be placed within cluster.placement_timeout_s."""
+    used = set(_replica_indexes(settings.cluster)) | taken
+    index = next(i for i in itertools.count() if i not in used)
+    _, ref = _create(settings, index, pool, say)
+    return _name(settings.cluster, index), ref
+
+
+def remove(conf: ClusterSettings, replica: str, *, drain: bool, settle_s: float, timeout_s: float) -> dict[str, Any]:
+    """Stop one replica by name. With `drain`, it first leaves the registry and finishes its requests
+    (ReplicaSupervisor.drain); returns the drain's report ({} without)."""
+    index = int(replica.rpartition("-replica-")[2])
+    actor = _actor(conf, index)
+    report: dict[str, Any] = {}
+    if drain and actor is not None:
+        try:
+            report = ray.get(actor.drain.remote(settle_s, timeout_s), timeout=settle_s + timeout_s + 60)
+        except (RayError, GetTimeoutError) as exc:
+            report = {"drained": False, "error": cause(exc)}
+    _stop(conf, [index])
+    return report
 
 
 def _place(conf: ClusterSettings, index: int, gpus: int, say: Say) -> PlacementGroup:
@@ -346,7 +375,7 @@ def _wait_started(
             try:
                 info = ray.get(ref)
             except RayError as exc:
-                raise ClusterError(f"{_name(conf, i)} did not start: {_cause(exc)}") from None
+                raise ClusterError(f"{_name(conf, i)} did not start: {cause(exc)}") from None
             say(f"{info['replica']} healthy at {info['url']} on {info['node_ip']} (GPUs {info['gpus'] or '-'})")
         waited = time.monotonic() - began
         if pending and not done:
@@ -365,7 +394,7 @@ def _stop(conf: ClusterSettings, indexes: list[int]) -> None:
         try:
             ray.get(ref, timeout=60)
         except (RayError, GetTimeoutError) as exc:
-            log.warning("replica did not stop cleanly: %s", _cause(exc))
+            log.warning("replica did not stop cleanly: %s", cause(exc))
         ray.kill(actor, no_restart=True)
     for i in indexes:
         with contextlib.suppress(ValueError):  # never placed, or already removed
@@ -408,7 +437,7 @@ def _info(actor: ActorHandle | None) -> dict[str, Any] | None:
     return info
 
 
-def _cause(exc: BaseException) -> str:
+def cause(exc: BaseException) -> str:
     """The remote exception's own message (RayTaskError wraps it with a traceback)."""
     cause = getattr(exc, "cause", None)
     return str(cause if cause is not None else exc).strip()[-4000:]

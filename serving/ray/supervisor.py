@@ -24,17 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import ray
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from qvl.engine_metrics import engine_busy
 from qvl.procs import Child, answers, die_with_parent, free_port, port_free, spawn
 from qvl.settings import PoolSettings, Settings, load_settings
 from serving.engines import ENGINES, ReplicaCommand
 from serving.registry import Member, Registry, RegistryUnavailable
 
 log = logging.getLogger("qvl.cluster.replica")
-State = Literal["starting", "healthy", "unhealthy", "restarting", "failed", "stopped"]
+State = Literal["starting", "healthy", "unhealthy", "restarting", "failed", "draining", "stopped"]
 # A replica that answers no health check this many times in a row is restarted (a hung server).
 _HUNG_AFTER_FAILED_CHECKS = 3
 
@@ -129,6 +131,38 @@ class ReplicaSupervisor:
     @property
     def url(self) -> str:
         return f"http://{self._host()}:{self._port}"
+
+    async def drain(self, settle_s: float, timeout_s: float) -> dict[str, Any]:
+        """Leave the registry, wait `settle_s` for every router to have read it (no new requests come after),
+        then until the engine has no request running or waiting, at most `timeout_s` in all; then stop.
+        Returns {"drained": whether it emptied in time, "waited_s", "left": requests still there}. The
+        server is not restarted meanwhile (supervision stops first)."""
+        began = time.monotonic()
+        self._state = "draining"
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._registry is not None:
+            with contextlib.suppress(RegistryUnavailable):
+                await self._registry.withdraw(self._id)
+        await asyncio.sleep(settle_s)
+        left = await asyncio.to_thread(self._busy)
+        while left and time.monotonic() - began < timeout_s:
+            await asyncio.sleep(0.5)
+            left = await asyncio.to_thread(self._busy)
+        waited = time.monotonic() - began
+        log.info("%s: drained in %.1fs (%d request(s) left)", self._id, waited, left)
+        await self.stop()
+        return {"drained": left == 0, "waited_s": waited, "left": left}
+
+    def _busy(self) -> int:
+        """Requests running or waiting on the engine (0 once it no longer answers: nothing left to wait for)."""
+        try:
+            text = httpx.get(self.url + "/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return 0
+        return engine_busy(text)
 
     async def stop(self) -> None:
         """Withdraw from the registry and stop the server (SIGTERM, then SIGKILL after 20 s)."""

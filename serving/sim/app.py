@@ -343,6 +343,10 @@ def run_sim(settings: SimSettings, log_level: str) -> int:
     Returns 0 after a clean stop, 1 if the server never started (for example, the port is taken).
     """
     app = create_app(settings)
+    if settings.startup_delay_s:
+        # A cold start: nothing listens yet, as with vLLM loading weights; SIGTERM still ends the process.
+        logger.info("simulated cold start: listening in %.1f s", settings.startup_delay_s)
+        time.sleep(settings.startup_delay_s)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -24,7 +24,13 @@ from qvl.settings.autoscale import AutoscaleSettings
 
 CAPACITY = Capacity(prefill_tokens_s=10_000.0, decode_tokens_s=1_000.0)
 SETTINGS = AutoscaleSettings(
-    min_replicas=1, max_replicas=10, target_utilisation=1.0, startup_s=120, cooldown_s=60, down_after_up_s=300
+    min_replicas=1,
+    max_replicas=10,
+    target_utilisation=1.0,
+    startup_s=120,
+    cooldown_s=60,
+    down_after_up_s=300,
+    smoothing_s=5,  # about one tick of these tests: steps show at once (one noisy tick is its own test)
 )
 
 
@@ -144,3 +150,33 @@ def test_a_rising_load_is_followed_up_without_waiting_for_the_cool_down() -> Non
     assert (first.desired, again.desired, again.reason) == (4, 7, "demand_up")
     turned = policy.decide(demand(10, 0.2), again.desired)
     assert (turned.direction, turned.reason) == ("hold", "cooldown")
+
+
+def test_one_noisy_interval_adds_no_replica_with_the_default_smoothing() -> None:
+    settings = SETTINGS.model_copy(update={"smoothing_s": AutoscaleSettings().smoothing_s})
+    policy = DemandPolicy(settings, CAPACITY)
+    steady = [policy.decide(demand(t, 0.8), 1) for t in range(0, 600, 10)]
+    spike = policy.decide(demand(600, 1.15), 1)  # 44 % over the mean for one interval
+    after = policy.decide(demand(610, 0.8), 1)
+    assert {d.desired for d in steady} == {1}
+    assert (spike.desired, after.desired) == (1, 1)
+    # The same interval with the smoothing at one tick would have asked for a second replica.
+    raw = DemandPolicy(SETTINGS, CAPACITY)
+    for t in range(0, 600, 10):
+        raw.decide(demand(t, 0.8), 1)
+    assert raw.decide(demand(600, 1.15), 1).desired == 2
+
+
+def test_batch_tokens_use_only_the_burst_budget() -> None:
+    batch = Load(0, 1.0, 1.0 * CAPACITY.decode_tokens_s, batch_decode_tokens_s=5 * CAPACITY.decode_tokens_s)
+    none = DemandPolicy(SETTINGS, CAPACITY).decide(batch, 1)
+    two = DemandPolicy(SETTINGS.model_copy(update={"batch_burst_replicas": 2}), CAPACITY).decide(batch, 1)
+    assert (none.desired, two.desired) == (1, 3)
+
+
+def test_without_a_capacity_the_demand_policy_holds_but_keeps_the_bounds() -> None:
+    policy = DemandPolicy(SETTINGS.model_copy(update={"min_replicas": 2}), None)
+    assert policy.decide(demand(0, 5), 3).reason == "no_capacity"
+    assert policy.decide(demand(10, 5), 1).desired == 2
+    policy.tune(CAPACITY, 0.0)
+    assert policy.decide(demand(20, 5), 3).desired == 5

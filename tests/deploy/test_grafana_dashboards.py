@@ -20,8 +20,8 @@ PROVIDER_YAML = GRAFANA / "provisioning" / "dashboards" / "qvl.yaml"
 REQUIRED_DASHBOARDS = ("overview.json", "replicas.json", "gpus.json", "cache.json")
 DASHBOARDS_PATH = "/var/lib/grafana/dashboards/qvl"
 
-# Series names the dashboards may query. Mirrors router/metrics.py, serving/gpu_exporter.py, vLLM's metrics and
-# the recording rules in deploy/prometheus/rules: change it together with them.
+# Series names the dashboards may query. Mirrors router/metrics.py, serving/gpu_exporter.py, autoscale/metrics.py,
+# vLLM's metrics and the recording rules in deploy/prometheus/rules: change it together with them.
 _COUNTERS = (
     "qvl_requests_total",
     "qvl_retries_total",
@@ -42,6 +42,8 @@ _COUNTERS = (
     "qvl_admission_decisions_total",
     "qvl_version_requests_total",
     "qvl_rollout_decisions_total",
+    "qvl_autoscaler_decisions_total",
+    "qvl_autoscaler_actions_total",
 )
 _GAUGES = (
     "up",
@@ -62,6 +64,13 @@ _GAUGES = (
     "qvl_gpu_power_limit_watts",
     "qvl_batch_in_flight",
     "qvl_route_weight_percent",
+    "qvl_autoscaler_desired_replicas",
+    "qvl_autoscaler_actual_replicas",
+    "qvl_autoscaler_needed_replicas",
+    "qvl_autoscaler_demand_tokens_per_second",
+    "qvl_autoscaler_capacity_tokens_per_second",
+    "qvl_autoscaler_startup_seconds",
+    "qvl_autoscaler_dry_run",
 )
 _HISTOGRAMS = (
     "qvl_request_duration_seconds",
@@ -356,7 +365,7 @@ def test_variables_per_dashboard() -> None:
     def names(dashboard: str) -> set[str]:
         return {v["name"] for v in load(dashboard)["templating"]["list"]}
 
-    assert "model" in names("overview.json")
+    assert {"model", "pool"} <= names("overview.json")
     assert {"model", "instance"} <= names("replicas.json")
     assert "host" in names("gpus.json")
 

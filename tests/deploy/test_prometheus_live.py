@@ -3,7 +3,9 @@
 One run per module: `qvl up --engine sim` with two pools of one model (three replicas of version v1, one of
 v2) and a rollout of v2 at 10 % held for the whole run (the version panels need both), two GPU exporters (this
 machine's, which has no NVML and reports `qvl_gpu_exporter_up 0`, and one reading the substitute NVML module
-of tests/serving/fake_nvml, since no GPU is here), Prometheus (Debian's package) with the shipped config at a
+of tests/serving/fake_nvml, since no GPU is here), the autoscaler's metrics for both pools (a small exporter
+process serving autoscale.metrics with a scripted scale-up: tests/support/autoscaler.py, as `qvl cluster
+autoscale` places replicas on Ray, which is not here), Prometheus (Debian's package) with the shipped config at a
 1 s interval, the answer cache in a real redis-server, and ~25 s of shop traffic
 (loadtests/workloads/shop.yaml through loadtests/traffic.py, broken requests included) during which one
 replica is SIGKILLed while it answers a stream and a plain request (so a stream is cut and a request retried,
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from support.autoscaler import start_exporter
 from support.batch import batch_lines
 from support.chat import image_chat, png_data_url
 from support.nvml import fake_gpu, start_fake_exporter
@@ -72,6 +75,7 @@ class Run:
     router: Proc
     real_exporter: Proc
     fake_exporter: Proc
+    autoscaler: Proc
     traffic: ShopTraffic
     killed_replica: str
 
@@ -142,6 +146,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     cluster = Cluster(tmp)
     prometheus = PrometheusServer(tmp, free_port())
     redis = RedisServer(free_port(), tmp)
+    autoscaler: Proc | None = None
     try:
         redis.start()
         config = tmp / "qvl.yaml"
@@ -164,13 +169,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             env.setenv("QVL_GPU_EXPORTER__NODE_NAME", REAL_HOST)
             real_exporter = cluster.start("gpu-exporter", ready_path="/metrics")
         fake_exporter = start_fake_exporter(cluster, tmp / "nvml.json", FAKE_GPUS, FAKE_HOST)
+        autoscaler = start_exporter(tmp, free_port(), ["stable", "canary"])
         targets = {
             "qvl-router": [router.url.removeprefix("http://")],
             "qvl-vllm": [url.removeprefix("http://") for url in replicas],
             "qvl-gpu": [real_exporter.url.removeprefix("http://"), fake_exporter.url.removeprefix("http://")],
+            "qvl-autoscaler": [autoscaler.url.removeprefix("http://")],
         }
         prometheus.start(write_config(tmp, targets, interval_s=1))
-        prometheus.wait_for('count(up{job=~"qvl-.*"} == 1) == 7', timeout_s=30)
+        prometheus.wait_for('count(up{job=~"qvl-.*"} == 1) == 8', timeout_s=30)
 
         _start_rollout(router)
         victim = stable[1]
@@ -196,9 +203,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         assert b'"type":"stream_interrupted"' in stream and stream.endswith(b"data: [DONE]\n\n")
         # Two evaluation rounds after the last scrape, so the recording rules saw the whole run.
         time.sleep(3)
-        yield Run(prometheus, router, real_exporter, fake_exporter, traffic, victim.removeprefix("http://"))
+        yield Run(prometheus, router, real_exporter, fake_exporter, autoscaler, traffic, victim.removeprefix("http://"))
     finally:
         prometheus.stop()
+        if autoscaler is not None:
+            autoscaler.stop()
         cluster.stop_all()
         redis.kill()
 
@@ -224,7 +233,7 @@ def test_the_run_was_real_traffic_with_a_replica_lost(run: Run) -> None:
 def test_every_target_of_every_job_is_scraped(run: Run) -> None:
     targets = run.prometheus.targets()
     jobs = {t["labels"]["job"] for t in targets}
-    assert jobs == {"qvl-router", "qvl-vllm", "qvl-gpu"}
+    assert jobs == {"qvl-router", "qvl-vllm", "qvl-gpu", "qvl-autoscaler"}
     down = [t["labels"]["instance"] for t in targets if t["health"] != "up"]
     assert down == [run.killed_replica]
 
@@ -276,3 +285,15 @@ def test_the_cache_store_outage_was_seen(run: Run) -> None:
     outage = prometheus.query('min_over_time(qvl_cache_store_up{store="redis"}[1m])')
     assert [float(s["value"][1]) for s in outage] == [0.0]
     assert [float(s["value"][1]) for s in prometheus.query('qvl_cache_store_up{store="redis"}')] == [1.0]
+
+
+def test_the_autoscaler_job_has_each_pool_scaled_up(run: Run) -> None:
+    prometheus = run.prometheus
+    (up,) = prometheus.query('up{job="qvl-autoscaler"}')
+    assert up["metric"]["instance"] == run.autoscaler.url.removeprefix("http://")
+    desired = {s["metric"]["pool"]: float(s["value"][1]) for s in prometheus.query("qvl_autoscaler_desired_replicas")}
+    assert desired == {"stable": 3.0, "canary": 3.0}
+    serving = prometheus.query('sum(qvl_autoscaler_actual_replicas{state="serving"})')
+    assert float(serving[0]["value"][1]) == 6.0
+    ups = prometheus.query('sum by (pool) (qvl_autoscaler_decisions_total{direction="up", reason="demand_up"})')
+    assert sorted((s["metric"]["pool"], float(s["value"][1])) for s in ups) == [("canary", 1.0), ("stable", 1.0)]

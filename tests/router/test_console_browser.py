@@ -1,6 +1,7 @@
 """The console in a real browser: Playwright for Python driving Debian's Chromium (installed by `make install`,
 never downloaded by Playwright), against `qvl up --engine sim` with two replicas, the audit log on, and a GPU
-exporter reading the substitute NVML module (tests/serving/fake_nvml).
+exporter reading the substitute NVML module (tests/serving/fake_nvml). The autoscaling panel is checked on a
+router of its own, whose registry is a real redis-server holding the autoscaler's status.
 
 Every wait is on page state (Playwright's expect and wait_for), never a fixed sleep. Screenshots of both pages
 and the pages' weight go to test-artifacts/console/ (QVL_TEST_ARTIFACTS overrides the folder).
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,13 @@ import httpx
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Playwright, Request, Response, expect, sync_playwright
+from redis import Redis
+from support.autoscaler import status_doc
 from support.batch import OpenAIClient, batch_lines, wait_batch
 from support.console import OPERATOR, VIEWER, console_keys
 from support.nvml import fake_gpu, start_fake_exporter
 from support.polling import wait_for
-from support.servers import Cluster, Proc, sim_pid
+from support.servers import Cluster, Proc, RedisServer, sim_pid
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -309,6 +313,8 @@ def test_the_operations_page_shows_the_fleet_and_a_killed_source_within_seconds(
     expect(page.locator('[data-metric="ttft-p50"] .v')).not_to_have_text(NO_VALUE)
     # No rollout has run on this cluster (its routes and rollouts are in the router's memory).
     expect(page.locator('[data-panel="rollouts"]')).to_contain_text("No rollout yet")
+    # Nor an autoscaler: it reports through the replica registry, which this cluster does not use.
+    expect(page.locator("#autoscaling-note")).to_contain_text("this router has none (registry.url)")
     page.screenshot(path=str(console.artifacts / "operations.png"), full_page=True)
 
     # Kill one replica and the GPU exporter outright.
@@ -323,6 +329,56 @@ def test_the_operations_page_shows_the_fleet_and_a_killed_source_within_seconds(
     expect(page.locator("#exporters")).to_contain_text("stale")
     expect(page.locator('#replicas tr[data-state="healthy"][data-stale="false"]')).to_have_count(1)
     page.screenshot(path=str(console.artifacts / "operations-stale.png"), full_page=True)
+
+
+def test_the_autoscaling_panel_draws_each_pool_and_marks_a_stale_status(
+    browser: Browser, cluster: Cluster, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Its own router, whose registry is a real Redis holding the autoscaler's status (written by the test)."""
+    config = tmp_path / "registry.yaml"
+    config.write_text(f'registry: {{url: "{redis_server.url}"}}\n')
+    keys = console_keys(tmp_path)
+    router = cluster.router(cluster.sim(), flags=("--keys-file", str(keys), "--config", str(config)), auth=True)
+    with Redis.from_url(redis_server.url) as redis:
+        now = time.time()
+        redis.set("qvl:autoscale:status", json.dumps(status_doc(now, ["stable", "canary"], history=30)), ex=60)
+        context = browser.new_context(base_url=router.url, viewport={"width": 1600, "height": 860})
+        try:
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            sign_in(page, OPERATOR)
+            page.goto("/console/operations")
+            rows = page.locator("#autoscaling tr")
+            expect(rows).to_have_count(2)
+            stable = page.locator('#autoscaling tr[data-pool="stable"]')
+            expect(stable).to_have_attribute("data-direction", "up")
+            expect(stable).to_contain_text("1\u20138")
+            expect(stable).to_contain_text("1 starting \u00b7 2 serving \u00b7 0 draining")
+            expect(stable).to_contain_text("5.1 k prefill \u00b7 820 decode tok/s")
+            expect(stable).to_contain_text("(profile)")
+            expect(stable).to_contain_text("demand_up 2 \u2192 3 applied")
+            expect(stable).to_have_attribute("data-stale", "false")
+            chart = stable.locator("svg.chart")
+            expect(chart).to_have_attribute("data-points", "30")
+            expect(chart.locator("polyline")).to_have_count(4)
+            expect(page.locator("#autoscaling-meta")).to_have_text("policy demand \u00b7 every 10 s")
+            page.locator('[data-panel="autoscaling"]').screenshot(
+                path=str(artifacts_dir() / "operations-autoscaling.png")
+            )
+
+            # The autoscaler stopped writing a minute ago, in dry-run: the rows say both.
+            old = status_doc(now - 61, ["stable"], dry_run=True)
+            redis.set("qvl:autoscale:status", json.dumps(old), ex=60)
+            expect(rows).to_have_count(1)
+            expect(stable).to_have_attribute("data-stale", "true")
+            expect(stable).to_contain_text("dry run")
+            redis.delete("qvl:autoscale:status")
+            expect(rows).to_have_count(0)
+            expect(page.locator("#autoscaling-note")).to_contain_text("no autoscaler has reported")
+            assert errors == [], "the page's script failed"
+        finally:
+            context.close()
 
 
 def record_weight(weights: dict[str, int], response: Response) -> None:

@@ -211,6 +211,91 @@ function renderRollouts(panel) {
   }));
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+const tokens = (x) => (x === null || x === undefined ? "–" : x >= 1000 ? `${(x / 1000).toFixed(1)} k` : num(x));
+const directionBadge = { up: "healthy", down: "failing", hold: "" };
+const outcomeText = { applied: "applied", dry_run: "dry run", not_applied: "not applied" };
+
+function svg(tag, attributes) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+  return node;
+}
+
+// desired, actual, serving (steps, drawn thick to thin so that equal ones stay visible) and needed (dashed) on a
+// replica scale, the max bound when it is in view, over the prefill load as a shaded area scaled to its own
+// peak: an inline SVG drawn from the panel's history.
+function historyChart(a) {
+  const width = 220, height = 64, pad = 2;
+  const points = a.history;
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, class: "chart", role: "img" });
+  chart.dataset.points = String(points.length);
+  if (points.length < 2) {
+    chart.append(Object.assign(svg("text", { x: pad + 4, y: height / 2 }), { textContent: "collecting…" }));
+    return chart;
+  }
+  const t0 = points[0].at, t1 = points[points.length - 1].at;
+  const x = (t) => (pad + ((width - 2 * pad) * (t - t0)) / (t1 - t0 || 1)).toFixed(1);
+  const top = Math.max(1, ...points.map((s) => Math.max(s.desired, s.actual, s.needed))) * 1.25 + 0.5;
+  const y = (v) => (height - pad - ((height - 2 * pad) * v) / top).toFixed(1);
+  const peak = Math.max(...points.map((s) => s.prefill_tokens_s)) || 1;
+  const load = points.map((s) => `${x(s.at)},${(height - pad - ((height - 2 * pad) * s.prefill_tokens_s) / peak).toFixed(1)}`);
+  chart.append(svg("polygon", { class: "load", points: `${x(t0)},${height - pad} ${load.join(" ")} ${x(t1)},${height - pad}` }));
+  if (a.max <= top) chart.append(svg("line", { class: "bound", x1: pad, x2: width - pad, y1: y(a.max), y2: y(a.max) }));
+  const step = (key) => points.map((s, i) => `${i ? `${x(s.at)},${y(points[i - 1][key])} ` : ""}${x(s.at)},${y(s[key])}`).join(" ");
+  for (const key of ["actual", "serving", "desired"]) chart.append(svg("polyline", { class: key, points: step(key) }));
+  const needed = points.filter((s) => s.needed !== null);
+  chart.append(svg("polyline", { class: "needed", points: needed.map((s) => `${x(s.at)},${y(s.needed)}`).join(" ") }));
+  chart.append(Object.assign(svg("text", { x: pad + 2, y: 11 }), { textContent: `${duration(t1 - t0)}` }));
+  const last = points[points.length - 1];
+  const title = svg("title", {});
+  title.textContent = `last ${duration(t1 - t0)}: desired ${last.desired}, actual ${last.actual}, serving ${last.serving}, `
+    + `needed ${num(last.needed, 1)}; prefill peak ${tokens(peak)} tokens/s`;
+  chart.append(title);
+  return chart;
+}
+
+function decisionCell(row, a) {
+  const td = cell(row, "");
+  const last = a.last;
+  if (!last) { td.textContent = "none yet"; return; }
+  td.classList.add("reason");
+  row.dataset.direction = last.direction;
+  td.append(el("span", `badge ${directionBadge[last.direction]}`, last.direction));
+  td.append(` ${last.reason} ${last.from} → ${last.to} `);
+  td.append(el("span", `badge ${last.outcome === "applied" ? "healthy" : "failing"}`, outcomeText[last.outcome]));
+  td.title = `${duration(last.age_s)} ago`;
+}
+
+function renderAutoscaling(panel) {
+  const rows = panel.data;
+  if (panel.error) $("autoscaling-note").textContent = `No autoscaling status: ${panel.error.message}.`;
+  else $("autoscaling-note").textContent = rows.length ? "" : `No autoscaling status: ${panel.note}.`;
+  const first = rows[0];
+  $("autoscaling-meta").textContent = first ? `policy ${first.policy} · every ${num(first.interval_s, 0)} s${first.dry_run ? " · dry run" : ""}` : "";
+  $("autoscaling").replaceChildren(...rows.map((a) => {
+    const row = el("tr");
+    row.dataset.pool = a.pool;
+    const name = cell(row, a.pool);
+    if (a.dry_run) name.append(el("span", "badge failing", "dry run"));
+    cell(row, `${a.min}–${a.max}`);
+    cell(row, el("b", null, String(a.desired)));
+    cell(row, `${a.starting} starting · ${a.serving} serving · ${a.draining} draining`);
+    cell(row, num(a.needed, 1));
+    const load = cell(row, `${tokens(a.load.prefill_tokens_s)} prefill · ${tokens(a.load.decode_tokens_s)} decode tok/s`);
+    load.append(el("span", "hint", ` ${num(a.load.in_flight, 0)} in flight${a.load.batch_tokens_s ? ` · batch ${tokens(a.load.batch_tokens_s)} tok/s` : ""}`));
+    const capacity = a.capacity.source === "unknown" ? cell(row, "unknown")
+      : cell(row, `${tokens(a.capacity.prefill_tokens_s)} / ${tokens(a.capacity.decode_tokens_s)} tok/s `);
+    capacity.append(el("span", "hint", `(${a.capacity.source})`));
+    decisionCell(row, a);
+    const status = cell(row, `${duration(a.age_s)} ago`);
+    const stale = staleBadge(row, a);
+    if (stale) status.append(stale);
+    cell(row, historyChart(a));
+    return row;
+  }));
+}
+
 async function refresh() {
   try {
     const response = await fetch("/console/api/operations", { credentials: "same-origin" });
@@ -223,6 +308,7 @@ async function refresh() {
     renderGpus(doc.gpus, doc.exporters);
     renderBatches(doc.batches);
     renderRollouts(doc.rollouts);
+    renderAutoscaling(doc.autoscaling);
     $("updated").textContent = `updated ${new Date(doc.generated_at * 1000).toLocaleTimeString()} · every ${doc.refresh_s} s`;
     document.body.dataset.updated = String(doc.generated_at);
     $("ops-error").hidden = true;
