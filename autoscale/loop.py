@@ -74,7 +74,10 @@ class Autoscaler:
         self.pools: dict[str, PoolState] = {}
         for name in names:
             bounds = auto.bounds(name)
-            own = auto.model_copy(update={"min_replicas": bounds.min_replicas, "max_replicas": bounds.max_replicas})
+            events = [e for e in auto.schedule if not e.pools or name in e.pools]
+            own = auto.model_copy(
+                update={"min_replicas": bounds.min_replicas, "max_replicas": bounds.max_replicas, "schedule": events}
+            )
             estimate = CapacityEstimate(own)
             self.pools[name] = PoolState(
                 name,

@@ -22,6 +22,7 @@ Decisions carry a `reason` from a closed set (REASONS), which metrics use as a l
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -44,6 +45,7 @@ REASONS = (
     "waiting",
     "no_data",
     "no_capacity",
+    "scheduled",
 )
 
 
@@ -85,24 +87,27 @@ class Decision:
 
 
 class Trend:
-    """Holt's linear smoothing of one signal sampled at irregular times: level and slope per second."""
+    """The slope of a (smoothed) signal: its change over the last `span_s`, per second. Not fitted with
+    memory of its own errors, as Holt's smoothing is, so it never swings past zero after a step or a
+    drop; it stays 0 until half a span of samples has been seen (a trend needs history)."""
 
     def __init__(self, span_s: float) -> None:
         self._span_s = span_s
+        self._points: deque[tuple[float, float]] = deque()
+        self._first: float | None = None
         self.level: float | None = None
         self.slope = 0.0
-        self._at = 0.0
 
     def update(self, at: float, value: float) -> None:
-        if self.level is None:
-            self.level, self._at = value, at
-            return
-        dt = max(at - self._at, 1e-9)
-        weight = 1 - math.exp(-dt / self._span_s * 4)  # about 98 % of the weight within one span
-        predicted = self.level + self.slope * dt
-        level = predicted + weight * (value - predicted)
-        self.slope += weight * ((level - self.level) / dt - self.slope)
-        self.level, self._at = level, at
+        if self._first is None:
+            self._first = at
+        self._points.append((at, value))
+        while self._points[0][0] < at - self._span_s:
+            self._points.popleft()
+        then, old = self._points[0]
+        self.level = value
+        enough = at - self._first >= self._span_s / 2 and at > then
+        self.slope = (value - old) / (at - then) if enough else 0.0
 
     def forecast(self, ahead_s: float) -> float:
         """The value `ahead_s` seconds after the last sample (0 before any)."""
@@ -181,11 +186,19 @@ class DemandPolicy:
         self._decode = Trend(settings.forecast_window_s)
         self._prefill_now = Smoothed(settings.smoothing_s)
         self._decode_now = Smoothed(settings.smoothing_s)
+        self._recent: deque[tuple[float, float]] = deque()
+        self._since: float | None = None
         self._stability = _Stability(settings)
 
     def tune(self, capacity: Capacity | None, startup_s: float) -> None:
         self._capacity = capacity
         self._startup_s = max(self._settings.startup_s, startup_s)
+
+    def scheduled(self, at: float) -> int:
+        """The largest min_replicas of the scheduled events whose window (a start-up ahead) holds `at`; 0: none.
+        The settings given are one pool's: the loop leaves out the events of other pools."""
+        windows = [(e.window(self._startup_s), e.min_replicas) for e in self._settings.schedule]
+        return max((floor for (begin, end), floor in windows if begin <= at < end), default=0)
 
     def needed(self, prefill_tokens_s: float, decode_tokens_s: float) -> float:
         """Replicas that serve these rates at target_utilisation of their capacity."""
@@ -194,10 +207,10 @@ class DemandPolicy:
         return max(prefill_tokens_s / c.prefill_tokens_s, decode_tokens_s / c.decode_tokens_s) / u
 
     def decide(self, load: Load, current: int) -> Decision:
-        self._prefill.update(load.at, load.prefill_tokens_s)
-        self._decode.update(load.at, load.decode_tokens_s)
         prefill_now = self._prefill_now.update(load.at, load.prefill_tokens_s)
         decode_now = self._decode_now.update(load.at, load.decode_tokens_s)
+        self._prefill.update(load.at, prefill_now)
+        self._decode.update(load.at, decode_now)
         if self._capacity is None:
             s = self._settings
             if s.min_replicas <= current <= s.max_replicas:
@@ -206,13 +219,31 @@ class DemandPolicy:
         ahead = self._startup_s
         now = self.needed(prefill_now, decode_now)
         later = self.needed(max(0.0, self._prefill.forecast(ahead)), max(0.0, self._decode.forecast(ahead)))
+        floor = self.scheduled(load.at)
+        if floor:
+            later = float(floor)  # the known event is the forecast for its window
         batch = self.needed(load.batch_prefill_tokens_s, load.batch_decode_tokens_s)
         needed = max(now, later) + min(batch, float(self._settings.batch_burst_replicas))
+        window = self._settings.down_window_s
+        self._recent.append((load.at, needed))
+        while len(self._recent) > 1 and self._recent[0][0] <= load.at - window:
+            self._recent.popleft()
+        if self._since is None:
+            self._since = load.at
+        # Down only to what the largest need of a whole window asks, with the hysteresis' margin (a need
+        # that dipped for a moment, or a noisy one, keeps its replicas), and never before a window of
+        # history: one first sample says nothing about the rest.
+        peak = max(n for _, n in self._recent)
         wanted = current
         if math.ceil(needed - 1e-9) > current:
             wanted = math.ceil(needed - 1e-9)
-        elif current > 0 and needed <= (current - 1) * (1 - self._settings.hysteresis):
-            wanted = current - 1  # one step down at a time
+        elif (
+            load.at - self._since >= window
+            and (fewer := math.ceil(peak / (1 - self._settings.hysteresis) - 1e-9)) < current
+        ):
+            wanted = max(fewer, floor)
+        if floor and wanted == floor > current:
+            return self._stability.bounded(load.at, current, wanted, needed, "scheduled", "demand_down")
         return self._stability.bounded(load.at, current, wanted, needed, "demand_up", "demand_down")
 
 

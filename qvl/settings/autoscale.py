@@ -3,6 +3,7 @@ the policy and its stability rules, dry-run, draining."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,33 @@ class PoolBounds(Section):
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
+
+
+class ScheduledEvent(Section):
+    """A known peak (a flash sale, a campaign): the pools' replicas it needs, ready when it starts."""
+
+    name: str = Field(description="What the event is, for the logs and the decisions' reason.")
+    start: datetime.datetime = Field(description="When the event's traffic begins (ISO 8601; UTC when no zone).")
+    end: datetime.datetime = Field(description="When it ends.")
+    min_replicas: int = Field(
+        ge=1, description="Replicas each named pool has from one start-up before `start` to `end`."
+    )
+    pools: list[str] = Field(default_factory=list, description="Pools it applies to; empty: every pool.")
+
+    @model_validator(mode="after")
+    def _order(self) -> ScheduledEvent:
+        if self.end <= self.start:
+            raise ValueError(f"scheduled event {self.name}: end must come after start")
+        return self
+
+    def window(self, lead_s: float) -> tuple[float, float]:
+        """Its floor's span in epoch seconds: from `lead_s` (a start-up) before its start to its end."""
+        return _epoch(self.start) - lead_s, _epoch(self.end)
+
+
+def _epoch(moment: datetime.datetime) -> float:
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=datetime.UTC)
+    return aware.timestamp()
 
 
 class AutoscaleSettings(Section):
@@ -71,10 +99,16 @@ class AutoscaleSettings(Section):
         "measured start-ups replace it when longer).",
     )
     hysteresis: float = Field(
-        0.15,
+        0.0,
         ge=0,
         lt=1,
-        description="demand: scale down only when the replicas needed are this share under one fewer replica.",
+        description="demand: a scale-down keeps the replicas needed this share under the replicas left.",
+    )
+    down_window_s: float = Field(
+        300.0,
+        ge=0,
+        description="demand: a scale-down goes only to what the largest need of this many past seconds asks "
+        "(a stabilisation window: a dip or a noisy interval removes nothing).",
     )
     cooldown_s: float = Field(
         60.0,
@@ -85,7 +119,10 @@ class AutoscaleSettings(Section):
         300.0, ge=0, description="Seconds after a scale-up during which no scale-down happens."
     )
     forecast_window_s: float = Field(
-        300.0, gt=0, description="demand: seconds of demand the trend is fitted over (Holt's smoothing span)."
+        600.0,
+        gt=0,
+        description="demand: the trend is the smoothed demand's change over this many seconds (none before half "
+        "of them have been seen).",
     )
     smoothing_s: float = Field(
         60.0,
@@ -111,6 +148,12 @@ class AutoscaleSettings(Section):
         gt=0,
         description="A replica being removed leaves the registry, then gets this long to finish its requests "
         "in flight before it is stopped.",
+    )
+    schedule: list[ScheduledEvent] = Field(
+        default_factory=list,
+        description="demand: known peaks. From one start-up time before an event until its end, its pools keep at "
+        "least its min_replicas, and the event stands for the forecast (measured demand above it still adds "
+        "replicas); size min_replicas with `qvl plan size` at the expected peak rate.",
     )
     history: int = Field(360, ge=1, description="Samples per pool kept for the console's chart (one per interval).")
 

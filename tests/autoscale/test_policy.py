@@ -70,13 +70,13 @@ def test_the_larger_of_prefill_and_decode_demand_counts() -> None:
 
 
 def test_a_rising_load_is_met_one_start_up_time_ahead() -> None:
-    """Demand rises by one replica every 100 s: the policy asks for the third replica before the load needs
-    more than two, because a replica asked for now serves only after startup_s."""
+    """After ten steady minutes, demand rises by one replica every 100 s: the policy asks for the third
+    replica before the load needs more than two, because a replica asked for now serves only after startup_s."""
     policy = DemandPolicy(SETTINGS, CAPACITY)
     asked_at = needed_at = None
     current = 2
-    for at in range(0, 2000, 5):
-        need = 0.5 + at / 100
+    for at in range(0, 2600, 5):
+        need = 0.5 + max(0, at - 600) / 100
         if needed_at is None and need > 2:
             needed_at = at
         decision = policy.decide(demand(at, need), current)
@@ -97,16 +97,26 @@ def test_a_load_oscillating_around_a_threshold_does_not_flap() -> None:
     assert changes == 1 and counts[-1] == 4
 
 
-def test_scale_down_is_one_step_per_cool_down_and_never_soon_after_a_scale_up() -> None:
-    policy = DemandPolicy(SETTINGS, CAPACITY)
-    counts = run(policy, [demand(0, 6.0)] + [demand(at, 0.5) for at in range(5, 1200, 5)], 1)
+def test_scale_down_waits_a_whole_window_and_after_a_scale_up_then_one_step_per_cool_down() -> None:
+    """Demand jumps to 6 replicas' worth, then falls to 4.5 and, two minutes later, to 0.5: the first step
+    down waits down_after_up_s and a whole down window after the 6; each step goes to what its window's
+    largest need asks, and steps are a cool-down apart."""
+    settings = SETTINGS.model_copy(update={"down_window_s": 120.0})
+    policy = DemandPolicy(settings, CAPACITY)
+    loads = [demand(0, 6.0)] + [demand(at, 4.5 if at < 500 else 0.5) for at in range(5, 1500, 5)]
+    counts = run(policy, loads, 1)
     assert counts[0] == 6
-    first_down = next(i for i, c in enumerate(counts) if c < 6) * 5 + 5
-    assert first_down >= SETTINGS.down_after_up_s
     changes = [(i * 5, c) for i, c in enumerate(counts) if i and counts[i - 1] != c]
-    assert [c for _, c in changes] == [5, 4, 3, 2, 1]
-    gaps = [b[0] - a[0] for a, b in itertools.pairwise(changes)]
-    assert all(gap >= SETTINGS.cooldown_s for gap in gaps)
+    assert [c for _, c in changes] == [5, 1]
+    assert changes[0][0] >= settings.down_after_up_s
+    assert changes[1][0] >= 500 + settings.down_window_s - 5  # the 4.5 left the window
+    assert all(b[0] - a[0] >= settings.cooldown_s for a, b in itertools.pairwise(changes))
+
+
+def test_no_step_down_before_a_whole_window_of_history() -> None:
+    policy = DemandPolicy(SETTINGS.model_copy(update={"down_window_s": 300.0}), CAPACITY)
+    counts = run(policy, [demand(at, 0.5) for at in range(0, 400, 5)], 4)
+    assert counts[: 300 // 5] == [4] * (300 // 5) and counts[-1] == 1
 
 
 def test_the_reactive_baseline_waits_its_delays_then_jumps() -> None:
@@ -144,7 +154,7 @@ def test_the_trend_follows_a_ramp_and_forecasts_it() -> None:
 
 
 def test_a_rising_load_is_followed_up_without_waiting_for_the_cool_down() -> None:
-    policy = DemandPolicy(SETTINGS, CAPACITY)
+    policy = DemandPolicy(SETTINGS.model_copy(update={"down_window_s": 0.0}), CAPACITY)  # the cool-down alone
     first = policy.decide(demand(0, 3.5), 1)
     again = policy.decide(demand(5, 6.5), first.desired)
     assert (first.desired, again.desired, again.reason) == (4, 7, "demand_up")
@@ -156,7 +166,7 @@ def test_one_noisy_interval_adds_no_replica_with_the_default_smoothing() -> None
     settings = SETTINGS.model_copy(update={"smoothing_s": AutoscaleSettings().smoothing_s})
     policy = DemandPolicy(settings, CAPACITY)
     steady = [policy.decide(demand(t, 0.8), 1) for t in range(0, 600, 10)]
-    spike = policy.decide(demand(600, 1.15), 1)  # 44 % over the mean for one interval
+    spike = policy.decide(demand(600, 1.1), 1)  # 37.5 % over the mean for one interval
     after = policy.decide(demand(610, 0.8), 1)
     assert {d.desired for d in steady} == {1}
     assert (spike.desired, after.desired) == (1, 1)
@@ -164,7 +174,7 @@ def test_one_noisy_interval_adds_no_replica_with_the_default_smoothing() -> None
     raw = DemandPolicy(SETTINGS, CAPACITY)
     for t in range(0, 600, 10):
         raw.decide(demand(t, 0.8), 1)
-    assert raw.decide(demand(600, 1.15), 1).desired == 2
+    assert raw.decide(demand(600, 1.1), 1).desired == 2
 
 
 def test_batch_tokens_use_only_the_burst_budget() -> None:
