@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(ENGINE)
 EXTRA  := $(if $(filter gpu,$(ENGINE)),vllm,cpu),ray
 
-.PHONY: install system-deps demo test lint typecheck promcheck pytest bench bench-batch bench-rollout bench-planner capacity-demo dashboards-preview clean
+.PHONY: install system-deps demo test lint typecheck promcheck pytest bench bench-batch bench-rollout bench-autoscale bench-planner capacity-demo dashboards-preview clean
 
 install: system-deps $(STAMP)
 
@@ -82,6 +82,7 @@ bench: install
 	$(BIN)/python -m benchmarks.batch_frontier
 	$(BIN)/python -m benchmarks.batch_validation
 	$(BIN)/python -m benchmarks.rollout_canary
+	$(BIN)/python -m benchmarks.autoscale_traces
 
 # A batch job on spare capacity beside interactive traffic, on 2 simulated replicas (about 8 minutes), what a
 # perfect router could do on the same engine (virtual time, about a minute), and the largest batch file's
@@ -97,6 +98,14 @@ bench-batch: install
 ROLLOUT_ARGS ?=
 bench-rollout: install
 	$(BIN)/python -m benchmarks.rollout_canary $(ROLLOUT_ARGS)
+
+# Autoscaling on traces (issue 19): the demand policy, the reactive baseline and an oracle on a flash sale, a
+# noisy sine and a day in the fleet model (seconds), then a compressed flash sale through the real router and
+# autoscaler with simulated replicas on a local Ray head, once per policy, beside the model's prediction of it
+# (about 10 minutes). AUTOSCALE_ARGS=--quick: a shorter sale (about 5 minutes); --no-live: the model alone.
+AUTOSCALE_ARGS ?=
+bench-autoscale: install
+	$(BIN)/python -m benchmarks.autoscale_traces $(AUTOSCALE_ARGS)
 
 # The capacity planner's whole loop on 2 real vLLM CPU replicas of the tiny model: calibrate, validate, size,
 # verify, report (loadtests/planner/demo.py; about 20 minutes). PLAN: the planning folder (must be new).

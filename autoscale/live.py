@@ -9,7 +9,9 @@ open-loop sender draws Poisson arrivals at the trace's rate and streams each req
 Compression: a trace second lasts 1/speed seconds. The trace is read at t * speed, and every duration the
 autoscaler or the fleet knows (interval, start-up, cool-downs, forecast window, the reactive delays, the
 replicas' cold start) is divided by `speed`; request rates and the engines' speed are not, so what a
-replica sustains stays real. Reported times are trace times.
+replica sustains stays real. Reported times are trace times. Scheduled events (autoscale.schedule) name
+wall-clock times, which a compressed replay does not have: they are left out here (the virtual replay,
+autoscale/replay.py, takes them with trace seconds as epoch seconds).
 
 A window of one autoscaler interval is in violation of the SLO when a request sent in it failed, or the
 95th percentile of their times to first token exceeds autoscale.slo_ttft_s.
@@ -121,11 +123,14 @@ def compressed(settings: Settings, speed: float, cold_start_s: float) -> Setting
                 "cooldown_s",
                 "down_after_up_s",
                 "forecast_window_s",
+                "smoothing_s",
+                "down_window_s",
                 "reactive_up_delay_s",
                 "reactive_down_delay_s",
             )
         }
     )
+    auto = auto.model_copy(update={"schedule": []})
     sim = settings.sim.model_copy(update={"startup_delay_s": cold_start_s / speed})
     return settings.model_copy(update={"autoscale": auto, "sim": sim})
 

@@ -32,6 +32,7 @@ from autoscale.metrics import AutoscalerMetrics
 from autoscale.observe import ClassWatch, EngineWatch, pool_load
 from autoscale.policy import Decision, Load, Policy, ReplicaView, build_policy, victim
 from qvl.settings import DEFAULT_POOL, Settings
+from qvl.settings.autoscale import PoolBounds
 
 log = logging.getLogger("qvl.autoscale")
 Routers = Callable[[], Awaitable[list[str]]]
@@ -129,7 +130,7 @@ class Autoscaler:
         state.policy.tune(state.capacity.capacity, state.startup_s)
         load = observed.load
         if serving and not seen:
-            decision = Decision(at, current, current, "hold", "no_data", math.nan)
+            decision = _bounded_without_data(at, current, auto.bounds(state.name))
         else:
             if seen and len(seen) < len(serving):  # a scrape failed: the others stand for it
                 load = _scaled(load, len(serving) / len(seen))
@@ -250,6 +251,15 @@ class Autoscaler:
             "policy": auto.policy,
             "pools": pools,
         }
+
+
+def _bounded_without_data(at: float, current: int, bounds: PoolBounds) -> Decision:
+    """Without rates the demand is unknown, but the bounds still hold."""
+    if current < bounds.min_replicas:
+        return Decision(at, current, bounds.min_replicas, "up", "below_min", math.nan)
+    if current > bounds.max_replicas:
+        return Decision(at, current, bounds.max_replicas, "down", "above_max", math.nan)
+    return Decision(at, current, current, "hold", "no_data", math.nan)
 
 
 def _scaled(load: Load, factor: float) -> Load:

@@ -1,7 +1,7 @@
 """The `qvl` command: one entry, a subcommand per role (router, sim, up, replica, gpu-exporter,
 cluster up|status|scale|down|autoscale, model tiny, loadtest [run]|sweep|report,
-plan calibrate|validate|size|verify|report, batch submit|status|cancel); `python -m qvl` and `python -m qvl.cli`
-run it too.
+plan calibrate|validate|size|verify|report, batch submit|status|cancel, autoscale replay);
+`python -m qvl` and `python -m qvl.cli` run it too.
 
 Every subcommand that runs with settings takes `--config FILE` (YAML) and reads `QVL_*` variables; its
 flags win over both. Flags that set a settings field are added with `setting_flag` (qvl/cli/flags.py),
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qvl.cli import batch, loadtest, plan, rollout
+from qvl.cli import autoscale, batch, loadtest, plan, rollout
 from qvl.cli.flags import SET_PREFIX, setting_flag
 from qvl.cli.loadtest import with_default_action
 from qvl.settings import Settings, SettingsError, load_settings
@@ -207,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_commands(sub)
     batch.add_commands(sub)
     rollout.add_commands(sub)
+    autoscale.add_commands(sub, _common_flags)
 
     model = sub.add_parser("model", help="Build models.", description="Build models.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="WHAT")

@@ -31,6 +31,8 @@ def test_a_step_scales_up_and_back_down_without_a_failed_request(redis_server, t
                 "cooldown_s": 30.0,
                 "down_after_up_s": 60.0,
                 "smoothing_s": 30.0,
+                "forecast_window_s": 120.0,
+                "down_window_s": 60.0,
                 "max_replicas": 4,
                 "capacity_prefill_tokens_s": 5000.0,
                 "capacity_decode_tokens_s": CAPACITY_DECODE,
