@@ -373,3 +373,43 @@ def test_a_real_vllm_cpu_replica_on_ray(ray_cluster: RayCluster, redis_server, c
         assert answer.json()["usage"]["prompt_tokens"] > 0
     finally:
         ray_cluster.qvl("down", "--config", str(SIM_CONFIG), env=env)
+
+
+def test_autoscale_once_keeps_a_pools_bounds_dry_run_changing_nothing(
+    ray_cluster: RayCluster, redis_server, tmp_path: Path
+) -> None:
+    """`qvl cluster autoscale --once` on a pool under its min_replicas: a dry run says it would start one
+    and starts nothing; a real one starts it (announced with its pool). Lowering max_replicas then drains
+    and stops one: it leaves the registry and the pool is back to one replica."""
+    base = SIM_CONFIG.read_text() + "pools:\n  - {name: shop, model: qwen3-vl-8b, version: v1, replicas: 1}\n"
+    config = tmp_path / "auto.yaml"
+
+    def bounds(low: int, high: int) -> None:
+        config.write_text(
+            base + f"autoscale: {{port: 0, pools: {{shop: {{min_replicas: {low}, max_replicas: {high}}}}}}}\n"
+        )
+
+    bounds(2, 3)
+    env = cluster_env("auto", redis_server.url, ray_cluster.tmp)
+    ray_cluster.qvl("up", "--config", str(config), env=env)
+    try:
+        dry = json.loads(ray_cluster.qvl("autoscale", "--config", str(config), "--once", "--dry-run", env=env).stdout)
+        (pool,) = dry["pools"]
+        assert (pool["pool"], pool["last"]["reason"], pool["last"]["to"], pool["last"]["applied"]) == (
+            "shop",
+            "below_min",
+            2,
+            False,
+        )
+        assert len(replicas(ray_cluster, env)) == 1
+        ray_cluster.qvl("autoscale", "--config", str(config), "--once", env=env)
+        assert sorted(r["pool"] for r in replicas(ray_cluster, env)) == ["shop", "shop"]
+        wait_for(lambda: len(registry_urls(redis_server.url)) == 2, timeout=10)
+        bounds(1, 1)
+        done = ray_cluster.qvl("autoscale", "--config", str(config), "--once", env=env)
+        (pool,) = json.loads(done.stdout)["pools"]
+        assert (pool["last"]["reason"], pool["last"]["to"], pool["last"]["applied"]) == ("above_max", 1, True)
+        assert len(replicas(ray_cluster, env)) == 1
+        assert len(registry_urls(redis_server.url)) == 1
+    finally:
+        ray_cluster.qvl("down", "--config", str(config), env=env)
