@@ -83,6 +83,8 @@ class RayFleet:
         """Placing key -> the replica's name, once placed (for a removal asked while it was placing)."""
         self._failed: set[str] = set()
         self._placed: dict[str, asyncio.Event] = {}
+        self._reserved: set[int] = set()
+        self._indexing = asyncio.Lock()
 
     async def replicas(self) -> list[FleetReplica]:
         infos: list[dict[str, Any]] = await asyncio.to_thread(cluster.replica_infos, self._settings.cluster)
@@ -122,9 +124,14 @@ class RayFleet:
         self._spawn(self._launch(pool, key))
 
     async def _launch(self, pool: str, key: str) -> None:
-        taken = {int(n.rpartition("-replica-")[2]) for n in self._asked}
+        # Indexes are handed out one at a time on the event loop, and held until placed: two launches
+        # in worker threads must never pick the same free index.
+        async with self._indexing:
+            taken = {int(n.rpartition("-replica-")[2]) for n in self._asked} | self._reserved
+            index = await asyncio.to_thread(cluster.free_index, self._settings.cluster, taken)
+            self._reserved.add(index)
         try:
-            name, ref = await asyncio.to_thread(cluster.launch, self._settings, self._pools[pool], taken, log.info)
+            name, ref = await asyncio.to_thread(cluster.launch, self._settings, self._pools[pool], index, log.info)
         except (cluster.ClusterError, RayError) as exc:
             log.error("could not start a replica of pool %s: %s", pool, exc)
             self._metrics.record_action(pool, "start", "failed")
@@ -132,6 +139,7 @@ class RayFleet:
         finally:
             asked = self._placing.pop(key, time.time())
             self._placed.pop(key).set()
+            self._reserved.discard(index)
         self._asked[name] = asked
         self._starting.add(name)
         self._launched[key] = name

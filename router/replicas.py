@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import orjson
 
 from qvl.engine_metrics import engine_series
+from qvl.periodic import every
 from qvl.settings import RouterSettings
 from router.upstream import ConnectFailed, ConnectionLost, Origin, UpstreamClient
 
@@ -251,19 +251,10 @@ class ReplicaPool:
     async def run(self) -> None:
         """Check health and scrape load forever, each on its own interval; cancel to stop."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._every(self._settings.health.interval_s, self.check_all))
-            group.create_task(self._every(self._settings.load_scrape_interval_s, self._scrape_healthy))
+            group.create_task(every(self._settings.health.interval_s, self.check_all, log, "replica health checks"))
+            group.create_task(
+                every(self._settings.load_scrape_interval_s, self._scrape_healthy, log, "replica load scrape")
+            )
 
     async def _scrape_healthy(self) -> None:
         await asyncio.gather(*(self.scrape_load(r) for r in self.replicas if r.healthy))
-
-    @staticmethod
-    async def _every(interval: float, job: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            started = time.monotonic()
-            try:
-                await job()
-            except Exception:
-                # A bug in one round must not stop health checking for good; it is logged loudly.
-                log.exception("replica background job failed")
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 
+from qvl.periodic import every
 from qvl.settings import RolloutSettings
 from router.rollout.analysis import sample_line
 from router.rollout.store import Store, StoreUnavailable
@@ -120,8 +121,8 @@ class Rollouts:
     async def run(self) -> None:
         """Poll the routes and write the samples, forever; cancel to stop."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(_every(self._settings.poll_interval_s, self.refresh))
-            group.create_task(_every(self._settings.flush_interval_s, self.flush))
+            group.create_task(every(self._settings.poll_interval_s, self.refresh, log, "rollout route poll"))
+            group.create_task(every(self._settings.flush_interval_s, self.flush, log, "rollout sample flush"))
 
     async def close(self) -> None:
         await self.flush()
@@ -133,14 +134,3 @@ def _describe(route: Route | None) -> str:
     if route is None:
         return "gone"
     return ", ".join(f"{v} {w:g}" for v, w in route.versions)
-
-
-async def _every(interval_s: float, job: object) -> None:
-    assert callable(job)
-    while True:
-        started = time.monotonic()
-        try:
-            await job()
-        except Exception:
-            log.exception("rollout background job failed")
-        await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))

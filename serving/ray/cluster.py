@@ -313,13 +313,17 @@ def _create(settings: Settings, index: int, pool: PoolSettings | None, say: Say)
     return actor, actor.start.remote()
 
 
-def launch(settings: Settings, pool: PoolSettings | None, taken: set[int], say: Say) -> tuple[str, ray.ObjectRef]:
-    """Place one more replica of `pool` (None: of the cluster without pools) at the lowest index neither
-    running nor in `taken`, and ask it to start without waiting: its `info()` says `starting` until it
-    serves, and the returned ref resolves then (a RayError if it never does). Raises ClusterError when it
-    cannot be placed within cluster.placement_timeout_s."""
-    used = set(_replica_indexes(settings.cluster)) | taken
-    index = next(i for i in itertools.count() if i not in used)
+def free_index(conf: ClusterSettings, taken: set[int]) -> int:
+    """The lowest replica index with no actor or placement group and not in `taken` (indexes a caller
+    has handed out and not yet placed)."""
+    used = set(_replica_indexes(conf)) | taken
+    return next(i for i in itertools.count() if i not in used)
+
+
+def launch(settings: Settings, pool: PoolSettings | None, index: int, say: Say) -> tuple[str, ray.ObjectRef]:
+    """Place replica `index` of `pool` (None: of the cluster without pools) and ask it to start without
+    waiting: its `info()` says `starting` until it serves, and the returned ref resolves then (a RayError
+    if it never does). Raises ClusterError when it cannot be placed within cluster.placement_timeout_s."""
     _, ref = _create(settings, index, pool, say)
     return _name(settings.cluster, index), ref
 
