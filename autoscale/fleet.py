@@ -1,9 +1,10 @@
 """The replicas the autoscaler sizes, behind one small async protocol, and its implementation on Ray.
 
-`Fleet` has three methods: `replicas()` (every replica with its pool and state), `add(pool)` (one more
-replica, started in the background: it shows as `starting` until it serves) and `remove(replica)` (a
-starting one is stopped at once; a serving one leaves the registry, drains its requests in flight and is
-stopped, in the background, showing as `draining` meanwhile). `RayFleet` places replicas as `qvl cluster
+`Fleet` has four methods: `replicas()` (every replica with its pool and state), `add(pool)` (one more
+replica, started in the background: it shows as `starting` until it serves), `startups(pool)` (how long
+the ones it started took to serve) and `remove(replica)` (a starting one is stopped at once; a serving
+one leaves the registry, drains its requests in flight and is stopped, in the background, showing as
+`draining` meanwhile). `RayFleet` places replicas as `qvl cluster
 up` does (serving/ray/cluster.py); its Ray calls block, so each runs in a worker thread.
 """
 
