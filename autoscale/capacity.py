@@ -6,10 +6,10 @@ from the settings, or learned online from the engines.
   runs max_running requests a step. Both are the saturated rates: target_utilisation keeps the margin the
   SLO needs, and the policy takes the larger share of the two (one engine does both in the same steps).
 - autoscale.capacity_prefill_tokens_s and capacity_decode_tokens_s, when both are set.
-- Learned: an interval in which a serving replica worked at or past the SLO (its mean TTFT reached
-  slo_ttft_s, or requests queued) shows what it sustains there; its token rates then are a sample, and
-  the capacity is their exponentially weighted mean. A learned capacity replaces the settings' (the
-  engines know their hardware and the traffic's mix better), never a profile's.
+- Learned, when neither is given: an interval in which a serving replica worked at or past the SLO (the
+  mean TTFT of its requests reached slo_ttft_s) shows what it sustains there; its token rates then are
+  a sample, and the capacity is their exponentially weighted mean. A configured capacity is never
+  replaced: one noisy interval must not move what an operator measured.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class CapacityEstimate:
         self.samples = 0
 
     def learn(self, replicas: Iterable[ReplicaRates]) -> None:
-        """Take the interval's replicas at the SLO as samples (a profile's capacity is kept as it is)."""
-        if self.source == "profile":
+        """Take the interval's replicas at the SLO as samples (a configured capacity is kept as it is)."""
+        if self.source in ("profile", "settings"):
             return
         for r in replicas:
             if not at_slo(r, self._slo_s) or r.prefill_tokens_s <= 0 or r.decode_tokens_s <= 0:

@@ -123,10 +123,10 @@ class Autoscaler:
         current = counts["starting"] + counts["serving"]
         serving = [r for r in mine if r.state == "serving"]
         seen = {r.url: rates[r.url] for r in serving if r.url in rates}
-        observed = pool_load(at, seen, share)
-        state.capacity.learn(seen.values())
         startups = self._fleet.startups(state.name)
         state.startup_s = max([auto.startup_s, *startups[-5:]])
+        observed = pool_load(at, seen, share, state.startup_s)
+        state.capacity.learn(seen.values())
         state.policy.tune(state.capacity.capacity, state.startup_s)
         load = observed.load
         if serving and not seen:

@@ -5,7 +5,9 @@ Engines (vLLM, or `qvl sim`, which exports the same series) count `vllm:prompt_t
 included) and `vllm:generation_tokens`; the rate of each is the change between two scrapes of the same
 replica over the time between them (a replica seen for the first time, or one whose counters went back
 after a restart, contributes from its next scrape). Queued requests are demand no counter shows yet: each
-waiting request adds the pool's mean prompt and answer per request, spread over one interval.
+waiting request adds the pool's mean prompt and answer per request, spread over one start-up time (the
+soonest new replicas could serve it; spread over one interval, a moment's queue asked for far more
+replicas than the traffic needed).
 
 Batch lines are not interactive demand: the routers' `qvl_admission_decisions_total{decision="admitted"}`
 by class gives the share of requests that were batch lines over the same interval, across the cluster
@@ -75,6 +77,8 @@ class ReplicaRates:
     mean_ttft_s: float | None
     """Mean time to first token of the requests that got one in the interval (None: none did)."""
     finished: float
+    seconds: float
+    """The interval's length."""
 
 
 def rates(before: EngineSample, after: EngineSample) -> ReplicaRates | None:
@@ -90,7 +94,7 @@ def rates(before: EngineSample, after: EngineSample) -> ReplicaRates | None:
         return None
     ttft_n = deltas[2]
     ttft = (after.ttft_sum - before.ttft_sum) / ttft_n if ttft_n else None
-    return ReplicaRates(deltas[0] / dt, deltas[1] / dt, after.running, after.waiting, ttft, deltas[3])
+    return ReplicaRates(deltas[0] / dt, deltas[1] / dt, after.running, after.waiting, ttft, deltas[3], dt)
 
 
 class EngineWatch:
@@ -180,16 +184,18 @@ class PoolLoad:
     replicas: dict[str, ReplicaRates]
 
 
-def pool_load(at: float, replicas: dict[str, ReplicaRates], batch_share: float) -> PoolLoad:
+def pool_load(at: float, replicas: dict[str, ReplicaRates], batch_share: float, backlog_s: float) -> PoolLoad:
     """Sum a pool's replicas into a Load (see the module's docstring for queued requests and batch)."""
     prefill = sum(r.prefill_tokens_s for r in replicas.values())
     decode = sum(r.decode_tokens_s for r in replicas.values())
     waiting = sum(r.waiting for r in replicas.values())
     finished = sum(r.finished for r in replicas.values())
-    if waiting and finished:
-        # Tokens per request (the interval's tokens over the requests it finished) times the queue, spread
-        # over one interval: waiting * (prefill * interval_s / finished) / interval_s.
-        prefill, decode = prefill * (1 + waiting / finished), decode * (1 + waiting / finished)
+    seconds = max((r.seconds for r in replicas.values()), default=0.0)
+    if waiting and finished and backlog_s > 0:
+        # Tokens per request (the interval's tokens over the requests it finished) times the queue, to be
+        # served within backlog_s: waiting * (rate * seconds / finished) / backlog_s more per second.
+        extra = 1 + waiting * seconds / (finished * backlog_s)
+        prefill, decode = prefill * extra, decode * extra
     in_flight = sum(r.running + r.waiting for r in replicas.values())
     share = min(max(batch_share, 0.0), 1.0)
     load = Load(
@@ -204,8 +210,8 @@ def pool_load(at: float, replicas: dict[str, ReplicaRates], batch_share: float) 
 
 
 def at_slo(r: ReplicaRates, slo_ttft_s: float) -> bool:
-    """Whether the replica worked at or past the SLO in the interval: its mean TTFT reached the SLO, or
-    requests queued (the engine was full)."""
-    return r.waiting > 0 or (
-        r.mean_ttft_s is not None and not math.isnan(r.mean_ttft_s) and r.mean_ttft_s >= slo_ttft_s
-    )
+    """Whether the replica worked at or past the SLO in the interval: the mean TTFT of its requests
+    reached it. (A request waiting at the moment of a scrape is not enough: Poisson arrivals queue for
+    a moment at any load, and learning from such an interval takes a half-busy replica's rates for its
+    capacity.)"""
+    return r.mean_ttft_s is not None and not math.isnan(r.mean_ttft_s) and r.mean_ttft_s >= slo_ttft_s

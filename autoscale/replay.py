@@ -118,9 +118,3 @@ def oracle(trace: Trace, fleet: Fleet, duration_s: float, tick_s: float = 5.0) -
         out.serving.append(need[i])
         out.held.append(max(need[i : i + ahead + 1]))
     return out
-
-
-def _ready(replica: ReplicaView, ready_at: dict[str, float], t: float) -> ReplicaView:
-    if replica.state == "starting" and ready_at[replica.name] <= t:
-        return ReplicaView(replica.name, "serving", replica.in_flight, replica.started_at)
-    return replica

@@ -75,8 +75,8 @@ class AutoscaleSettings(Section):
     slo_ttft_s: float = Field(
         2.0,
         gt=0,
-        description="The SLO: mean time to first token a replica may show. A replica's token throughput while "
-        "it is at or past the SLO (or queueing) is a sample of its capacity.",
+        description="The SLO: mean time to first token a replica may show. Without a configured capacity, a "
+        "replica's token throughput over an interval in which it reached the SLO is a sample of its capacity.",
     )
     profile: Path | None = Field(
         None,
