@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -49,13 +50,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autoscale.live import PROMPT, LiveRun, compressed, run_live
+from autoscale.live import PROMPT, compressed, run_live
 from autoscale.policy import Capacity, DemandPolicy, Policy, ReactivePolicy
 from autoscale.replay import Fleet, Replay, oracle, replay
 from autoscale.tool import NamedTrace, diurnal_trace, flash_sale_trace, noisy_sine_trace
 from autoscale.traces import flash_sale
 from benchmarks import rollout_canary
-from benchmarks.autoscale_report import SENT_FIELDS, dump, series, unrle, violation_s, write_report
+from benchmarks.autoscale_report import SENT_FIELDS, startups, unrle, violation_s, write_report
 from benchmarks.batch_priority import code_version
 from benchmarks.common import RESULTS
 from qvl.settings import Settings, load_settings
@@ -83,6 +84,41 @@ others by the speed): divided here, unless compressed() does it itself."""
 
 def say(message: str) -> None:
     print(f"autoscale_traces: {message}", flush=True)
+
+
+# Records ------------------------------------------------------------------------------------------------
+def rle(values: list[int]) -> list[list[int]]:
+    """[[index, value], ...] at each change: a replay's replica counts, compactly."""
+    return [[i, v] for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
+
+
+def series(run: Replay) -> dict[str, Any]:
+    """A replay's raw record: replicas held and serving per tick, and every decision that moved."""
+    moves = [[d.at, d.direction, d.current, d.desired, d.reason] for d in run.decisions if d.direction != "hold"]
+    return {"held": rle(run.held), "serving": rle(run.serving), "moves": moves if run.decisions else None}
+
+
+def dump(doc: dict[str, Any]) -> str:
+    """JSON with each record (a list or an object of plain values) on one line of its own."""
+    return _dumps(doc, 0) + "\n"
+
+
+def _flat(x: Any) -> bool:
+    return not isinstance(x, dict | list)
+
+
+def _dumps(x: Any, level: int) -> str:
+    pad, inner = "  " * level, "  " * (level + 1)
+    compact = json.dumps(x, separators=(",", ":"))
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, list) else []
+    if all(map(_flat, values)):
+        return compact
+    if isinstance(x, dict):
+        body = ",\n".join(f"{inner}{json.dumps(k)}: {_dumps(v, level + 1)}" for k, v in x.items())
+        return "{\n" + body + "\n" + pad + "}"
+    if not x:
+        return "[]"
+    return "[\n" + ",\n".join(inner + _dumps(item, level + 1) for item in x) + "\n" + pad + "]"
 
 
 # 1. Virtual time ----------------------------------------------------------------------------------------
@@ -172,14 +208,14 @@ def live_settings(redis_url: str, policy: str, args: argparse.Namespace) -> tupl
     return settings.model_copy(update={"autoscale": a.model_copy(update=fix)}), sorted(fix)
 
 
-def prediction(settings: Settings, args: argparse.Namespace, latency_s: float) -> dict[str, Any]:
+def prediction(settings: Settings, args: argparse.Namespace, latency_s: float, startup_s: float) -> dict[str, Any]:
     """What the fleet model predicts for the live run: the same trace, policy code and settings (trace
     seconds), one decision per interval, a replica of the settings' capacity in requests/s."""
     auto = settings.autoscale
     prompt = math.ceil(len(PROMPT) / settings.sim.text_chars_per_token) + settings.sim.text_template_tokens
     fleet = Fleet(
         capacity_rps=LIVE_CAPACITY.decode_tokens_s / LIVE_MAX_TOKENS,
-        startup_s=args.cold_start,
+        startup_s=startup_s,
         prompt_tokens=float(prompt),
         output_tokens=float(LIVE_MAX_TOKENS),
         latency_s=latency_s,
@@ -190,6 +226,19 @@ def prediction(settings: Settings, args: argparse.Namespace, latency_s: float) -
     return {"fleet": _fleet(fleet), "tick_s": ran.tick_s, "rates": [round(r, 4) for r in ran.rates], **series(ran)}
 
 
+class Kept(logging.Handler):
+    """The autoscaler's and the fleet's log records of one live run: the decisions with the load they saw,
+    the starts and drains, and any start that failed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.began = time.time()
+        self.records: list[list[Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append([round(record.created - self.began, 2), record.levelname, record.name, record.getMessage()])
+
+
 def live_one(policy: str, redis_url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     settings, divided = live_settings(redis_url, policy, args)
     trace = flash_sale(args.live_base, LIVE_FACTOR, args.live_at, LIVE_RISE_S, args.live_hold)
@@ -198,24 +247,35 @@ def live_one(policy: str, redis_url: str, args: argparse.Namespace, tmp: Path) -
         f"(about {args.live_duration / args.speed / 60:.1f} min plus start and stop)"
     )
     began = time.monotonic()
-    run: LiveRun = run_live(
-        settings,
-        trace,
-        args.live_duration,
-        speed=args.speed,
-        cold_start_s=args.cold_start,
-        start=1,
-        run_dir=tmp / policy,
-        say=lambda m: say(f"  {policy}: {m}"),
-        max_tokens=LIVE_MAX_TOKENS,
-        seed=args.seed,
-    )
+    kept, logger = Kept(), logging.getLogger("qvl.autoscale")
+    level = logger.level
+    logger.addHandler(kept)
+    logger.setLevel(logging.INFO)
+    try:
+        run = run_live(
+            settings,
+            trace,
+            args.live_duration,
+            speed=args.speed,
+            cold_start_s=args.cold_start,
+            start=1,
+            run_dir=tmp / policy,
+            say=lambda m: say(f"  {policy}: {m}"),
+            max_tokens=LIVE_MAX_TOKENS,
+            seed=args.seed,
+        )
+    finally:
+        logger.removeHandler(kept)
+        logger.setLevel(level)
     wall = time.monotonic() - began
     s = run.summary()
     say(f"live {policy}: {s['requests']} requests, {s['failed']} failed, {s['violation_min']:.2f} min in violation")
     ok = [x.e2e_s for x in run.sent if not x.failed and x.e2e_s is not None]
     auto = settings.autoscale
     trace_auto = auto.model_copy(update={n: getattr(auto, n) * args.speed for n in divided})
+    model = settings.model_copy(update={"autoscale": trace_auto})
+    latency = statistics.median(ok)
+    took = startups(run.ticks)
     return {
         "policy": policy,
         "wall_s": round(wall, 1),
@@ -228,7 +288,10 @@ def live_one(policy: str, redis_url: str, args: argparse.Namespace, tmp: Path) -
             [round(x.at, 3), x.status, _r(x.ttft_s), _r(x.e2e_s), x.error] for x in sorted(run.sent, key=lambda x: x.at)
         ],
         "ticks": [{k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()} for t in run.ticks],
-        "prediction": prediction(settings.model_copy(update={"autoscale": trace_auto}), args, statistics.median(ok)),
+        "log": kept.records,
+        "prediction": prediction(model, args, latency, args.cold_start),
+        # The same with the start-up the run measured: how much of the error is the start-up alone.
+        "prediction_measured_startup": prediction(model, args, latency, statistics.median(took or [args.cold_start])),
     }
 
 
