@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import httpx
 
 from autoscale.policy import Load
+from loadtests.scrape import parse_page
 from qvl.engine_metrics import engine_series
 
 log = logging.getLogger("qvl.autoscale.observe")
@@ -124,14 +125,8 @@ class EngineWatch:
         return out
 
     async def _sample(self, url: str) -> EngineSample | None:
-        try:
-            answer = await self._client.get(url + "/metrics", timeout=self._timeout_s)
-        except httpx.HTTPError as exc:
-            log.info("cannot scrape %s/metrics: %s", url, exc)
-            return None
-        if answer.status_code != 200:
-            return None
-        return EngineSample.parse(self._clock(), answer.text)
+        text = await metrics_page(self._client, url, self._timeout_s)
+        return None if text is None else EngineSample.parse(self._clock(), text)
 
 
 class ClassWatch:
@@ -161,18 +156,27 @@ class ClassWatch:
         return batch / total if total else 0.0
 
     async def _admitted(self, url: str) -> dict[str, float] | None:
-        try:
-            answer = await self._client.get(url + "/metrics", timeout=self._timeout_s)
-        except httpx.HTTPError:
-            return None
-        if answer.status_code != 200:
+        text = await metrics_page(self._client, url, self._timeout_s)
+        if text is None:
             return None
         found: dict[str, float] = {}
-        for line in answer.text.splitlines():
-            if line.startswith("qvl_admission_decisions_total{") and 'decision="admitted"' in line:
-                klass = line.split('class="', 1)[1].split('"', 1)[0]
-                found[klass] = found.get(klass, 0.0) + float(line.rsplit(" ", 1)[1])
+        for name, labels, value in parse_page(text):
+            if name == "qvl_admission_decisions_total" and labels.get("decision") == "admitted":
+                found[labels["class"]] = found.get(labels["class"], 0.0) + value
         return found
+
+
+async def metrics_page(client: httpx.AsyncClient, url: str, timeout_s: float) -> str | None:
+    """The /metrics page of the server at `url`; None when it does not answer 200 (logged)."""
+    try:
+        answer = await client.get(url + "/metrics", timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        log.info("cannot scrape %s/metrics: %s", url, exc)
+        return None
+    if answer.status_code != 200:
+        log.info("cannot scrape %s/metrics: HTTP %d", url, answer.status_code)
+        return None
+    return answer.text
 
 
 @dataclass(frozen=True, slots=True)
