@@ -4,8 +4,8 @@
 replica, started in the background: it shows as `starting` until it serves), `startups(pool)` (how long
 the ones it started took to serve) and `remove(replica)` (a starting one is stopped at once; a serving
 one leaves the registry, drains its requests in flight and is stopped, in the background, showing as
-`draining` meanwhile). `RayFleet` places replicas as `qvl cluster
-up` does (serving/ray/cluster.py); its Ray calls block, so each runs in a worker thread.
+`draining` meanwhile). `RayFleet` places replicas as `qvl cluster up` does (serving/ray/cluster.py); its
+Ray calls block, so each runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -107,13 +107,9 @@ class RayFleet:
                 self._starting.discard(name)
                 self._startups[pool].append(now - asked)
             out.append(FleetReplica(name, pool, state, str(info["url"]), asked))
-        seen = {r.name for r in out}
         for key, asked in self._placing.items():
             pool = key.partition("#")[0]
             out.append(FleetReplica(key, pool, "starting", "", asked))
-        for name in list(self._starting - seen):
-            if name not in self._asked:
-                self._starting.discard(name)
         return out
 
     async def add(self, pool: str) -> None:

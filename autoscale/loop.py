@@ -137,15 +137,22 @@ class Autoscaler:
             decision = state.policy.decide(load, current)
         applied = False
         if decision.direction != "hold" and not auto.dry_run:
-            applied = await self._act(state.name, decision, mine)
+            busy = {url: round(r.running + r.waiting) for url, r in seen.items()}
+            applied = await self._act(state.name, decision, mine, busy)
         self._record(state, decision, counts, load, observed.batch_tokens_s, applied)
         return decision
 
-    async def _act(self, pool: str, decision: Decision, mine: list[FleetReplica]) -> bool:
+    async def _act(self, pool: str, decision: Decision, mine: list[FleetReplica], busy: dict[str, int]) -> bool:
+        """Add replicas, or remove `victim`'s picks: a starting one first, else the serving one with the
+        fewest requests on its engine (`busy`, by URL, from this tick's scrape)."""
         try:
             for _ in range(decision.desired - decision.current):
                 await self._fleet.add(pool)
-            views = [ReplicaView(r.name, r.state, 0, r.asked_at) for r in mine if r.state in ("starting", "serving")]
+            views = [
+                ReplicaView(r.name, r.state, busy.get(r.url, 0), r.asked_at)
+                for r in mine
+                if r.state in ("starting", "serving")
+            ]
             for _ in range(decision.current - decision.desired):
                 gone = victim(views)
                 if gone is None:

@@ -36,6 +36,8 @@ class World:
     tokens: dict[str, float] = field(default_factory=dict)
     """Each engine's token counter."""
     admitted: dict[str, float] = field(default_factory=lambda: {"interactive": 0.0, "batch": 0.0})
+    running: dict[str, int] = field(default_factory=dict)
+    """Requests each engine reports running, by URL (0 when absent)."""
 
     def advance(self, dt: float) -> None:
         """Time passes: the serving engines share the demand's tokens, the router admits requests."""
@@ -75,8 +77,10 @@ class World:
             series = 'qvl_admission_decisions_total{{class="{}",decision="admitted"}} {}\n'
             text = "".join(series.format(k, v) for k, v in self.admitted.items())
             return httpx.Response(200, text=text)
-        tokens = self.tokens.get(str(request.url).removesuffix("/metrics"), 0.0)
+        url = str(request.url).removesuffix("/metrics")
+        tokens, running = self.tokens.get(url, 0.0), self.running.get(url, 0)
         text = f"vllm:generation_tokens_total {tokens}\nvllm:prompt_tokens_total {tokens}\n"
+        text += f"vllm:num_requests_running {running}\n"
         return httpx.Response(200, text=text)
 
 
@@ -186,6 +190,17 @@ def test_a_starting_replica_is_removed_before_a_serving_one() -> None:
     # Two go: the starting one first, then one of the serving ones, which drains.
     assert world.removed[0] == started and world.removed[1] != started and len(world.removed) == 2
     assert [r.state for r in world.replicas].count("draining") == 1
+
+
+def test_of_serving_replicas_the_one_with_the_fewest_requests_goes() -> None:
+    world = World(demand=3.0)
+    world.serve(3)
+    world.running = {"http://s0": 4, "http://s1": 1, "http://s2": 3}
+    scaler, _ = autoscaler(world, cooldown_s=0, down_after_up_s=0, forecast_window_s=1.0)
+    assert ticks(scaler, world, 2)[-1] == "hold:in_band:3"
+    world.demand = 1.5
+    assert ticks(scaler, world, 1) == ["down:demand_down:2"]
+    assert world.removed == ["r1"]  # http://s1, the least busy (all three started together)
 
 
 def test_batch_lines_are_not_interactive_demand() -> None:
