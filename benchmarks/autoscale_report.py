@@ -324,13 +324,6 @@ def _live_section(doc: dict[str, Any], f: dict[str, Any]) -> list[str]:
             "Replica starts failed (the fleet's log records, kept in the JSON): "
             + "; ".join(f"{p}: {m['failed_starts']}, the first: `{m['start_error']}`" for p, m in failed.items()),
         ]
-    divided = sorted({n for r in lv["runs"] for n in r["divided_here"]})
-    if divided:
-        lines += [
-            "",
-            f"Note: {', '.join(divided)} divided by the speed here: autoscale/live.py's compressed() leaves them "
-            "in real seconds (the settings above are in trace seconds).",
-        ]
     lines += [
         "",
         "### The fleet model's prediction of the same runs",

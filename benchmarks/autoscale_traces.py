@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autoscale.live import PROMPT, compressed, run_live
+from autoscale.live import PROMPT, run_live
 from autoscale.policy import Capacity, DemandPolicy, Policy, ReactivePolicy
 from autoscale.replay import Fleet, Replay, oracle, replay
 from autoscale.tool import NamedTrace, diurnal_trace, flash_sale_trace, noisy_sine_trace
@@ -77,9 +77,6 @@ LIVE_MAX_TOKENS = 32
 LIVE_MAX_REPLICAS = 5
 LIVE_SLO_TTFT_S = 1.0
 LIVE_FACTOR, LIVE_RISE_S = 3.0, 60.0
-UNCOMPRESSED = ("smoothing_s", "down_window_s")
-"""Durations autoscale/live.py's compressed() left in real seconds when this was written (it divides the
-others by the speed): divided here, unless compressed() does it itself."""
 
 
 def say(message: str) -> None:
@@ -185,9 +182,9 @@ def _fleet(fleet: Fleet) -> dict[str, float]:
 
 
 # 2. Live ------------------------------------------------------------------------------------------------
-def live_settings(redis_url: str, policy: str, args: argparse.Namespace) -> tuple[Settings, list[str]]:
-    """The live run's settings, in trace seconds; and the durations divided here for compressed()."""
-    settings = load_settings(
+def live_settings(redis_url: str, policy: str, args: argparse.Namespace) -> Settings:
+    """The live run's settings, in trace seconds (autoscale/live.py compresses them)."""
+    return load_settings(
         None,
         {
             "registry": {"url": redis_url, "ttl_s": 3.0, "poll_interval_s": 0.25, "key_prefix": f"bench-{policy}:"},
@@ -202,10 +199,6 @@ def live_settings(redis_url: str, policy: str, args: argparse.Namespace) -> tupl
             },
         },
     )
-    a = settings.autoscale
-    probe = compressed(settings, args.speed, args.cold_start).autoscale
-    fix = {n: getattr(a, n) / args.speed for n in UNCOMPRESSED if getattr(probe, n) == getattr(a, n)}
-    return settings.model_copy(update={"autoscale": a.model_copy(update=fix)}), sorted(fix)
 
 
 def prediction(settings: Settings, args: argparse.Namespace, latency_s: float, startup_s: float) -> dict[str, Any]:
@@ -240,7 +233,7 @@ class Kept(logging.Handler):
 
 
 def live_one(policy: str, redis_url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    settings, divided = live_settings(redis_url, policy, args)
+    settings = live_settings(redis_url, policy, args)
     trace = flash_sale(args.live_base, LIVE_FACTOR, args.live_at, LIVE_RISE_S, args.live_hold)
     say(
         f"live {policy}: {args.live_duration:g} trace seconds at {args.speed:g}x "
@@ -271,9 +264,6 @@ def live_one(policy: str, redis_url: str, args: argparse.Namespace, tmp: Path) -
     s = run.summary()
     say(f"live {policy}: {s['requests']} requests, {s['failed']} failed, {s['violation_min']:.2f} min in violation")
     ok = [x.e2e_s for x in run.sent if not x.failed and x.e2e_s is not None]
-    auto = settings.autoscale
-    trace_auto = auto.model_copy(update={n: getattr(auto, n) * args.speed for n in divided})
-    model = settings.model_copy(update={"autoscale": trace_auto})
     latency = statistics.median(ok)
     took = startups(run.ticks)
     return {
@@ -282,16 +272,17 @@ def live_one(policy: str, redis_url: str, args: argparse.Namespace, tmp: Path) -
         "speed": run.speed,
         "tick_s": run.tick_s,
         "slo_ttft_s": run.slo_ttft_s,
-        "autoscale": trace_auto.model_dump(mode="json"),
-        "divided_here": divided,
+        "autoscale": settings.autoscale.model_dump(mode="json"),
         "sent": [
             [round(x.at, 3), x.status, _r(x.ttft_s), _r(x.e2e_s), x.error] for x in sorted(run.sent, key=lambda x: x.at)
         ],
         "ticks": [{k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()} for t in run.ticks],
         "log": kept.records,
-        "prediction": prediction(model, args, latency, args.cold_start),
+        "prediction": prediction(settings, args, latency, args.cold_start),
         # The same with the start-up the run measured: how much of the error is the start-up alone.
-        "prediction_measured_startup": prediction(model, args, latency, statistics.median(took or [args.cold_start])),
+        "prediction_measured_startup": prediction(
+            settings, args, latency, statistics.median(took or [args.cold_start])
+        ),
     }
 
 
