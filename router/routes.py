@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qvl.settings import PoolSettings, RouteSettings, versioned
+from qvl.settings import PoolSettings, RouteSettings, is_version, versioned
 
 _SCALE = float(1 << 64)
 
@@ -169,10 +169,12 @@ class RouteTable:
     def choose(
         self, model: str, session: str | None, key_id: str, doc: Mapping[str, Any], digests: Sequence[str]
     ) -> Choice:
-        """The version for this request: pinned by `MODEL@VERSION`, else by the model's route, else none."""
+        """The version for this request: pinned by `MODEL@VERSION`, else by the model's route, else none.
+        A label no version could have (`@` followed by a control character, say) pins nothing: no replica
+        serves that name, and the label must never reach the x-qvl-model-version header."""
         public, at, pinned = model.partition("@")
         if at:
-            return Choice(pinned, model)
+            return Choice(pinned, model) if is_version(pinned) else Choice("", model)
         route = self.routes.get(model)
         if route is None:
             return Choice("", model)

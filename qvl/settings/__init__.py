@@ -40,7 +40,7 @@ from qvl.settings.router import (
     RouterSettings,
 )
 from qvl.settings.serving import GpuExporterSettings, ReplicaSettings, SimSettings, UpSettings
-from qvl.settings.versions import PoolSettings, RolloutSettings, RouteSettings, versioned
+from qvl.settings.versions import PoolSettings, RolloutSettings, RouteSettings, is_version, versioned
 
 __all__ = [
     "AdmissionSettings",
@@ -72,6 +72,7 @@ __all__ = [
     "SimSettings",
     "UpSettings",
     "is_redis_url",
+    "is_version",
     "load_settings",
     "redis_url",
     "versioned",

@@ -3,6 +3,7 @@ versions, and how a rollout moves a route from one version to another (router/ro
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -61,6 +62,11 @@ class PoolSettings(Section):
     def versioned(self) -> str:
         """The name a replica of this pool serves besides the public one."""
         return versioned(self.model, self.version)
+
+
+def is_version(label: str) -> bool:
+    """Whether `label` could name a version (the VERSION pattern): what a client's `MODEL@LABEL` may pin."""
+    return re.fullmatch(VERSION, label) is not None
 
 
 def versioned(model: str, version: str) -> str:

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from qvl.settings import PoolSettings, RouteSettings
-from router.routes import Route, RouteTable, assign, conversation_key, settings_routes, shadow_of, sticky_key
+from router.routes import Choice, Route, RouteTable, assign, conversation_key, settings_routes, shadow_of, sticky_key
 
 
 def test_the_split_follows_the_weights_within_a_point() -> None:
@@ -65,6 +65,9 @@ def test_the_table_pins_a_version_by_name_and_routes_the_rest() -> None:
     pools = [PoolSettings(name="a", model="m", version="v1"), PoolSettings(name="b", model="m", version="v2")]
     table = RouteTable(settings_routes({}, pools))
     assert table.choose("m@v2", None, "", {}, ()).target == "m@v2"
+    # A label no version could have pins nothing (it would go into the x-qvl-model-version header).
+    for label in ("\x1f", "", "v 2", "-v2", "v2\r\nx: y"):
+        assert table.choose(f"m@{label}", None, "", {}, ()) == Choice("", f"m@{label}")
     chosen = table.choose("m", "s", "", {}, ())
     assert (chosen.version, chosen.target) == ("v1", "m@v1")  # the first pool's version alone
     assert table.choose("other", "s", "", {}, ()).version == ""
