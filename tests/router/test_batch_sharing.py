@@ -19,6 +19,7 @@ from support.servers import Cluster, Proc
 MODEL = "qwen3-vl-sim"
 ALICE = "sk-tenant-alice-0123456789"
 BOB = "sk-tenant-bob-9876543210aa"
+BUSY_TOKENS = 60
 
 
 def router_with(cluster: Cluster, tmp_path: Path, sim: Proc, batch: str, name: str) -> Proc:
@@ -76,11 +77,13 @@ def _cache_results(router: Proc) -> dict[str, str]:
 def keep_busy(router: Proc, stop: threading.Event) -> None:
     """Interactive requests back to back from 16 threads on a 2-slot replica: 14 wait at every step, so the
     queue stays non-empty even when the loaded machine holds several threads between two requests (with 8,
-    one scrape in a full-suite run saw none waiting and the strict batch ran a line)."""
+    one scrape in a full-suite run saw none waiting and the strict batch ran a line). Each asks for 60
+    tokens (about 1 s on the sim), so the queue takes some 7 s to drain: with 20 (2 s) a full-suite run
+    stalled the busy router that long and the strict batch ran two lines."""
 
     def loop(i: int) -> None:
         while not stop.is_set():
-            body = {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 20}
+            body = {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": BUSY_TOKENS}
             httpx.post(
                 router.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {ALICE}"}, timeout=60
             )
@@ -101,10 +104,10 @@ def test_the_aging_floor_lets_a_starved_batch_through_and_strict_does_not(
     busy.start()
     try:
         wait_for(lambda: _waiting(floor) >= 1, timeout=15)
-        client_floor, with_floor = submit(openai_client, floor, BOB, batch_lines(MODEL, 6, max_tokens=4, prefix="f"))
-        client_strict, without = submit(openai_client, strict, BOB, batch_lines(MODEL, 6, max_tokens=4, prefix="s"))
+        client_floor, with_floor = submit(openai_client, floor, BOB, batch_lines(MODEL, 4, max_tokens=4, prefix="f"))
+        client_strict, without = submit(openai_client, strict, BOB, batch_lines(MODEL, 4, max_tokens=4, prefix="s"))
         # Under the floor the starved batch still finishes, one line at a time, while the queue stays full.
-        assert wait_batch(client_floor, with_floor, timeout=90).status == "completed"
+        assert wait_batch(client_floor, with_floor, timeout=180).status == "completed"
         assert _waiting(floor) >= 1
         counts = client_strict.batches.retrieve(without).request_counts
         assert counts is not None and counts.completed == 0  # strict: only spare capacity, and there is none
