@@ -2,16 +2,19 @@
 
 Two policies, registered by name in POLICIES (`autoscale.policy`):
 - `demand` (the default) estimates the pool's demand in what costs a replica work, prompt tokens (image
-  tokens included) and generated tokens per second, follows it with Holt's linear smoothing (a level and a
-  trend, time-aware for irregular samples), and plans for the larger of now (smoothed over `smoothing_s`,
-  so that one noisy interval does not count) and the forecast one start-up time ahead: a replica asked
-  for now serves only after the start-up time (`startup_s`, or the measured one when longer). Replicas
-  needed = max(prefill demand / prefill capacity, decode demand / decode capacity) / target_utilisation,
-  the capacities being one replica's at the SLO (autoscale/capacity.py). It scales up at once to what
-  is needed; it scales down one replica at a time, only when one fewer replica would still leave the
-  hysteresis band free, never within `down_after_up_s` of a scale-up; within `cooldown_s` of the last
-  change only a further up after an up may happen (no turn, no step down). Batch lines' tokens are kept
-  apart and add at most `batch_burst_replicas`. Until a replica's capacity is known (`tune`) it holds (`no_capacity`).
+  tokens included) and generated tokens per second, and plans for the larger of now (smoothed over
+  `smoothing_s`, so that one noisy interval does not count) and the forecast one start-up time ahead from
+  the smoothed demand's trend over `forecast_window_s` (a replica asked for now serves only after the
+  start-up time: `startup_s`, or the measured one when longer); a scheduled event's floor stands for the
+  forecast in its window. Replicas needed = max(prefill demand / prefill capacity, decode demand / decode
+  capacity) / target_utilisation, the capacities being one replica's at the SLO (autoscale/capacity.py).
+  It scales up at once to what is needed. It scales down only to what the largest need of the last
+  `down_window_s` asks (with the `hysteresis` margin), never before a whole window of history, never while
+  the forecast is above the need now (`rising`: a step down into a rising load comes back up a start-up
+  later, a turn too many near every peak of a noisy load), never within `down_after_up_s` of a scale-up;
+  within `cooldown_s` of the last change only a further up after an up may happen (no turn, no step down).
+  Batch lines' tokens are kept apart and add at most `batch_burst_replicas`. Until a replica's capacity is
+  known (`tune`) it holds (`no_capacity`).
 - `reactive`, the baseline the benchmark compares with: in-flight requests per replica against a target,
   acting only when the wish has held for an up (or down) delay, jumping straight to the count it wants.
 
@@ -21,6 +24,7 @@ Decisions carry a `reason` from a closed set (REASONS), which metrics use as a l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -46,6 +50,7 @@ REASONS = (
     "no_data",
     "no_capacity",
     "scheduled",
+    "rising",
 )
 
 
@@ -206,6 +211,10 @@ class DemandPolicy:
         assert c is not None
         return max(prefill_tokens_s / c.prefill_tokens_s, decode_tokens_s / c.decode_tokens_s) / u
 
+    def _forecast(self, ahead_s: float) -> float:
+        """Replicas needed `ahead_s` from now, by the smoothed demand's trend."""
+        return self.needed(max(0.0, self._prefill.forecast(ahead_s)), max(0.0, self._decode.forecast(ahead_s)))
+
     def decide(self, load: Load, current: int) -> Decision:
         prefill_now = self._prefill_now.update(load.at, load.prefill_tokens_s)
         decode_now = self._decode_now.update(load.at, load.decode_tokens_s)
@@ -218,10 +227,9 @@ class DemandPolicy:
             return self._stability.bounded(load.at, current, current, math.nan, "demand_up", "demand_down")
         ahead = self._startup_s
         now = self.needed(prefill_now, decode_now)
-        later = self.needed(max(0.0, self._prefill.forecast(ahead)), max(0.0, self._decode.forecast(ahead)))
+        forecast = self._forecast(ahead)
         floor = self.scheduled(load.at)
-        if floor:
-            later = float(floor)  # the known event is the forecast for its window
+        later = float(floor) if floor else forecast  # the known event is the forecast for its window
         batch = self.needed(load.batch_prefill_tokens_s, load.batch_decode_tokens_s)
         needed = max(now, later) + min(batch, float(self._settings.batch_burst_replicas))
         window = self._settings.down_window_s
@@ -235,16 +243,22 @@ class DemandPolicy:
         # history: one first sample says nothing about the rest.
         peak = max(n for _, n in self._recent)
         wanted = current
+        rising = False
         if math.ceil(needed - 1e-9) > current:
             wanted = math.ceil(needed - 1e-9)
         elif (
             load.at - self._since >= window
             and (fewer := math.ceil(peak / (1 - self._settings.hysteresis) - 1e-9)) < current
         ):
-            wanted = max(fewer, floor)
+            # Not while the trend rises: a replica removed into a rising load is asked back a start-up
+            # later (near every peak of a noisy load, a turn too many).
+            rising = forecast > now
+            wanted = current if rising else max(fewer, floor)
         if floor and wanted == floor > current:
             return self._stability.bounded(load.at, current, wanted, needed, "scheduled", "demand_down")
-        return self._stability.bounded(load.at, current, wanted, needed, "demand_up", "demand_down")
+        decision = self._stability.bounded(load.at, current, wanted, needed, "demand_up", "demand_down")
+        # A step down held back by the rising forecast says so (the bounds' own reasons come first).
+        return dataclasses.replace(decision, reason="rising") if rising and decision.reason == "in_band" else decision
 
 
 class ReactivePolicy:

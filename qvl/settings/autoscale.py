@@ -122,7 +122,7 @@ class AutoscaleSettings(Section):
         600.0,
         gt=0,
         description="demand: the trend is the smoothed demand's change over this many seconds (none before half "
-        "of them have been seen).",
+        "of them have been seen); while it rises no scale-down happens.",
     )
     smoothing_s: float = Field(
         60.0,

@@ -113,6 +113,26 @@ def test_scale_down_waits_a_whole_window_and_after_a_scale_up_then_one_step_per_
     assert all(b[0] - a[0] >= settings.cooldown_s for a, b in itertools.pairwise(changes))
 
 
+def test_no_step_down_while_the_trend_rises() -> None:
+    """Six replicas for a load needing two: a flat load steps down after its window; the same load rising
+    (one replica's worth per ten minutes) keeps them, each hold counted as `rising`, until it levels off."""
+    settings = SETTINGS.model_copy(update={"down_window_s": 300.0, "forecast_window_s": 600.0})
+    for shape, rise in (("flat", 0.0), ("rising", 1 / 600)):
+        policy = DemandPolicy(settings, CAPACITY)
+        decisions, current = [], 6
+        for at in range(0, 2400, 5):
+            load = 1.5 + rise * min(at, 900)  # levels off at 900 s
+            decisions.append(decision := policy.decide(demand(at, load), current))
+            current = decision.desired
+        downs = [d for d in decisions if d.direction == "down"]
+        if shape == "flat":
+            assert [(d.at, d.desired) for d in downs] == [(300, 2)]
+        else:
+            held = [d.at for d in decisions if d.reason == "rising"]
+            assert held and min(held) == 300 and max(held) < downs[0].at and downs[0].at > 900
+            assert downs[-1].desired == 3  # where it levelled off
+
+
 def test_no_step_down_before_a_whole_window_of_history() -> None:
     policy = DemandPolicy(SETTINGS.model_copy(update={"down_window_s": 300.0}), CAPACITY)
     counts = run(policy, [demand(at, 0.5) for at in range(0, 400, 5)], 4)
