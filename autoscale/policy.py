@@ -24,7 +24,6 @@ Decisions carry a `reason` from a closed set (REASONS), which metrics use as a l
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -154,7 +153,11 @@ class _Stability:
         self.last_change = -math.inf
         self.last_up = -math.inf
 
-    def bounded(self, at: float, current: int, wanted: int, needed: float, up: str, down: str) -> Decision:
+    def bounded(
+        self, at: float, current: int, wanted: int, needed: float, up: str, down: str, hold: str = "in_band"
+    ) -> Decision:
+        """`wanted` within the bounds and the stability rules; `hold` is the reason when the policy itself
+        wanted no change and nothing else held it (at_max, say, comes first)."""
         s = self.settings
         if current < s.min_replicas:
             return self._change(at, current, s.min_replicas, needed, "below_min")
@@ -162,7 +165,7 @@ class _Stability:
             return self._change(at, current, s.max_replicas, needed, "above_max")
         wanted = min(max(wanted, s.min_replicas), s.max_replicas)
         if wanted == current:
-            reason = "at_max" if needed > s.max_replicas and current == s.max_replicas else "in_band"
+            reason = "at_max" if needed > s.max_replicas and current == s.max_replicas else hold
             return Decision(at, current, current, "hold", reason, needed)
         # The cool-down holds every turn and every step down; an up right after an up is the same direction
         # (a flash sale's ramp), never a flap, and waiting there would only lengthen the shortage.
@@ -256,9 +259,8 @@ class DemandPolicy:
             wanted = current if rising else max(fewer, floor)
         if floor and wanted == floor > current:
             return self._stability.bounded(load.at, current, wanted, needed, "scheduled", "demand_down")
-        decision = self._stability.bounded(load.at, current, wanted, needed, "demand_up", "demand_down")
-        # A step down held back by the rising forecast says so (the bounds' own reasons come first).
-        return dataclasses.replace(decision, reason="rising") if rising and decision.reason == "in_band" else decision
+        hold = "rising" if rising else "in_band"  # a step down held back by the rising forecast says so
+        return self._stability.bounded(load.at, current, wanted, needed, "demand_up", "demand_down", hold)
 
 
 class ReactivePolicy:
